@@ -1,0 +1,23 @@
+"""apmae_gpu: automated attention pattern discovery at scale (AP-MAE).
+
+Stages, one module each, in the order one run's data flows through them:
+``mining`` -> ``capture`` -> ``training`` (model in ``model``) -> ``evaluation`` ->
+``encoding`` -> ``clustering`` -> ``classification`` -> ``intervention`` -> ``report``.
+``cli`` is the command line, ``pipeline`` runs every stage from one config.
+"""
+
+__version__ = "0.1.0"
+
+TASKS = (
+    "identifiers",
+    "boolean_literals",
+    "string_literals",
+    "numeric_literals",
+    "boolean_operators",
+    "mathematical_operators",
+    "assignment_operators",
+    "closing_brackets",
+    "end_of_line",
+    "random_masking",
+    "noise",
+)

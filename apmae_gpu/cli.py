@@ -1,0 +1,337 @@
+"""The ``apmae`` command line: one subcommand per stage, plus ``pipeline``.
+
+Each command only parses its options and calls the stage's function; the work lives in the
+stage modules.  Errors a user can act on (:class:`ApmaeError`) print as one line on stderr
+with exit code 2.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from apmae_gpu import TASKS, __version__
+from apmae_gpu.runs import ApmaeError, setup_logging
+
+app = typer.Typer(
+    name="apmae",
+    help="Automated attention pattern discovery at scale (AP-MAE): mine Java completion tasks, "
+         "capture a code LLM's attention maps, train AP-MAE, cluster patterns per head, classify "
+         "correctness, intervene on heads, report.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+)
+
+log = logging.getLogger("apmae_gpu")
+
+RunArg = Annotated[Path, typer.Argument(help="The run directory.", show_default=False)]
+DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
+SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"apmae_gpu {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Debug logging.")] = False,
+    version: Annotated[Optional[bool], typer.Option("--version", callback=_version, is_eager=True,
+                                                    help="Print the version and exit.")] = None,
+) -> None:
+    setup_logging(verbose)
+
+
+def _split_csv(value: str) -> list[str]:
+    return [v.strip() for v in value.split(",") if v.strip()]
+
+
+# --------------------------------------------------------------------------- mine
+@app.command()
+def mine(
+    corpus: Annotated[str, typer.Option("--corpus", help="Java sources: a directory of .java files, "
+                                        "a .zip/.jar of sources, a .jsonl/.parquet file with a "
+                                        "`content` column, or hf:<dataset id>.")],
+    model: Annotated[str, typer.Option("--model", help="Tokenizer source: smollm2 (embedded), an HF "
+                                       "id or directory, a .gguf file, or random:<shape>.")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
+    tasks: Annotated[str, typer.Option("--tasks", help="all, or a comma list of: " + ", ".join(TASKS))] = "all",
+    per_task: Annotated[int, typer.Option("--per-task", min=1, help="Rows to mine per task.")] = 100,
+    window: Annotated[int, typer.Option("--window", min=16, help="Prompt length in tokens.")] = 256,
+    seed: SeedOpt = 0,
+    per_file: Annotated[int, typer.Option("--per-file", min=1, help="At most this many rows per task "
+                                          "from one file (spreads tasks over files).")] = 1,
+    dedup: Annotated[bool, typer.Option("--dedup/--no-dedup", help="Skip exact duplicate files "
+                                        "(SHA-256 of the content).")] = True,
+    max_files: Annotated[Optional[int], typer.Option("--max-files", help="Stop after this many files.")] = None,
+    max_file_bytes: Annotated[int, typer.Option("--max-file-bytes", help="Skip larger files.")] = 1_000_000,
+    content_column: Annotated[str, typer.Option("--content-column", help="Column holding the source "
+                                                "text in JSONL/Parquet/HF corpora.")] = "content",
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub "
+                                                    "tokenizer's own code to run.")] = False,
+) -> None:
+    """Mine Java completion tasks with tree-sitter into RUN/tasks.parquet."""
+    from apmae_gpu import mining
+
+    mining.mine(corpus=corpus, model=model, out=out, tasks=tasks, per_task=per_task, window=window,
+                seed=seed, per_file=per_file, dedup=dedup, max_files=max_files,
+                max_file_bytes=max_file_bytes, content_column=content_column,
+                trust_remote_code=trust_remote_code)
+
+
+# --------------------------------------------------------------------------- capture
+@app.command()
+def capture(
+    run: RunArg,
+    model: Annotated[str, typer.Option("--model", help="The target LLM (see `apmae mine --help`).")],
+    split: Annotated[str, typer.Option("--split", help="train (random masking, correct only, 25% of "
+                                       "the heads of each layer) or analysis (every task, all "
+                                       "heads, balanced correct/incorrect).")] = "analysis",
+    per_task: Annotated[int, typer.Option("--per-task", min=1, help="train: inferences to keep; "
+                                          "analysis: N correct and N incorrect per task (N for "
+                                          "noise).")] = 10,
+    heads: Annotated[Optional[str], typer.Option("--heads", help="all, or layerwise:FRACTION "
+                                                 "(default: layerwise:0.25 for train, all for "
+                                                 "analysis).")] = None,
+    scaler: Annotated[str, typer.Option("--scaler", help="log, log_normalize or none.")] = "log",
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per forward pass.")] = 8,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    max_attempts: Annotated[Optional[int], typer.Option("--max-attempts", help="Stop prompting a "
+                                                        "task after this many attempts.")] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="K/N: capture the K-th of N "
+                                                 "disjoint shards (one process per GPU); merge "
+                                                 "with `apmae merge-shards`.")] = None,
+    device_map: Annotated[Optional[str], typer.Option("--device-map", help="e.g. auto: spread a "
+                                                      "model larger than one GPU.")] = None,
+    chunk_maps: Annotated[int, typer.Option("--chunk-maps", min=1, help="Maps per Zarr chunk.")] = 32,
+    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+) -> None:
+    """Prompt the LLM on mined tasks, judge its next token and store every head's scaled
+    attention map in RUN/maps.zarr."""
+    from apmae_gpu import capture as capture_mod
+
+    capture_mod.capture(run=run, model=model, split=split, per_task=per_task, heads=heads,
+                        scaler=scaler, batch_size=batch_size, device=device, seed=seed,
+                        max_attempts=max_attempts, shard=shard, device_map=device_map,
+                        chunk_maps=chunk_maps, trust_remote_code=trust_remote_code)
+
+
+@app.command("merge-shards")
+def merge_shards(run: RunArg) -> None:
+    """Merge the shards written by `apmae capture --shard K/N` into RUN's own store."""
+    from apmae_gpu import capture as capture_mod
+
+    capture_mod.merge_shards(run)
+
+
+# --------------------------------------------------------------------------- train
+@app.command()
+def train(
+    run: RunArg,
+    preset: Annotated[str, typer.Option("--preset", help="paper, small or tiny.")] = "small",
+    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps.")] = 1000,
+    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Maps per step (per rank).")] = 64,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: 1.5e-4 "
+                                                "x global batch / 50).")] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
+    out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint directory (default "
+                                                "RUN/apmae).")] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Ablation: train on raw probabilities "
+                                      "instead of log-scaled maps.")] = False,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
+    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of inferences held "
+                                                "out for validation.")] = 0.1,
+) -> None:
+    """Train AP-MAE on RUN/maps.zarr (train split); torchrun for several GPUs."""
+    from apmae_gpu import training
+
+    training.train(run=run, preset=preset, steps=steps, batch_size=batch_size, lr=lr,
+                   resume=resume, out=out, raw=raw, device=device, seed=seed, compile=compile,
+                   val_fraction=val_fraction)
+
+
+# --------------------------------------------------------------------------- evaluate
+@app.command()
+def evaluate(
+    checkpoint: Annotated[list[Path], typer.Option("--checkpoint", help="One or more AP-MAE "
+                                                   "checkpoint directories.")],
+    data: Annotated[list[Path], typer.Option("--data", help="One or more run directories.")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default "
+                                                "RUN/evaluate of the first --data).")] = None,
+    split: Annotated[str, typer.Option("--split", help="Which maps: validation (held-out train "
+                                       "inferences), analysis or all.")] = "validation",
+    max_maps: Annotated[int, typer.Option("--max-maps", help="Evaluate at most this many maps per "
+                                          "dataset.")] = 5000,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
+    device: DeviceOpt = "auto",
+    seed: SeedOpt = 0,
+) -> None:
+    """Reconstruction MSE of every checkpoint on every dataset, with baselines."""
+    from apmae_gpu import evaluation
+
+    evaluation.evaluate(checkpoints=checkpoint, data=data, out=out, split=split,
+                        max_maps=max_maps, batch_size=batch_size, device=device, seed=seed)
+
+
+# --------------------------------------------------------------------------- encode
+@app.command()
+def encode(
+    run: RunArg,
+    checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="AP-MAE checkpoint "
+                                                       "(default RUN/apmae/final).")] = None,
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
+    pool: Annotated[str, typer.Option("--pool", help="cls or mean (of patch tokens).")] = "cls",
+    device: DeviceOpt = "auto",
+) -> None:
+    """Encode every analysis map into RUN/embeddings.zarr [layers, heads, inferences, dim]."""
+    from apmae_gpu import encoding
+
+    encoding.encode(run=run, checkpoint=checkpoint, batch_size=batch_size, pool=pool, device=device)
+
+
+# --------------------------------------------------------------------------- cluster
+@app.command()
+def cluster(
+    run: RunArg,
+    backend: Annotated[str, typer.Option("--backend", help="auto, cuml or cpu.")] = "auto",
+    workers: Annotated[int, typer.Option("--workers", min=1, help="Dask workers (one per GPU "
+                                         "with cuml).")] = 1,
+    umap_dims: Annotated[int, typer.Option("--umap-dims")] = 8,
+    neighbors: Annotated[int, typer.Option("--neighbors")] = 20,
+    min_dist: Annotated[float, typer.Option("--min-dist")] = 0.05,
+    metric: Annotated[str, typer.Option("--metric")] = "cosine",
+    min_samples: Annotated[int, typer.Option("--min-samples")] = 20,
+    min_cluster_size: Annotated[int, typer.Option("--min-cluster-size")] = 25,
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="Address of an existing "
+                                                     "dask scheduler.")] = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """UMAP + HDBSCAN per head into RUN/clusters.parquet, heads spread over dask workers."""
+    from apmae_gpu import clustering
+
+    clustering.cluster(run=run, backend=backend, workers=workers, umap_dims=umap_dims,
+                       neighbors=neighbors, min_dist=min_dist, metric=metric,
+                       min_samples=min_samples, min_cluster_size=min_cluster_size,
+                       scheduler=scheduler, seed=seed)
+
+
+# --------------------------------------------------------------------------- classify
+@app.command()
+def classify(
+    run: RunArg,
+    folds: Annotated[int, typer.Option("--folds", min=2)] = 10,
+    gpu: Annotated[str, typer.Option("--gpu", help="auto, yes or no: CatBoost task_type GPU.")] = "auto",
+    seed: SeedOpt = 0,
+) -> None:
+    """CatBoost per task on per-head cluster ids; SHAP head importance."""
+    from apmae_gpu import classification
+
+    classification.classify(run=run, folds=folds, gpu=gpu, seed=seed)
+
+
+# --------------------------------------------------------------------------- intervene
+@app.command()
+def intervene(
+    run: RunArg,
+    task: Annotated[Optional[str], typer.Option("--task", help="One task (default: every task "
+                                                "the classifier ranked).")] = None,
+    k: Annotated[str, typer.Option("--k", help="Comma list of head counts.")] =
+        "1,2,5,10,20,50,100,200,400,600,800",
+    per_group: Annotated[int, typer.Option("--per-group", min=1, help="N originally correct and N "
+                                           "originally incorrect held-out inferences.")] = 50,
+    model: Annotated[Optional[str], typer.Option("--model", help="The target LLM (default: the "
+                                                 "one recorded in the manifest).")] = None,
+    device: DeviceOpt = "auto",
+    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    seed: SeedOpt = 0,
+) -> None:
+    """Zero the heads SHAP selects while generating, and count what flips."""
+    from apmae_gpu import intervention
+
+    intervention.intervene(run=run, task=task, k=[int(x) for x in _split_csv(k)],
+                           per_group=per_group, model=model, device=device,
+                           batch_size=batch_size, seed=seed)
+
+
+# --------------------------------------------------------------------------- report / pipeline
+@app.command()
+def report(run: RunArg) -> None:
+    """Write RUN/report/index.html: one self-contained page over the whole run."""
+    from apmae_gpu import report as report_mod
+
+    report_mod.report(run)
+
+
+@app.command()
+def pipeline(
+    config: Annotated[Path, typer.Option("--config", help="Pipeline config (YAML).")],
+    out: Annotated[Optional[Path], typer.Option("--out", help="Run directory (overrides the "
+                                                "config's).")] = None,
+) -> None:
+    """Run every stage from one config, skipping stages whose outputs are complete."""
+    from apmae_gpu import pipeline as pipeline_mod
+
+    pipeline_mod.run_pipeline(config=config, out=out)
+
+
+# --------------------------------------------------------------------------- entry point
+_VARIADIC = {"evaluate": ("--checkpoint", "--data")}
+
+
+def _expand_variadic(argv: list[str]) -> list[str]:
+    """Let ``--checkpoint A B --data X Y`` mean ``--checkpoint A --checkpoint B ...`` (click
+    options take one value each)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    names = _VARIADIC.get(command or "", ())
+    if not names:
+        return argv
+    out: list[str] = []
+    current: str | None = None
+    for arg in argv:
+        if arg.startswith("-"):
+            current = arg if arg in names else None
+            if current is None:
+                out.append(arg)
+            continue
+        if current is not None:
+            out += [current, arg]
+        else:
+            out.append(arg)
+    return out
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        app(args=_expand_variadic(argv), prog_name="apmae", standalone_mode=False)
+    except ApmaeError as exc:
+        typer.echo(f"error: {exc}", err=True)
+        sys.exit(2)
+    except KeyboardInterrupt:
+        typer.echo("interrupted", err=True)
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        # Usage errors from the CLI library (typer vendors click): print its one-line message.
+        if hasattr(exc, "show") and hasattr(exc, "exit_code"):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if type(exc).__name__ == "Abort":
+            sys.exit(1)
+        raise
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

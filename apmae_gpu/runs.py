@@ -1,0 +1,250 @@
+"""A run directory and the small things every stage shares.
+
+One run is one directory (``RUN``); each stage reads what the stages before it wrote there
+and adds its own files.  This module holds: the error type the CLI turns into a one-line
+message, atomic writes, the manifest (one JSON object with a section per stage), frame
+loading (cudf when present, pandas otherwise), device resolution and version reporting.
+
+Layout of a run (files are contracts; stages add to them, never rename them)::
+
+    RUN/manifest.json            versions, corpus, model, seeds, counts; one section per stage
+    RUN/tasks.parquet            mined completion tasks                       (mining)
+    RUN/inferences.parquet/      one row per prompted inference (parquet parts)  (capture)
+    RUN/maps.zarr                float16 maps [n, window, window]             (capture)
+    RUN/maps_index.parquet/      map_id -> inference_id, layer, head          (capture)
+    RUN/apmae/                   AP-MAE checkpoints and metrics               (training)
+    RUN/evaluate/                evaluation.parquet and figures               (evaluation)
+    RUN/embeddings.zarr          [layers, heads, inferences, dim] float16     (encoding)
+    RUN/clusters.parquet         inference_id, layer, head, cluster           (clustering)
+    RUN/classify/                metrics.parquet, head_importance.parquet     (classification)
+    RUN/intervene/               results.parquet and figures                  (intervention)
+    RUN/report/index.html        the report                                   (report)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import logging
+import os
+import platform
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("apmae_gpu")
+
+
+class ApmaeError(Exception):
+    """An error a user can act on; the CLI prints it as one line and exits non-zero."""
+
+
+# --------------------------------------------------------------------------- atomic files
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; on success it replaces ``path`` atomically.
+
+    The temporary name starts with a dot, so dataset readers (pyarrow, cudf) skip it.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def write_json(path: str | os.PathLike, obj: Any) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False, default=_json_default) + "\n")
+
+
+def write_parquet(df, path: str | os.PathLike, **kwargs) -> None:
+    """Write a pandas frame to ``path`` atomically (never a half-written file)."""
+    with atomic_path(path) as tmp:
+        df.to_parquet(tmp, index=False, **kwargs)
+
+
+def _json_default(o: Any) -> Any:
+    try:
+        import numpy as np
+
+        if isinstance(o, np.generic):
+            return o.item()
+        if isinstance(o, np.ndarray):
+            return o.tolist()
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(o, Path):
+        return str(o)
+    raise TypeError(f"not JSON serialisable: {type(o).__name__}")
+
+
+# --------------------------------------------------------------------------- manifest
+MANIFEST = "manifest.json"
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(f".{path.name}.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+
+
+def read_manifest(run: str | os.PathLike) -> dict:
+    path = Path(run) / MANIFEST
+    if not path.exists():
+        return {}
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as exc:
+        raise ApmaeError(f"{path}: not valid JSON ({exc})") from None
+
+
+def update_manifest(run: str | os.PathLike, section: str, data: dict, replace: bool = True) -> dict:
+    """Set ``manifest[section]`` (or merge into it with ``replace=False``), atomically."""
+    path = Path(run) / MANIFEST
+    with _locked(path):
+        manifest = read_manifest(run)
+        manifest.setdefault("apmae_gpu", versions())
+        if replace or section not in manifest:
+            manifest[section] = data
+        else:
+            manifest[section].update(data)
+        manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
+        write_json(path, manifest)
+    return manifest
+
+
+# --------------------------------------------------------------------------- versions
+_VERSIONED = (
+    "torch", "transformers", "tokenizers", "zarr", "numcodecs", "tree-sitter", "tree-sitter-java",
+    "pandas", "pyarrow", "numpy", "scikit-learn", "umap-learn", "hdbscan", "catboost", "shap",
+    "dask", "distributed", "datasets", "cuml-cu13", "cudf-cu13", "cupy-cuda13x", "dask-cuda",
+)
+
+
+def versions() -> dict[str, str]:
+    from apmae_gpu import __version__
+
+    out = {"apmae_gpu": __version__, "python": platform.python_version(),
+           "platform": platform.platform()}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return out
+
+
+# --------------------------------------------------------------------------- devices
+def resolve_device(device: str = "auto") -> str:
+    """``auto`` -> ``cuda`` when a CUDA GPU is visible, else ``cpu``; validates explicit names."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ApmaeError(f"--device {device}: no CUDA GPU is visible to torch")
+    if device != "cpu" and not device.startswith("cuda"):
+        raise ApmaeError(f"--device {device}: expected auto, cpu or cuda[:N]")
+    return device
+
+
+def describe_machine() -> dict[str, Any]:
+    """CPU cores, memory and GPU (if any), for benchmark and manifest records."""
+    info: dict[str, Any] = {"cpu_count": os.cpu_count(), "machine": platform.machine()}
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+        with open("/proc/meminfo") as f:
+            info["mem_gib"] = round(int(f.readline().split()[1]) / 2**20, 1)
+    except OSError:
+        pass
+    try:
+        import torch
+
+        if torch.cuda.is_available():
+            info["gpu"] = torch.cuda.get_device_name(0)
+            info["gpu_count"] = torch.cuda.device_count()
+    except ImportError:  # pragma: no cover
+        pass
+    return info
+
+
+# --------------------------------------------------------------------------- frames
+def frame_backend(prefer: str = "auto"):
+    """The dataframe library to load result frames with: cudf when present (and a GPU is
+    visible), pandas otherwise.  ``prefer`` is ``auto``, ``cudf`` or ``pandas``."""
+    if prefer in ("auto", "cudf"):
+        try:
+            import cudf  # noqa: F401
+
+            return cudf
+        except Exception:  # ImportError, or a CUDA runtime error without a GPU
+            if prefer == "cudf":
+                raise ApmaeError("cudf was asked for but cannot be imported here") from None
+    import pandas
+
+    return pandas
+
+
+def load_frame(path: str | os.PathLike, prefer: str = "auto", columns: list[str] | None = None):
+    """Read a parquet file or a directory of parquet parts with cudf or pandas."""
+    path = Path(path)
+    if not path.exists():
+        raise ApmaeError(f"{path} does not exist")
+    lib = frame_backend(prefer)
+    return lib.read_parquet(path, columns=columns)
+
+
+# --------------------------------------------------------------------------- logging
+def setup_logging(verbose: bool = False) -> None:
+    from rich.logging import RichHandler
+
+    level = logging.DEBUG if verbose else logging.INFO
+    root = logging.getLogger("apmae_gpu")
+    if not any(isinstance(h, RichHandler) for h in root.handlers):
+        handler = RichHandler(show_path=False, rich_tracebacks=False, markup=False,
+                              console=_stderr_console())
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        root.addHandler(handler)
+    root.setLevel(level)
+    root.propagate = False
+    # Libraries that are loud at INFO.
+    for name in ("transformers", "datasets", "numba", "distributed", "urllib3"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
+
+
+def progress(iterable=None, total=None, desc: str = "", unit: str = "it", disable: bool | None = None,
+             **kwargs):
+    """A tqdm progress bar on stderr, quiet when stderr is not a terminal and APMAE_PROGRESS
+    is unset (so CI logs stay short)."""
+    from tqdm.auto import tqdm
+
+    if disable is None:
+        disable = not (sys.stderr.isatty() or os.environ.get("APMAE_PROGRESS") == "1")
+    return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True,
+                **kwargs)

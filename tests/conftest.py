@@ -1,0 +1,33 @@
+"""Shared fixtures: seeded synthetic runs and tiny random-weight models (no downloads)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def pytest_collection_modifyitems(config, items):
+    try:
+        import torch
+
+        has_gpu = torch.cuda.is_available()
+    except ImportError:  # pragma: no cover
+        has_gpu = False
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords and not has_gpu:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def synthetic_run_dir(tmp_path_factory):
+    """A small run with a maps store (64x64 maps, 2 layers x 3 heads, train + analysis
+    splits over all 11 tasks).  Read-only: copy it before writing into it."""
+    from apmae_gpu.synthetic import synthetic_run
+
+    return synthetic_run(tmp_path_factory.mktemp("synthetic") / "run")
