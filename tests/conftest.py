@@ -31,3 +31,25 @@ def synthetic_run_dir(tmp_path_factory):
     from apmae_gpu.synthetic import synthetic_run
 
     return synthetic_run(tmp_path_factory.mktemp("synthetic") / "run")
+
+
+@pytest.fixture(scope="session")
+def smol_tokenizer():
+    """The embedded model's tokenizer (no FIM tokens); converted once into APMAE_CACHE."""
+    from apmae_gpu.llm import load_tokenizer
+
+    return load_tokenizer("smollm2")
+
+
+@pytest.fixture(scope="session")
+def fim_tokenizer_dir(tmp_path_factory, smol_tokenizer):
+    """A tokenizer-only model directory: the embedded tokenizer plus StarCoder2's three FIM
+    tokens, so FIM prompts can be tested offline."""
+    from transformers import AutoTokenizer
+
+    path = tmp_path_factory.mktemp("fimtok")
+    tok = AutoTokenizer.from_pretrained(smol_tokenizer.name_or_path)
+    tok.add_special_tokens({"additional_special_tokens": ["<fim_prefix>", "<fim_suffix>",
+                                                         "<fim_middle>"]})
+    tok.save_pretrained(path)
+    return path

@@ -1,0 +1,332 @@
+"""Corpus readers: stream Java source files from a directory, a zip/jar, JSONL, Parquet or a
+Hugging Face dataset, in a seeded order, without loading the corpus into memory.
+
+Every reader yields ``(source, data)`` pairs: ``source`` is the file's path or id inside the
+corpus, ``data`` its raw bytes (text columns are UTF-8 encoded).  Corpora that allow random
+access (directory, zip/jar, JSONL, a non-streamed Hugging Face dataset) are visited in the
+order of a seeded hash of each source id, so the same files give the same order whatever
+container they come in.  Parquet is visited row group by row group (a seeded permutation of
+row groups, then of rows inside each), and a streamed Hugging Face dataset through its own
+seeded shuffle buffer: both avoid decoding a row group per file.
+
+SRC forms: ``DIR`` (``*.java`` below it), ``FILE.zip`` / ``FILE.jar``, ``FILE.jsonl``
+(``.jsonl.gz`` too), ``FILE.parquet``, ``hf:DATASET[?split=train&streaming=1&data_dir=D]``
+where DATASET is a hub id or a local parquet/jsonl file or directory.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import logging
+import os
+import zipfile
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import parse_qsl
+
+import numpy as np
+
+from apmae_gpu.runs import ApmaeError
+
+log = logging.getLogger("apmae_gpu.corpus")
+
+ID_COLUMNS = ("path", "file_path", "max_stars_repo_path", "file_name", "filename", "id", "sha")
+JAVA_SUFFIX = ".java"
+
+
+class TooLarge(bytes):
+    """Marker payload for a file skipped unread because it is larger than the limit."""
+
+
+def order_key(seed: int, source: str) -> bytes:
+    return hashlib.blake2b(f"{seed}\0{source}".encode(), digest_size=8).digest()
+
+
+class Corpus:
+    """Base class: ``iter_files(seed, max_bytes)`` yields ``(source, bytes)`` in a seeded order."""
+
+    kind = "corpus"
+
+    def __init__(self, spec: str):
+        self.spec = spec
+
+    def describe(self) -> dict:
+        return {"spec": self.spec, "kind": self.kind}
+
+    def iter_files(self, seed: int = 0, max_bytes: int | None = None) -> Iterator[tuple[str, bytes]]:
+        raise NotImplementedError
+
+
+class _RandomAccess(Corpus):
+    """Corpora with cheap random access: list ids, sort by seeded hash, read one by one."""
+
+    def ids(self) -> list[str]:
+        raise NotImplementedError
+
+    def size(self, source: str) -> int | None:
+        return None
+
+    def read(self, source: str) -> bytes:
+        raise NotImplementedError
+
+    def iter_files(self, seed: int = 0, max_bytes: int | None = None):
+        ids = self.ids()
+        for source in sorted(ids, key=lambda s: order_key(seed, s)):
+            size = self.size(source)
+            if max_bytes is not None and size is not None and size > max_bytes:
+                yield source, TooLarge()
+                continue
+            yield source, self.read(source)
+
+
+class DirCorpus(_RandomAccess):
+    kind = "directory"
+
+    def __init__(self, spec: str):
+        super().__init__(spec)
+        self.root = Path(spec)
+
+    def ids(self) -> list[str]:
+        out = []
+        for dirpath, dirnames, filenames in os.walk(self.root, followlinks=False):
+            dirnames.sort()
+            for name in filenames:
+                if name.endswith(JAVA_SUFFIX):
+                    out.append(os.path.relpath(os.path.join(dirpath, name), self.root))
+        return sorted(out)
+
+    def size(self, source: str) -> int | None:
+        return (self.root / source).stat().st_size
+
+    def read(self, source: str) -> bytes:
+        return (self.root / source).read_bytes()
+
+
+class ZipCorpus(_RandomAccess):
+    kind = "zip"
+
+    def __init__(self, spec: str):
+        super().__init__(spec)
+        try:
+            self.zf = zipfile.ZipFile(spec)
+        except zipfile.BadZipFile:
+            raise ApmaeError(f"corpus {spec}: not a readable zip/jar file") from None
+        self.infos = {i.filename: i for i in self.zf.infolist()
+                      if not i.is_dir() and i.filename.endswith(JAVA_SUFFIX)}
+
+    def ids(self) -> list[str]:
+        return sorted(self.infos)
+
+    def size(self, source: str) -> int | None:
+        return self.infos[source].file_size
+
+    def read(self, source: str) -> bytes:
+        return self.zf.read(self.infos[source])
+
+
+class JsonlCorpus(_RandomAccess):
+    """One JSON object per line; the text in ``content_column``, the id in the first of
+    ID_COLUMNS present (else ``line:N``).  One pass records line offsets; reads seek."""
+
+    kind = "jsonl"
+
+    def __init__(self, spec: str, content_column: str = "content"):
+        super().__init__(spec)
+        self.path = Path(spec)
+        self.content_column = content_column
+        self._offsets: dict[str, tuple[int, int]] | None = None
+        self._gz = spec.endswith(".gz")
+
+    def _open(self):
+        return gzip.open(self.path, "rb") if self._gz else open(self.path, "rb")
+
+    def _index(self) -> dict[str, tuple[int, int]]:
+        if self._offsets is None:
+            offsets: dict[str, tuple[int, int]] = {}
+            with self._open() as f:
+                pos = 0
+                for n, line in enumerate(f):
+                    source = f"line:{n}"
+                    try:
+                        obj = json.loads(line)
+                        source = next((str(obj[c]) for c in ID_COLUMNS
+                                       if isinstance(obj, dict) and obj.get(c)), source)
+                    except (json.JSONDecodeError, UnicodeDecodeError):
+                        pass
+                    if source in offsets:
+                        source = f"{source}#line:{n}"
+                    offsets[source] = (pos, len(line))
+                    pos += len(line)
+            self._offsets = offsets
+        return self._offsets
+
+    def ids(self) -> list[str]:
+        return list(self._index())
+
+    def size(self, source: str) -> int | None:
+        return self._index()[source][1]
+
+    def read(self, source: str) -> bytes:
+        pos, length = self._index()[source]
+        with self._open() as f:
+            f.seek(pos)
+            line = f.read(length)
+        try:
+            obj = json.loads(line)
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            return b"\0invalid json"
+        return _content_bytes(obj.get(self.content_column) if isinstance(obj, dict) else None)
+
+
+def _content_bytes(value) -> bytes:
+    if isinstance(value, str):
+        return value.encode("utf-8", errors="surrogatepass")
+    if isinstance(value, (bytes, bytearray)):
+        return bytes(value)
+    return b""
+
+
+class ParquetCorpus(Corpus):
+    kind = "parquet"
+
+    def __init__(self, spec: str, content_column: str = "content"):
+        super().__init__(spec)
+        import pyarrow.parquet as pq
+
+        try:
+            self.pf = pq.ParquetFile(spec)
+        except Exception as exc:  # pyarrow raises ArrowInvalid/OSError
+            raise ApmaeError(f"corpus {spec}: not a readable parquet file ({exc})") from None
+        names = self.pf.schema_arrow.names
+        if content_column not in names:
+            raise ApmaeError(f"corpus {spec}: no column {content_column!r} (columns: "
+                             f"{', '.join(names)})")
+        self.content_column = content_column
+        self.id_column = next((c for c in ID_COLUMNS if c in names), None)
+
+    def iter_files(self, seed: int = 0, max_bytes: int | None = None):
+        rng = np.random.default_rng(seed)
+        cols = [self.content_column] + ([self.id_column] if self.id_column else [])
+        base = 0
+        starts = []
+        for g in range(self.pf.num_row_groups):
+            starts.append(base)
+            base += self.pf.metadata.row_group(g).num_rows
+        for g in rng.permutation(self.pf.num_row_groups):
+            table = self.pf.read_row_group(int(g), columns=cols)
+            contents = table.column(self.content_column).to_pylist()
+            ids = table.column(self.id_column).to_pylist() if self.id_column else None
+            for r in rng.permutation(len(contents)):
+                source = str(ids[r]) if ids and ids[r] else f"row:{starts[int(g)] + int(r)}"
+                data = _content_bytes(contents[r])
+                if max_bytes is not None and len(data) > max_bytes:
+                    yield source, TooLarge()
+                else:
+                    yield source, data
+
+
+class HFCorpus(_RandomAccess):
+    """A Hugging Face dataset through ``datasets``: hub id, or a local file/directory."""
+
+    kind = "huggingface"
+
+    def __init__(self, spec: str, content_column: str = "content"):
+        super().__init__(spec)
+        body = spec[3:]
+        name, _, query = body.partition("?")
+        opts = dict(parse_qsl(query))
+        self.name = name
+        self.split = opts.get("split", "train")
+        self.streaming = opts.get("streaming", "0") in ("1", "true", "yes")
+        self.content_column = content_column
+        self.ds = self._load(name, opts)
+        cols = self.ds.column_names or []
+        if cols and content_column not in cols:
+            raise ApmaeError(f"corpus {spec}: no column {content_column!r} (columns: "
+                             f"{', '.join(cols)})")
+        self.id_column = next((c for c in ID_COLUMNS if c in cols), None)
+
+    def _load(self, name: str, opts: dict):
+        import datasets
+
+        kwargs = dict(split=self.split, streaming=self.streaming)
+        if opts.get("data_dir"):
+            kwargs["data_dir"] = opts["data_dir"]
+        path = Path(name)
+        try:
+            if path.exists():
+                files = [str(p) for p in sorted(path.rglob("*"))] if path.is_dir() else [str(path)]
+                builder = "json" if any(f.endswith((".jsonl", ".json", ".jsonl.gz"))
+                                        for f in files) else "parquet"
+                files = [f for f in files if f.endswith((".parquet", ".jsonl", ".json", ".gz"))]
+                return datasets.load_dataset(builder, data_files=files, **kwargs)
+            return datasets.load_dataset(name, **kwargs)
+        except Exception as exc:  # datasets raises many kinds (hub, network, format)
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ApmaeError(f"corpus {self.spec}: cannot load the dataset ({first})") from None
+
+    def describe(self) -> dict:
+        return {**super().describe(), "split": self.split, "streaming": self.streaming}
+
+    def ids(self) -> list[str]:
+        if self.id_column:
+            col = self.ds[self.id_column]
+            return [str(v) if v else f"row:{i}" for i, v in enumerate(col)]
+        return [f"row:{i}" for i in range(len(self.ds))]
+
+    def iter_files(self, seed: int = 0, max_bytes: int | None = None):
+        if not self.streaming:
+            ids = self.ids()
+            rows = {s: i for i, s in enumerate(ids)}
+            for source in sorted(ids, key=lambda s: order_key(seed, s)):
+                data = _content_bytes(self.ds[rows[source]][self.content_column])
+                if max_bytes is not None and len(data) > max_bytes:
+                    yield source, TooLarge()
+                else:
+                    yield source, data
+            return
+        for i, row in enumerate(self.ds.shuffle(seed=seed, buffer_size=10_000)):
+            source = str(row.get(self.id_column) or f"row:{i}") if self.id_column else f"row:{i}"
+            data = _content_bytes(row.get(self.content_column))
+            if max_bytes is not None and len(data) > max_bytes:
+                yield source, TooLarge()
+            else:
+                yield source, data
+
+
+def open_corpus(spec: str, content_column: str = "content") -> Corpus:
+    """Open SRC (see module docstring); a missing or unknown corpus is an ApmaeError."""
+    spec = str(spec)
+    if spec.startswith("hf:"):
+        return HFCorpus(spec, content_column)
+    path = Path(spec).expanduser()
+    if not path.exists():
+        raise ApmaeError(f"corpus {spec} does not exist")
+    if path.is_dir():
+        return DirCorpus(str(path))
+    name = path.name.lower()
+    if name.endswith((".zip", ".jar")):
+        return ZipCorpus(str(path))
+    if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
+        return JsonlCorpus(str(path), content_column)
+    if name.endswith(".parquet"):
+        return ParquetCorpus(str(path), content_column)
+    if name.endswith(JAVA_SUFFIX):
+        raise ApmaeError(f"corpus {spec} is a single file; pass its directory")
+    raise ApmaeError(f"corpus {spec}: unknown kind (expected a directory, .zip, .jar, .jsonl, "
+                     ".parquet or hf:<dataset>)")
+
+
+def default_jdk_src() -> str | None:
+    """The JDK's src.zip installed by Debian's openjdk-17-source, if present."""
+    for candidate in ("/usr/lib/jvm/openjdk-17/lib/src.zip", "/usr/lib/jvm/openjdk-17/src.zip",
+                      "/usr/lib/jvm/java-17-openjdk-amd64/lib/src.zip",
+                      "/usr/lib/jvm/java-17-openjdk-arm64/lib/src.zip"):
+        if os.path.exists(candidate):
+            return candidate
+    return None
+
+
+__all__ = ["Corpus", "open_corpus", "default_jdk_src", "TooLarge", "order_key"]

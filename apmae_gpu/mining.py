@@ -1,0 +1,462 @@
+"""Mining: find the 11 completion tasks in real Java files with tree-sitter and turn each
+into a prompt of exactly ``window`` tokens.
+
+Targets come from the syntax tree, never from regular expressions over raw text, so an
+operator or bracket inside a comment or a string literal is never a target:
+
+==========================  ===============================================================
+identifiers                 ``identifier`` / ``type_identifier`` nodes
+boolean_literals            ``true`` / ``false`` nodes
+string_literals             ``string_literal`` (text blocks too) / ``character_literal``
+numeric_literals            decimal, hex, octal, binary integer and floating point literals
+boolean_operators           operator field ``==`` ``!=`` ``&&`` ``||`` (binary), ``!`` (unary)
+mathematical_operators      ``+ - * / %`` ``< > <= >=`` (binary), ``+ -`` (unary),
+                            ``++ --`` (update expressions)
+assignment_operators        operator field of assignment expressions, compound ones only
+closing_brackets            ``}`` ``)`` ``]`` tokens
+end_of_line                 a ``;`` token followed by a line break (spaces/tabs allowed between)
+random_masking              a span of 3-10 tokens at a random place
+noise                       ``window`` tokens drawn uniformly from the vocabulary
+==========================  ===============================================================
+
+Prompts
+    FIM (``<fim_prefix>`` left ``<fim_suffix>`` right ``<fim_middle>``) when the tokenizer has
+    the three tokens; the left, right and middle texts are tokenized as segments, exactly as
+    they are inside the prompt (special tokens split the text).  The window is fitted as the
+    paper's reference does (``window_rule``): ``whole`` if everything fits exactly; ``head``
+    if the hole lies in the first half of the window (keep the file's first tokens); else
+    ``tail`` (keep up to ``window/2 - 1`` tokens right of the hole and fill the rest with the
+    nearest left tokens).  Without FIM tokens: ``left``, the ``window`` tokens just before the
+    hole.  The target's first token is the token the model must produce next *in that
+    prompt*: for ``left`` the file's own tokenization at the hole (a leading space becomes
+    part of the target token, as in the file); for FIM the first token of the middle segment.
+    Files too short for a full window are skipped and counted.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import time
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from apmae_gpu import TASKS
+from apmae_gpu.runs import ApmaeError, progress, update_manifest, write_parquet
+
+log = logging.getLogger("apmae_gpu.mining")
+
+SYNTAX_TASKS = TASKS[:9]
+
+_QUERY = """
+(identifier) @identifiers
+(type_identifier) @identifiers
+(true) @boolean_literals
+(false) @boolean_literals
+(string_literal) @string_literals
+(character_literal) @string_literals
+(decimal_integer_literal) @numeric_literals
+(hex_integer_literal) @numeric_literals
+(octal_integer_literal) @numeric_literals
+(binary_integer_literal) @numeric_literals
+(decimal_floating_point_literal) @numeric_literals
+(hex_floating_point_literal) @numeric_literals
+(binary_expression operator: _ @binary_op)
+(unary_expression operator: _ @unary_op)
+(update_expression ["++" "--"] @update_op)
+(assignment_expression operator: _ @assignment_op)
+"}" @closing_brackets
+")" @closing_brackets
+"]" @closing_brackets
+";" @end_of_line
+"""
+
+BOOLEAN_BINARY = {"==", "!=", "&&", "||"}
+BOOLEAN_UNARY = {"!"}
+MATH_BINARY = {"+", "-", "*", "/", "%", "<", ">", "<=", ">="}
+MATH_UNARY = {"+", "-"}
+COMPOUND_ASSIGNMENT = {"+=", "-=", "*=", "/=", "%=", "&=", "|=", "^=", "<<=", ">>=", ">>>="}
+
+TASKS_SCHEMA = pa.schema([
+    ("task_id", pa.int64()), ("task", pa.string()), ("source", pa.string()),
+    ("start_byte", pa.int64()), ("end_byte", pa.int64()), ("target", pa.string()),
+    ("kind", pa.string()), ("input_ids", pa.list_(pa.int32())), ("target_token_id", pa.int64()),
+    ("target_token_ids", pa.list_(pa.int32())), ("fim", pa.bool_()), ("window_rule", pa.string()),
+    ("n_left", pa.int32()), ("n_right", pa.int32()), ("file_sha256", pa.string()),
+])
+
+
+@dataclass(frozen=True)
+class Target:
+    task: str
+    start_byte: int
+    end_byte: int
+    kind: str
+
+
+def parse_tasks(tasks: str) -> list[str]:
+    if tasks.strip() == "all":
+        return list(TASKS)
+    chosen = [t.strip() for t in tasks.split(",") if t.strip()]
+    unknown = [t for t in chosen if t not in TASKS]
+    if unknown or not chosen:
+        raise ApmaeError(f"unknown task {', '.join(unknown) or repr(tasks)}; known: "
+                         f"{', '.join(TASKS)}")
+    return [t for t in TASKS if t in chosen]
+
+
+# --------------------------------------------------------------------------- syntax
+class JavaTargets:
+    """tree-sitter parser and query for the nine syntax tasks."""
+
+    def __init__(self):
+        import tree_sitter as ts
+        import tree_sitter_java as tsj
+
+        self.language = ts.Language(tsj.language())
+        self.parser = ts.Parser(self.language)
+        self.query = ts.Query(self.language, _QUERY)
+        self.cursor = ts.QueryCursor(self.query)
+
+    def parse(self, data: bytes):
+        return self.parser.parse(data)
+
+    def find(self, tree, data: bytes) -> dict[str, list[Target]]:
+        """Every target of the nine syntax tasks in one parsed file."""
+        out: dict[str, list[Target]] = {t: [] for t in SYNTAX_TASKS}
+        for name, nodes in self.cursor.captures(tree.root_node).items():
+            for node in nodes:
+                if node.has_error or node.is_missing:
+                    continue
+                text = node.text.decode("utf-8", errors="replace") if node.text else ""
+                task = _classify_capture(name, text, node, data)
+                if task is not None:
+                    out[task].append(Target(task, node.start_byte, node.end_byte,
+                                            node.type if name in SYNTAX_TASKS else f"{name}:{text}"))
+        for targets in out.values():
+            targets.sort(key=lambda t: (t.start_byte, t.end_byte))
+        return out
+
+
+def _classify_capture(name: str, text: str, node, data: bytes) -> str | None:
+    if name in ("identifiers", "boolean_literals", "string_literals", "numeric_literals",
+                "closing_brackets"):
+        return name
+    if name == "end_of_line":
+        i = node.end_byte
+        while i < len(data) and data[i] in b" \t":
+            i += 1
+        return "end_of_line" if i < len(data) and data[i] in b"\r\n" else None
+    if name == "binary_op":
+        if text in BOOLEAN_BINARY:
+            return "boolean_operators"
+        return "mathematical_operators" if text in MATH_BINARY else None
+    if name == "unary_op":
+        if text in BOOLEAN_UNARY:
+            return "boolean_operators"
+        return "mathematical_operators" if text in MATH_UNARY else None
+    if name == "update_op":
+        return "mathematical_operators"
+    if name == "assignment_op":
+        return "assignment_operators" if text in COMPOUND_ASSIGNMENT else None
+    return None
+
+
+# --------------------------------------------------------------------------- prompts
+class Skip(Exception):
+    """A candidate that cannot become a prompt; the message is the counted reason."""
+
+
+class PromptBuilder:
+    """Fit a hole in a text into a prompt of exactly ``window`` tokens (see module doc)."""
+
+    def __init__(self, tokenizer, window: int):
+        from apmae_gpu.llm import fim_ids
+
+        self.tok = tokenizer
+        self.window = window
+        self.fim = fim_ids(tokenizer)
+        self.budget = window - 3 if self.fim else window
+        if self.budget < 8:
+            raise ApmaeError(f"--window {window} is too small")
+
+    def _ids(self, text: str, offsets: bool = False):
+        enc = self.tok(text, add_special_tokens=False, return_offsets_mapping=offsets)
+        return (enc["input_ids"], enc["offset_mapping"]) if offsets else enc["input_ids"]
+
+    def _left(self, text: str, end: int, need: int) -> tuple[list[int], bool]:
+        """Tokens of ``text[:end]`` (at least the last ``need`` exactly), and whether all of
+        the prefix was tokenized."""
+        span = max(need * 8, 256)
+        while True:
+            start = max(0, end - span)
+            ids = self._ids(text[start:end])
+            if start == 0:
+                return ids, True
+            ids = ids[2:]  # the first tokens at an arbitrary cut may differ from the file's
+            if len(ids) >= need:
+                return ids, False
+            span *= 2
+
+    def _right(self, text: str, start: int, need: int) -> tuple[list[int], bool]:
+        span = max(need * 8, 256)
+        while True:
+            end = min(len(text), start + span)
+            ids = self._ids(text[start:end])
+            if end == len(text):
+                return ids, True
+            ids = ids[:-2]
+            if len(ids) >= need:
+                return ids, False
+            span *= 2
+
+    def build(self, text: str, cs: int, ce: int) -> dict:
+        """Prompt for the hole ``text[cs:ce]`` (character offsets)."""
+        if self.fim:
+            return self._build_fim(text, cs, ce)
+        return self._build_left(text, cs, ce)
+
+    def _build_fim(self, text: str, cs: int, ce: int) -> dict:
+        pre, suf, mid = self.fim
+        w, budget = self.window, self.budget
+        left, left_all = self._left(text, cs, w)
+        right, right_all = self._right(text, ce, w)
+        middle = self._ids(text[cs:ce])
+        if not middle:
+            raise Skip("empty_target")
+        if left_all and right_all and len(left) + len(right) < budget:
+            raise Skip("too_short")
+        if left_all and right_all and len(left) + len(right) == budget:
+            rule, lt, rt = "whole", left, right
+        elif left_all and len(left) < w // 2:
+            rule, lt, rt = "head", left, right[:budget - len(left)]
+        else:
+            r = min(len(right), w // 2 - 1)
+            rule, lt, rt = "tail", left[len(left) - (budget - r):], right[:r]
+        ids = [pre] + lt + [suf] + rt + [mid]
+        assert len(ids) == w, (len(ids), rule)
+        return {"input_ids": ids, "target_token_id": middle[0], "target_token_ids": middle,
+                "fim": True, "window_rule": rule, "n_left": len(lt), "n_right": len(rt)}
+
+    def _build_left(self, text: str, cs: int, ce: int) -> dict:
+        w = self.window
+        # Tokenize the file from well before the hole to just past the target, with offsets,
+        # so the token at the hole is the file's own token there.
+        span = max(w * 8, 256)
+        while True:
+            start = max(0, cs - span)
+            stop = min(len(text), ce + 16)
+            ids, offs = self._ids(text[start:stop], offsets=True)
+            first = 0 if start == 0 else 2
+            t = next((i for i in range(first, len(ids)) if offs[i][1] + start > cs), None)
+            if t is None:
+                raise Skip("empty_target")
+            if t - first >= w or start == 0:
+                break
+            span *= 2
+        if t - first < w:
+            raise Skip("too_short")
+        tok_start = offs[t][0] + start
+        if tok_start < cs and text[tok_start:cs].strip():
+            raise Skip("boundary_merge")  # the hole's token starts inside the left context
+        u = t
+        while u < len(ids) and offs[u][0] + start < ce:
+            u += 1
+        return {"input_ids": ids[t - w:t], "target_token_id": ids[t],
+                "target_token_ids": ids[t:max(u, t + 1)], "fim": False, "window_rule": "left",
+                "n_left": w, "n_right": 0}
+
+
+def char_offsets(data: bytes):
+    """A function mapping UTF-8 byte offsets of ``data`` to character offsets."""
+    if data.isascii():
+        return lambda b: b
+    arr = np.frombuffer(data, dtype=np.uint8)
+    starts = np.concatenate([[0], np.cumsum((arr & 0xC0) != 0x80)])
+    return lambda b: int(starts[b])
+
+
+# --------------------------------------------------------------------------- the stage
+def _rng(seed: int, *parts) -> np.random.Generator:
+    digest = hashlib.blake2b("\0".join(map(str, (seed,) + parts)).encode(), digest_size=8)
+    return np.random.default_rng(int.from_bytes(digest.digest(), "little"))
+
+
+def _file_skip_reason(data: bytes, max_file_bytes: int) -> str | None:
+    from apmae_gpu.corpus import TooLarge
+
+    if isinstance(data, TooLarge) or len(data) > max_file_bytes:
+        return "huge"
+    if not data.strip():
+        return "empty"
+    if b"\0" in data[:8192]:
+        return "binary"
+    try:
+        data.decode("utf-8")
+    except UnicodeDecodeError:
+        return "non_utf8"
+    return None
+
+
+def mine_file(source: str, data: bytes, need: set[str], java: JavaTargets,
+              builder: PromptBuilder, seed: int, per_file: int, skips: Counter) -> list[dict]:
+    """Up to ``per_file`` prompts per needed task from one file (rows without ``task_id``)."""
+    tree = java.parse(data)
+    if tree.root_node.has_error:
+        skips["unparsable"] += 1
+        return []
+    text = data.decode("utf-8")
+    to_char = char_offsets(data)
+    sha = hashlib.sha256(data).hexdigest()
+    found = java.find(tree, data) if need & set(SYNTAX_TASKS) else {}
+    rows = []
+    for task in TASKS:
+        if task not in need or task == "noise":
+            continue
+        rng = _rng(seed, task, source)
+        if task == "random_masking":
+            candidates = _random_spans(text, data, builder, rng, per_file * 4)
+        else:
+            targets = found.get(task, [])
+            order = rng.permutation(len(targets))[: per_file * 4]
+            candidates = [targets[i] for i in order]
+        got = 0
+        for target in candidates:
+            try:
+                prompt = builder.build(text, to_char(target.start_byte), to_char(target.end_byte))
+            except Skip as why:
+                skips[str(why)] += 1
+                continue
+            rows.append({"task": task, "source": source, "start_byte": target.start_byte,
+                         "end_byte": target.end_byte,
+                         "target": data[target.start_byte:target.end_byte].decode("utf-8"),
+                         "kind": target.kind, "file_sha256": sha, **prompt})
+            got += 1
+            if got >= per_file:
+                break
+    return rows
+
+
+def _random_spans(text: str, data: bytes, builder: PromptBuilder, rng, n: int) -> list[Target]:
+    """``n`` random spans of 3-10 tokens (token boundaries of the file's own tokenization)."""
+    if len(text) < 64:
+        return []
+    out = []
+    for _ in range(n):
+        pos = int(rng.integers(0, len(text)))
+        lo = max(0, pos - 64)
+        ids, offs = builder._ids(text[lo:pos + 512], offsets=True)
+        first = 0 if lo == 0 else 2
+        starts = [i for i in range(first, len(ids)) if offs[i][0] + lo >= pos]
+        length = int(rng.integers(3, 11))
+        if not starts or starts[0] + length >= len(ids) - 2:
+            continue
+        i = starts[0]
+        cs, ce = offs[i][0] + lo, offs[i + length - 1][1] + lo
+        # Skip leading whitespace so the span starts on a visible character.
+        while cs < ce and text[cs].isspace():
+            cs += 1
+        if ce - cs < 1:
+            continue
+        b0 = len(text[:cs].encode("utf-8"))
+        b1 = b0 + len(text[cs:ce].encode("utf-8"))
+        out.append(Target("random_masking", b0, b1, f"span:{length}"))
+    return out
+
+
+def noise_rows(tokenizer, window: int, n: int, seed: int) -> list[dict]:
+    """``n`` prompts of tokens drawn uniformly from the vocabulary (special tokens excluded)."""
+    vocab = len(tokenizer)
+    special = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
+    allowed = np.setdiff1d(np.arange(vocab), special)
+    rows = []
+    for i in range(n):
+        ids = _rng(seed, "noise", i).choice(allowed, size=window, replace=True)
+        rows.append({"task": "noise", "source": "noise", "start_byte": -1, "end_byte": -1,
+                     "target": "", "kind": "uniform", "file_sha256": "",
+                     "input_ids": ids.astype(int).tolist(), "target_token_id": -1,
+                     "target_token_ids": [], "fim": False, "window_rule": "noise",
+                     "n_left": window, "n_right": 0})
+    return rows
+
+
+def mine(corpus: str, model: str, out: Path, tasks: str = "all", per_task: int = 100,
+         window: int = 256, seed: int = 0, per_file: int = 1, dedup: bool = True,
+         max_files: int | None = None, max_file_bytes: int = 1_000_000,
+         content_column: str = "content", trust_remote_code: bool = False) -> pd.DataFrame:
+    """Mine ``per_task`` prompts per task into ``out/tasks.parquet`` (+ manifest section)."""
+    from apmae_gpu import llm
+    from apmae_gpu.corpus import open_corpus
+
+    chosen = parse_tasks(tasks)
+    src = open_corpus(corpus, content_column)
+    tokenizer = llm.load_tokenizer(model, trust_remote_code=trust_remote_code)
+    builder = PromptBuilder(tokenizer, window)
+    java = JavaTargets()
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    counts: Counter = Counter()
+    skips: Counter = Counter()
+    rows: list[dict] = []
+    need = {t for t in chosen if t != "noise"}
+    seen: set[str] = set()
+    n_files = 0
+    bar = progress(total=per_task * len(need), desc="mine", unit="task")
+    for source, data in src.iter_files(seed=seed, max_bytes=max_file_bytes):
+        if not need or (max_files is not None and n_files >= max_files):
+            break
+        n_files += 1
+        reason = _file_skip_reason(data, max_file_bytes)
+        if reason:
+            skips[reason] += 1
+            continue
+        if dedup:
+            digest = hashlib.sha256(data).digest()
+            if digest in seen:
+                skips["duplicate"] += 1
+                continue
+            seen.add(digest)
+        for row in mine_file(source, data, need, java, builder, seed, per_file, skips):
+            if counts[row["task"]] < per_task:
+                rows.append(row)
+                counts[row["task"]] += 1
+                bar.update(1)
+                if counts[row["task"]] >= per_task:
+                    need.discard(row["task"])
+    bar.close()
+    if "noise" in chosen:
+        rows += noise_rows(tokenizer, window, per_task, seed)
+        counts["noise"] = per_task
+    if not rows:
+        raise ApmaeError(f"no task could be mined from {corpus} (files read: {n_files}, "
+                         f"skipped: {dict(skips)})")
+    order = {t: i for i, t in enumerate(TASKS)}
+    df = pd.DataFrame(rows)
+    df["_order"] = df["task"].map(order)
+    df = df.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
+    df.insert(0, "task_id", np.arange(len(df), dtype=np.int64))
+    df = df[[f.name for f in TASKS_SCHEMA]]
+    write_parquet(df, out / "tasks.parquet", schema=TASKS_SCHEMA)
+    seconds = time.perf_counter() - t0
+    short = {t: per_task - counts[t] for t in chosen if counts[t] < per_task}
+    if short:
+        log.warning("corpus exhausted before these tasks were full (missing rows): %s", short)
+    section = {
+        "corpus": src.describe(), "model": llm.resolve(model).describe(),
+        "tokenizer_vocab": len(tokenizer), "fim": builder.fim is not None,
+        "tasks": chosen, "per_task": per_task, "per_file": per_file, "window": window,
+        "seed": seed, "dedup": dedup, "files_read": n_files, "counts": dict(counts),
+        "missing": short, "skipped": dict(skips),
+        "window_rules": df["window_rule"].value_counts().to_dict(),
+        "seconds": round(seconds, 2), "tasks_per_second": round(len(df) / max(seconds, 1e-9), 1),
+    }
+    update_manifest(out, "mine", section)
+    log.info("mined %d tasks from %d files in %.1fs (%.1f tasks/s) -> %s", len(df), n_files,
+             seconds, len(df) / max(seconds, 1e-9), out / "tasks.parquet")
+    return df
