@@ -233,11 +233,27 @@ def classify(
     folds: Annotated[int, typer.Option("--folds", min=2)] = 10,
     gpu: Annotated[str, typer.Option("--gpu", help="auto, yes or no: CatBoost task_type GPU.")] = "auto",
     seed: SeedOpt = 0,
+    iterations: Annotated[int, typer.Option("--iterations", min=1, help="CatBoost trees (at most, "
+                                            "with early stopping).")] = 1000,
+    depth: Annotated[int, typer.Option("--depth", min=1, max=16)] = 6,
+    learning_rate: Annotated[float, typer.Option("--learning-rate")] = 0.1,
+    early_stopping: Annotated[int, typer.Option("--early-stopping", min=0, help="Rounds without "
+                                                "improvement on the eval split (0: off).")] = 25,
+    eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of each training "
+                                                 "fold held out for early stopping.")] = 0.1,
+    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma list of tasks (default: "
+                                                 "every labelled task).")] = None,
+    shap_on: Annotated[str, typer.Option("--shap-on", help="oof (each inference explained by the "
+                                         "fold model that did not train on it) or full (one "
+                                         "model fitted on all data).")] = "oof",
 ) -> None:
     """CatBoost per task on per-head cluster ids; SHAP head importance."""
     from apmae_gpu import classification
 
-    classification.classify(run=run, folds=folds, gpu=gpu, seed=seed)
+    classification.classify(run=run, folds=folds, gpu=gpu, seed=seed, iterations=iterations,
+                            depth=depth, learning_rate=learning_rate,
+                            early_stopping_rounds=early_stopping, eval_fraction=eval_fraction,
+                            tasks=_split_csv(tasks) if tasks else None, shap_on=shap_on)
 
 
 # --------------------------------------------------------------------------- intervene
