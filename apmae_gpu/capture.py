@@ -1,0 +1,610 @@
+"""Capture: prompt the target LLM on mined tasks, judge its next token, and store every
+query head's attention map, scaled on the device, in the run's maps store.
+
+How maps are taken
+    Only eager attention returns probabilities in transformers, and eager is the slowest
+    kernel.  Instead, an attention function is registered with transformers'
+    ``AttentionInterface`` (name :data:`CAPTURE_IMPL`): it runs the model's own SDPA kernel
+    for the layer output, and from the same query and key tensors (after RoPE, before the
+    kernel) computes the softmax probabilities in float32 for the heads asked for (with GQA
+    every query head gets its own map), applies the layer's mask the same way, scales them
+    on the device and writes them as float16 into one buffer per batch, which is copied to
+    the host once.  ``tests/test_capture.py`` proves the maps equal eager attention.
+
+Scalers (applied on the device, float32, then stored as float16; nothing NaN or infinite):
+    ``log``            ln(max(p, FLOOR)), FLOOR = 1e-8; upper triangle = ln(FLOOR) = -18.42
+    ``log_normalize``  as the reference package: ln(p), then per map min-max of the finite
+                       lower-triangle values to [0, 1]; -inf (p = 0) and the upper triangle
+                       are 0
+    ``none``           p itself; upper triangle 0
+
+Splits
+    ``train``     random_masking prompts, correct predictions only, a random 25% of the heads
+                  of each layer per inference (``--heads layerwise:0.25``).
+    ``analysis``  every mined task, all heads; per task N correct and N incorrect inferences
+                  (noise: N), prompting until both quotas are met or the candidates run out.
+
+A task row is prompted at most once per run (a split skips rows another split used).  Every
+attempt gets a row in ``inferences.parquet``; only kept ones have maps.  Batches are composed
+from the committed state only and each batch is one commit, so a killed capture rerun with
+the same command gives exactly the uninterrupted result.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from collections import Counter
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from apmae_gpu import TASKS
+from apmae_gpu.runs import ApmaeError, progress, read_manifest, update_manifest
+
+log = logging.getLogger("apmae_gpu.capture")
+
+CAPTURE_IMPL = "apmae_capture"
+FLOOR = 1e-8
+LOG_FILL = math.log(FLOOR)
+SCALERS = ("log", "log_normalize", "none")
+FILL_VALUES = {"log": LOG_FILL, "log_normalize": 0.0, "none": 0.0}
+
+
+# --------------------------------------------------------------------------- scaling
+def scale_maps(p, scaler: str):
+    """Scale probabilities ``p`` [..., T, T] (float32, causal) as documented above."""
+    import torch
+
+    T = p.shape[-1]
+    upper = torch.ones(T, T, dtype=torch.bool, device=p.device).triu(1)
+    if scaler == "log":
+        out = torch.log(p.clamp_min(FLOOR))
+        return out.masked_fill(upper, LOG_FILL)
+    if scaler == "log_normalize":
+        lp = torch.log(p)
+        finite = torch.isfinite(lp) & ~upper
+        big = torch.finfo(lp.dtype).max
+        lo = torch.where(finite, lp, big).amin(dim=(-2, -1), keepdim=True)
+        hi = torch.where(finite, lp, -big).amax(dim=(-2, -1), keepdim=True)
+        span = (hi - lo)
+        out = torch.where(span > 0, (lp - lo) / span.clamp_min(1e-30), torch.zeros_like(lp))
+        return out.masked_fill(~finite, 0.0)
+    if scaler == "none":
+        return p.masked_fill(upper, 0.0)
+    raise ApmaeError(f"unknown scaler {scaler!r}; choose from {', '.join(SCALERS)}")
+
+
+# --------------------------------------------------------------------------- the hook
+@dataclass
+class _Session:
+    """Per-forward capture state, attached to every attention module while active."""
+
+    buffer: object                  # [B, L, K, T, T] float16 on the model's device
+    heads: list                     # per layer: LongTensor [B, K] of query heads, or None = all
+    scaler: str
+    seen: set = field(default_factory=set)
+
+
+def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
+                       **kwargs):
+    """AttentionInterface function: the model's SDPA output, plus the probabilities."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    session: _Session | None = getattr(module, "_apmae_session", None)
+    if session is not None:
+        _record(module, session, query, key, attention_mask, scaling, kwargs)
+    return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout,
+                                  scaling=scaling, **kwargs)
+
+
+def _record(module, session: _Session, query, key, attention_mask, scaling, kwargs) -> None:
+    import torch
+
+    layer = module._apmae_layer
+    B, Hq, T, D = query.shape
+    Hkv = key.shape[1]
+    heads = session.heads[layer]
+    if heads is None:
+        q = query
+        k = key.repeat_interleave(Hq // Hkv, dim=1) if Hkv != Hq else key
+    else:
+        idx = heads.to(query.device)
+        q = torch.gather(query, 1, idx[:, :, None, None].expand(-1, -1, T, D))
+        kv_idx = idx // (Hq // Hkv)
+        k = torch.gather(key, 1, kv_idx[:, :, None, None].expand(-1, -1, key.shape[2], D))
+    scale = scaling if scaling is not None else D ** -0.5
+    scores = torch.matmul(q.float(), k.float().transpose(-1, -2)) * scale
+    softcap = kwargs.get("softcap")
+    if softcap:
+        scores = softcap * torch.tanh(scores / softcap)
+    S = scores.shape[-1]
+    if attention_mask is None:
+        allowed = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
+        window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+        if window:
+            allowed &= ~torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T - window)
+        scores = scores.masked_fill(~allowed, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask[:, :, :, :S], float("-inf"))
+    else:
+        scores = scores + attention_mask[:, :, :, :S].float()
+    probs = torch.softmax(scores, dim=-1)
+    session.buffer[:, layer, :probs.shape[1]] = scale_maps(probs, session.scaler).to(torch.float16)
+    session.seen.add(layer)
+
+
+_REGISTERED = False
+
+
+def _register() -> None:
+    global _REGISTERED
+    if _REGISTERED:
+        return
+    from transformers import AttentionInterface
+    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
+
+    AttentionInterface.register(CAPTURE_IMPL, _capture_attention)
+    ALL_MASK_ATTENTION_FUNCTIONS.register(CAPTURE_IMPL, sdpa_mask)
+    _REGISTERED = True
+
+
+@contextmanager
+def capturing(model, fam, heads: list, scaler: str, batch: int, window: int):
+    """Within the block, a forward pass of ``model`` on a [batch, window] input fills
+    ``session.buffer`` [batch, layers, K, window, window] (float16) with the scaled maps of
+    ``heads`` (per layer: LongTensor [batch, K] or None for all heads).  Hooks and the
+    attention implementation are always restored."""
+    import torch
+
+    _register()
+    k = max(fam.n_heads if h is None else h.shape[1] for h in heads)
+    device = next(model.parameters()).device
+    buffer = torch.empty(batch, fam.n_layers, k, window, window, dtype=torch.float16,
+                         device=device)
+    session = _Session(buffer, heads, scaler)
+    previous = model.config._attn_implementation
+    try:
+        for i, module in enumerate(fam.attention):
+            module._apmae_session = session
+            module._apmae_layer = i
+        model.set_attn_implementation(CAPTURE_IMPL)
+        yield session
+    finally:
+        for module in fam.attention:
+            for attr in ("_apmae_session", "_apmae_layer"):
+                if hasattr(module, attr):
+                    delattr(module, attr)
+        model.set_attn_implementation(previous)
+
+
+def forward_with_maps(model, fam, input_ids, heads: list, scaler: str):
+    """One forward pass: returns (last-position logits [B, V], maps [B, L, K, T, T] fp16),
+    both on the model's device."""
+    import torch
+
+    B, T = input_ids.shape
+    with capturing(model, fam, heads, scaler, B, T) as session, torch.inference_mode():
+        out = model(input_ids=input_ids, logits_to_keep=1, use_cache=False)
+    if len(session.seen) != fam.n_layers:
+        raise ApmaeError(
+            f"model family {fam.name!r}: {fam.n_layers - len(session.seen)} of {fam.n_layers} "
+            "layers did not go through transformers' attention interface, so their attention "
+            "cannot be captured")
+    return out.logits[:, -1, :], session.buffer
+
+
+# --------------------------------------------------------------------------- head choice
+def parse_heads(heads: str | None, split: str) -> float | None:
+    """``all`` -> None; ``layerwise:F`` -> F (fraction of each layer's heads)."""
+    heads = heads or ("layerwise:0.25" if split == "train" else "all")
+    if heads == "all":
+        return None
+    if heads.startswith("layerwise:"):
+        try:
+            frac = float(heads.split(":", 1)[1])
+        except ValueError:
+            frac = -1.0
+        if 0 < frac <= 1:
+            return frac
+    raise ApmaeError(f"--heads {heads}: expected all or layerwise:FRACTION with 0 < FRACTION <= 1")
+
+
+def choose_heads(inference_ids, n_layers: int, n_heads: int, frac: float | None, seed: int):
+    """Per layer a LongTensor [B, K] of sorted head indices (None = all heads): a seeded
+    ``round(frac * n_heads)`` (at least 1) heads of each layer, drawn per inference."""
+    import torch
+
+    if frac is None:
+        return [None] * n_layers
+    k = max(1, int(round(frac * n_heads)))
+    per_layer = np.empty((n_layers, len(inference_ids), k), dtype=np.int64)
+    for b, inf in enumerate(inference_ids):
+        rng = np.random.default_rng([seed, 7, int(inf)])
+        for layer in range(n_layers):
+            per_layer[layer, b] = np.sort(rng.choice(n_heads, size=k, replace=False))
+    return [torch.from_numpy(per_layer[layer]) for layer in range(n_layers)]
+
+
+# --------------------------------------------------------------------------- planning
+@dataclass
+class _TaskState:
+    order: np.ndarray               # task_ids in prompting order
+    pointer: int = 0
+    correct: int = 0
+    incorrect: int = 0
+    kept: int = 0
+
+    def needs(self, task: str, split: str, quota: int) -> bool:
+        if split == "train":
+            return self.kept < quota
+        if task == "noise":
+            return self.kept < quota
+        return self.correct < quota or self.incorrect < quota
+
+    def wants(self, task: str, split: str, quota: int, correct) -> bool:
+        """Whether an inference with this outcome fills a quota (and so is kept)."""
+        if split == "train":
+            return bool(correct) and self.kept < quota
+        if task == "noise":
+            return self.kept < quota
+        return (self.correct < quota) if correct else (self.incorrect < quota)
+
+
+class Planner:
+    """Deterministic batch composition from the committed state (see module docstring)."""
+
+    def __init__(self, tasks: pd.DataFrame, split: str, quota: int, seed: int,
+                 max_attempts: int | None, used_elsewhere: set, done: pd.DataFrame,
+                 shard: tuple[int, int] | None = None):
+        self.split, self.quota, self.max_attempts = split, quota, max_attempts
+        names = ["random_masking"] if split == "train" else [t for t in TASKS
+                                                             if t in set(tasks.task)]
+        self.states: dict[str, _TaskState] = {}
+        for task in names:
+            ids = tasks.loc[tasks.task == task, "task_id"].to_numpy()
+            ids = ids[~np.isin(ids, list(used_elsewhere))] if used_elsewhere else ids
+            ids = np.sort(ids)
+            order = np.random.default_rng([seed, 11, TASKS.index(task)]).permutation(ids)
+            if shard is not None:
+                order = order[shard[0]::shard[1]]
+            self.states[task] = _TaskState(order)
+        for row in done.itertuples():
+            st = self.states.get(row.task)
+            if st is None:
+                continue
+            st.pointer += 1
+            if row.has_maps:
+                st.kept += 1
+                if row.correct is True:
+                    st.correct += 1
+                elif row.correct is False:
+                    st.incorrect += 1
+
+    def active(self) -> list[str]:
+        out = []
+        for task, st in self.states.items():
+            capped = self.max_attempts is not None and st.pointer >= self.max_attempts
+            if st.needs(task, self.split, self.quota) and st.pointer < len(st.order) and not capped:
+                out.append(task)
+        return out
+
+    def next_batch(self, size: int) -> list[tuple[str, int, int]]:
+        """Up to ``size`` (task, task_id, attempt) candidates, round robin over active tasks."""
+        batch: list[tuple[str, int, int]] = []
+        pointers = {t: st.pointer for t, st in self.states.items()}
+        while len(batch) < size:
+            progressed = False
+            for task in self.active():
+                st = self.states[task]
+                p = pointers[task]
+                capped = self.max_attempts is not None and p >= self.max_attempts
+                if p < len(st.order) and not capped and len(batch) < size:
+                    batch.append((task, int(st.order[p]), p))
+                    pointers[task] = p + 1
+                    progressed = True
+            if not progressed:
+                break
+        return batch
+
+    def record(self, task: str, keep: bool, correct) -> None:
+        st = self.states[task]
+        st.pointer += 1
+        if keep:
+            st.kept += 1
+            if correct is True:
+                st.correct += 1
+            elif correct is False:
+                st.incorrect += 1
+
+    def summary(self) -> dict:
+        out = {}
+        for task, st in self.states.items():
+            met = not st.needs(task, self.split, self.quota)
+            capped = self.max_attempts is not None and st.pointer >= self.max_attempts
+            status = "quota met" if met else ("max attempts" if capped else "candidates exhausted")
+            out[task] = {"attempts": st.pointer, "kept": st.kept, "correct": st.correct,
+                         "incorrect": st.incorrect, "candidates": len(st.order), "status": status}
+        return out
+
+
+# --------------------------------------------------------------------------- writer
+class _Writer:
+    """Commits batches to the store on a background thread so writing overlaps compute."""
+
+    def __init__(self, store):
+        from apmae_gpu.store import INFERENCE_SCHEMA
+
+        self.store, self.schema = store, INFERENCE_SCHEMA
+        self.q: queue.Queue = queue.Queue(maxsize=2)
+        self.error: BaseException | None = None
+        self.bytes = 0
+        self.seconds = 0.0
+        self.thread = threading.Thread(target=self._run, daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.q.get()
+            if item is None:
+                return
+            if self.error is not None:
+                continue
+            maps, index, rows = item
+            t0 = time.perf_counter()
+            try:
+                self.store.commit(maps, index, rows, inference_schema=self.schema)
+            except OSError as exc:
+                self.error = ApmaeError(f"writing {self.store.run} failed ({exc.strerror or exc}); "
+                                        "every batch committed before stays valid: free space "
+                                        "and rerun the same command to resume")
+            except BaseException as exc:  # surfaced on the main thread
+                self.error = exc
+            self.seconds += time.perf_counter() - t0
+            self.bytes += 0 if maps is None else maps.nbytes
+
+    def put(self, item) -> None:
+        self.check()
+        self.q.put(item)
+
+    def check(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def close(self) -> None:
+        self.q.put(None)
+        self.thread.join()
+        self.check()
+
+
+# --------------------------------------------------------------------------- the stage
+def _parse_shard(shard: str | None) -> tuple[int, int] | None:
+    if not shard:
+        return None
+    try:
+        k, n = (int(x) for x in shard.split("/"))
+    except ValueError:
+        k, n = -1, 0
+    if not (n >= 1 and 0 <= k < n):
+        raise ApmaeError(f"--shard {shard}: expected K/N with 0 <= K < N")
+    return k, n
+
+
+def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
+            heads: str | None = None, scaler: str = "log", batch_size: int = 8,
+            device: str = "auto", seed: int = 0, max_attempts: int | None = None,
+            shard: str | None = None, device_map: str | None = None, chunk_maps: int = 32,
+            trust_remote_code: bool = False) -> dict:
+    """Capture one split of RUN (see module docstring); returns the split's summary."""
+    import torch
+
+    from apmae_gpu import llm
+    from apmae_gpu.runs import resolve_device
+    from apmae_gpu.store import MapStore
+
+    run = Path(run)
+    if split not in ("train", "analysis"):
+        raise ApmaeError(f"--split {split}: expected train or analysis")
+    if scaler not in SCALERS:
+        raise ApmaeError(f"--scaler {scaler}: expected one of {', '.join(SCALERS)}")
+    frac = parse_heads(heads, split)
+    shard_kn = _parse_shard(shard)
+    if not run.is_dir():
+        raise ApmaeError(f"run directory {run} does not exist (run `apmae mine` first)")
+    tasks_path = run / "tasks.parquet"
+    if not tasks_path.exists():
+        raise ApmaeError(f"{tasks_path} is missing (run `apmae mine` first)")
+    tasks = pd.read_parquet(tasks_path)
+    if tasks.empty:
+        raise ApmaeError(f"{tasks_path} holds no tasks")
+    window = len(tasks.input_ids.iloc[0])
+    if split == "train" and not (tasks.task == "random_masking").any():
+        raise ApmaeError("--split train needs random_masking tasks (mine them with --tasks)")
+    out_run = run if shard_kn is None else run / "shards" / f"{shard_kn[0]}-of-{shard_kn[1]}"
+
+    device = resolve_device(device)
+    spec = llm.resolve(model)
+    lm = llm.load_model(spec, device=device, device_map=device_map,
+                        trust_remote_code=trust_remote_code, seed=seed)
+    fam = llm.family(lm)
+    ctx = llm.context_length(lm)
+    if ctx is not None and window > ctx:
+        raise ApmaeError(f"prompts are {window} tokens but {model} has a context of {ctx}")
+    vocab = lm.get_input_embeddings().num_embeddings
+    top = max(int(max(ids)) for ids in tasks.input_ids.head(1000))
+    if top >= vocab:
+        raise ApmaeError(f"tasks hold token id {top} but {model} has a vocabulary of {vocab}: "
+                         "mine with this model's tokenizer")
+    quota = per_task if shard_kn is None else (
+        per_task // shard_kn[1] + (1 if shard_kn[0] < per_task % shard_kn[1] else 0))
+
+    store = MapStore.create_or_open(out_run, window=window, scaler=scaler,
+                                    fill_value=FILL_VALUES[scaler], floor=FLOOR if scaler == "log" else None,
+                                    chunk_maps=chunk_maps)
+    done_all = store.inferences()
+    used_elsewhere: set = set()
+    if shard_kn is not None and (run / "maps.zarr").exists():
+        main_done = MapStore(run).inferences()
+        if not main_done.empty:
+            used_elsewhere |= set(main_done.loc[main_done.split != split, "task_id"].tolist())
+    if not done_all.empty:
+        used_elsewhere |= set(done_all.loc[done_all.split != split, "task_id"].tolist())
+        done = done_all[done_all.split == split]
+        next_id = int(done_all.inference_id.max()) + 1
+        next_batch = int(done.batch.max()) + 1 if not done.empty else 0
+    else:
+        done, next_id, next_batch = done_all, 0, 0
+    planner = Planner(tasks, split, quota, seed, max_attempts, used_elsewhere, done, shard_kn)
+    by_id = tasks.set_index("task_id")
+
+    log.info("capture %s split of %s with %s on %s (%s, %d layers x %d heads, scaler %s)",
+             split, run, spec.spec, device, str(lm.dtype).replace("torch.", ""), fam.n_layers,
+             fam.n_heads, scaler)
+    writer = _Writer(store)
+    t0 = time.perf_counter()
+    stats = Counter()
+    bar = progress(desc=f"capture {split}", unit="inf")
+    try:
+        while True:
+            batch = planner.next_batch(batch_size)
+            if not batch:
+                break
+            ids = np.arange(next_id, next_id + len(batch), dtype=np.int64)
+            input_ids = torch.tensor(np.stack([np.asarray(by_id.at[t, "input_ids"], dtype=np.int64)
+                                               for _, t, _ in batch]), device=device)
+            targets = torch.tensor([int(by_id.at[t, "target_token_id"]) for _, t, _ in batch])
+            head_sel = choose_heads(ids, fam.n_layers, fam.n_heads, frac, seed)
+            logits, maps = forward_with_maps(lm, fam, input_ids, head_sel, scaler)
+            verdict = llm.judge(logits, targets.to(logits.device))
+            maps_host = maps.cpu()
+            rows, keep_idx, index_parts = [], [], []
+            for b, (task, task_id, attempt) in enumerate(batch):
+                has_target = int(targets[b]) >= 0
+                correct = bool(verdict["correct"][b]) if has_target else None
+                keep = planner.states[task].wants(task, split, planner.quota, correct)
+                planner.record(task, keep, correct)
+                n_maps = 0
+                if keep:
+                    keep_idx.append(b)
+                    layers = np.repeat(np.arange(fam.n_layers), maps.shape[2])
+                    if frac is None:
+                        head_ids = np.tile(np.arange(fam.n_heads), fam.n_layers)
+                    else:
+                        head_ids = np.concatenate([h[b].numpy() for h in head_sel])
+                    n_maps = len(layers)
+                    index_parts.append(pd.DataFrame({"inference_id": ids[b], "layer": layers,
+                                                     "head": head_ids}))
+                rows.append({
+                    "inference_id": int(ids[b]), "split": split, "task": task,
+                    "task_id": task_id, "batch": next_batch, "attempt": attempt,
+                    "input_ids": input_ids[b].cpu().numpy().astype(np.int32),
+                    "target_token_id": int(targets[b]),
+                    "predicted_token_id": int(verdict["predicted"][b]), "correct": correct,
+                    "target_logprob": float(verdict["target_logprob"][b]),
+                    "target_rank": int(verdict["target_rank"][b]),
+                    "predicted_logprob": float(verdict["predicted_logprob"][b]),
+                    "has_maps": keep, "n_maps": n_maps})
+                stats["attempts"] += 1
+                stats["kept"] += int(keep)
+            kept_maps = None
+            if keep_idx:
+                kept_maps = maps_host[keep_idx].numpy().reshape(-1, window, window)
+                stats["maps"] += kept_maps.shape[0]
+            index = pd.concat(index_parts, ignore_index=True) if index_parts else None
+            writer.put((kept_maps, index, pd.DataFrame(rows)))
+            next_id += len(batch)
+            next_batch += 1
+            bar.update(len(batch))
+            bar.set_postfix(kept=stats["kept"], maps=stats["maps"])
+        writer.close()
+    except BaseException:
+        bar.close()
+        try:
+            writer.close()
+        except BaseException:  # the first error is the one to report
+            pass
+        raise
+    bar.close()
+    seconds = time.perf_counter() - t0
+    summary = planner.summary()
+    section = read_manifest(out_run).get("capture", {})
+    section.update({
+        "model": spec.describe(), "model_revision": llm.model_revision(spec),
+        "model_type": fam.name, "n_layers": fam.n_layers, "n_heads": fam.n_heads,
+        "n_kv_heads": fam.n_kv_heads, "dtype": str(lm.dtype).replace("torch.", ""),
+        "device": device, "device_map": device_map,
+        "attention_backend": f"{CAPTURE_IMPL}: probabilities from the model's own q/k in float32 "
+                             "through transformers' AttentionInterface; layer output by sdpa",
+        "scaler": scaler, "floor": FLOOR if scaler == "log" else None,
+        "fill_value": FILL_VALUES[scaler], "window": window, "chunk_maps": store.info.chunk_maps,
+        "codec": store.info.codec,
+    })
+    splits = section.setdefault("splits", {})
+    splits[split] = {
+        "per_task": per_task, "quota": quota, "heads": heads or ("layerwise:0.25" if split == "train" else "all"),
+        "batch_size": batch_size, "seed": seed, "max_attempts": max_attempts, "shard": shard,
+        "tasks": summary, "this_call": {"attempts": stats["attempts"], "kept": stats["kept"],
+                                         "maps": stats["maps"], "seconds": round(seconds, 2)},
+        "n_maps_total": store.n_maps,
+    }
+    update_manifest(out_run, "capture", section)
+    short = {t: s["status"] for t, s in summary.items() if s["status"] != "quota met"}
+    if short:
+        log.warning("quotas not met: %s", short)
+    rate = stats["attempts"] / max(seconds, 1e-9)
+    log.info("captured %d inferences (%d kept, %d maps) in %.1fs: %.2f inferences/s, %.0f maps/s",
+             stats["attempts"], stats["kept"], stats["maps"], seconds, rate,
+             stats["maps"] / max(seconds, 1e-9))
+    return splits[split]
+
+
+def merge_shards(run: Path) -> dict:
+    """Append every ``RUN/shards/K-of-N`` store to RUN's own store (inference ids renumbered
+    after RUN's, maps copied in order), then remove the merged shards."""
+    import shutil
+
+    from apmae_gpu.store import INFERENCE_SCHEMA, MapStore
+
+    run = Path(run)
+    shard_dirs = sorted((run / "shards").glob("*-of-*"), key=lambda p: int(p.name.split("-")[0]))
+    if not shard_dirs:
+        raise ApmaeError(f"{run}/shards holds no shard to merge")
+    manifests = [read_manifest(sd) for sd in shard_dirs]
+    merged = 0
+    for sd in shard_dirs:
+        src = MapStore(sd)
+        dst = MapStore.create_or_open(run, window=src.info.window, scaler=src.info.scaler,
+                                      fill_value=src.info.fill_value, floor=src.info.floor,
+                                      chunk_maps=src.info.chunk_maps)
+        infs, index = src.inferences(), src.index()
+        done = dst.inferences()
+        offset = int(done.inference_id.max()) + 1 if not done.empty else 0
+        for _, part in infs.groupby("batch", sort=True):
+            ids = part.inference_id.to_numpy()
+            sel = index[index.inference_id.isin(ids)]
+            maps = src.read(sel.map_id.to_numpy()) if len(sel) else None
+            sel = sel.assign(inference_id=sel.inference_id + offset)
+            dst.commit(maps, sel[["inference_id", "layer", "head"]] if len(sel) else None,
+                       part.assign(inference_id=part.inference_id + offset),
+                       inference_schema=INFERENCE_SCHEMA)
+        merged += len(infs)
+        shutil.rmtree(sd)
+    section = read_manifest(run).get("capture", {})
+    for man in manifests:
+        shard_cap = man.get("capture", {})
+        for key, value in shard_cap.items():
+            if key != "splits":
+                section.setdefault(key, value)
+        for split, info in shard_cap.get("splits", {}).items():
+            section.setdefault("splits", {}).setdefault(split, {}).setdefault(
+                "shards", []).append(info)
+    section["merged_shards"] = [p.name for p in shard_dirs]
+    update_manifest(run, "capture", section)
+    log.info("merged %d shards (%d inferences) into %s", len(shard_dirs), merged, run)
+    return {"shards": len(shard_dirs), "inferences": merged}
