@@ -193,11 +193,16 @@ def encode(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
     pool: Annotated[str, typer.Option("--pool", help="cls or mean (of patch tokens).")] = "cls",
     device: DeviceOpt = "auto",
+    block: Annotated[Optional[int], typer.Option("--block", min=1, help="Inferences per chunk and "
+                                                 "per commit (default: by memory, <= 1024).")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="Discard RUN/embeddings.zarr and "
+                                          "encode from scratch.")] = False,
 ) -> None:
     """Encode every analysis map into RUN/embeddings.zarr [layers, heads, inferences, dim]."""
     from apmae_gpu import encoding
 
-    encoding.encode(run=run, checkpoint=checkpoint, batch_size=batch_size, pool=pool, device=device)
+    encoding.encode(run=run, checkpoint=checkpoint, batch_size=batch_size, pool=pool, device=device,
+                    block=block, restart=restart)
 
 
 # --------------------------------------------------------------------------- cluster
@@ -216,6 +221,20 @@ def cluster(
     scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="Address of an existing "
                                                      "dask scheduler.")] = None,
     seed: SeedOpt = 0,
+    heads: Annotated[Optional[str], typer.Option("--heads", help="all (default), N (a seeded "
+                                                 "sample) or L:H,L:H.")] = None,
+    retries: Annotated[int, typer.Option("--retries", min=0, help="Retries of a failing head "
+                                         "(with the next seed) before it is recorded failed.")] = 1,
+    knn: Annotated[str, typer.Option("--knn", help="cpu backend: auto (exact torch kNN on a GPU "
+                                     "for big heads), nndescent or torch.")] = "auto",
+    filter_max_distance: Annotated[Optional[float], typer.Option(
+        "--filter-max-distance", help="Earlier paper's filter: drop clusters whose mean "
+        "intra-cluster UMAP distance exceeds this (e.g. 1.0).")] = None,
+    filter_min_size: Annotated[Optional[int], typer.Option(
+        "--filter-min-size", help="Earlier paper's filter: drop clusters smaller than this.")] = None,
+    restart: Annotated[bool, typer.Option("--restart", help="Discard finished heads.")] = False,
+    figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Write the PNG "
+                                          "figures.")] = True,
 ) -> None:
     """UMAP + HDBSCAN per head into RUN/clusters.parquet, heads spread over dask workers."""
     from apmae_gpu import clustering
@@ -223,7 +242,9 @@ def cluster(
     clustering.cluster(run=run, backend=backend, workers=workers, umap_dims=umap_dims,
                        neighbors=neighbors, min_dist=min_dist, metric=metric,
                        min_samples=min_samples, min_cluster_size=min_cluster_size,
-                       scheduler=scheduler, seed=seed)
+                       scheduler=scheduler, seed=seed, heads=heads, retries=retries, knn=knn,
+                       filter_max_distance=filter_max_distance, filter_min_size=filter_min_size,
+                       restart=restart, figures=figures)
 
 
 # --------------------------------------------------------------------------- classify
@@ -271,13 +292,26 @@ def intervene(
     device: DeviceOpt = "auto",
     batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
     seed: SeedOpt = 0,
+    groups: Annotated[str, typer.Option("--groups", help="Comma list of head groups: positive, "
+                                        "negative, zero, random, importance.")] =
+        "positive,negative,zero,random",
+    multi_token: Annotated[bool, typer.Option("--multi-token", help="Judge greedy completion of "
+                                              "the whole target (KV cache), exact match, "
+                                              "instead of the first token.")] = False,
+    rank_by: Annotated[str, typer.Option("--rank-by", help="Signed SHAP summary that ranks the "
+                                         "positive/negative/zero groups: mean_shap or "
+                                         "extreme_shap.")] = "mean_shap",
 ) -> None:
     """Zero the heads SHAP selects while generating, and count what flips."""
     from apmae_gpu import intervention
 
-    intervention.intervene(run=run, task=task, k=[int(x) for x in _split_csv(k)],
-                           per_group=per_group, model=model, device=device,
-                           batch_size=batch_size, seed=seed)
+    try:
+        ks = [int(x) for x in _split_csv(k)]
+    except ValueError:
+        raise ApmaeError(f"--k {k}: expected a comma list of integers") from None
+    intervention.intervene(run=run, task=task, k=ks, per_group=per_group, model=model,
+                           device=device, batch_size=batch_size, seed=seed,
+                           groups=_split_csv(groups), multi_token=multi_token, rank_by=rank_by)
 
 
 # --------------------------------------------------------------------------- report / pipeline
@@ -299,6 +333,80 @@ def pipeline(
     from apmae_gpu import pipeline as pipeline_mod
 
     pipeline_mod.run_pipeline(config=config, out=out)
+
+
+# --------------------------------------------------------------------------- clustering studies
+@app.command()
+def trust(
+    run: RunArg,
+    dims: Annotated[str, typer.Option("--dims", help="Comma list of UMAP dimensions.")] = "2,4,8,16",
+    heads: Annotated[str, typer.Option("--heads", help="N heads spread over the model (seeded), "
+                                       "all, or L:H,L:H.")] = "8",
+    trials: Annotated[int, typer.Option("--trials", min=1, help="Subsamples x UMAP seeds per "
+                                        "head.")] = 3,
+    max_points: Annotated[int, typer.Option("--max-points", min=10, help="Subsample size per "
+                                            "trial (trustworthiness is O(n^2)).")] = 5000,
+    neighbors: Annotated[int, typer.Option("--neighbors", help="UMAP n_neighbors.")] = 20,
+    min_dist: Annotated[float, typer.Option("--min-dist")] = 0.05,
+    metric: Annotated[str, typer.Option("--metric")] = "cosine",
+    trust_neighbors: Annotated[Optional[int], typer.Option("--trust-neighbors", help="k of the "
+                                                           "trustworthiness score (default: "
+                                                           "--neighbors).")] = None,
+    backend: Annotated[str, typer.Option("--backend", help="auto, cuml or cpu.")] = "auto",
+    workers: Annotated[int, typer.Option("--workers", min=1)] = 1,
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler")] = None,
+    seed: SeedOpt = 0,
+) -> None:
+    """Trustworthiness of UMAP per number of dimensions, to choose --umap-dims."""
+    from apmae_gpu import clustering
+
+    try:
+        dims_list = tuple(int(d) for d in _split_csv(dims))
+    except ValueError:
+        raise ApmaeError(f"--dims {dims}: expected a comma list of integers") from None
+    clustering.trust(run=run, dims=dims_list, heads=heads, trials=trials, max_points=max_points,
+                     neighbors=neighbors, min_dist=min_dist, metric=metric,
+                     trust_neighbors=trust_neighbors, backend=backend, workers=workers,
+                     scheduler=scheduler, seed=seed)
+
+
+@app.command()
+def stability(
+    run: RunArg,
+    seeds: Annotated[str, typer.Option("--seeds", help="Comma list of other seeds.")] = "1,2,3",
+    heads: Annotated[str, typer.Option("--heads", help="N heads (seeded sample), all, or "
+                                       "L:H,L:H.")] = "16",
+    backend: Annotated[str, typer.Option("--backend", help="auto, cuml or cpu.")] = "auto",
+    workers: Annotated[int, typer.Option("--workers", min=1)] = 1,
+    scheduler: Annotated[Optional[str], typer.Option("--scheduler")] = None,
+    stable_at: Annotated[float, typer.Option("--stable-at", help="Mean Jaccard at which a "
+                                             "cluster counts as stable.")] = 0.75,
+) -> None:
+    """Cluster stability: recluster heads with other seeds; ARI per head, Jaccard per cluster."""
+    from apmae_gpu import clustering
+
+    try:
+        seed_list = tuple(int(s) for s in _split_csv(seeds))
+    except ValueError:
+        raise ApmaeError(f"--seeds {seeds}: expected a comma list of integers") from None
+    clustering.stability(run=run, seeds=seed_list, heads=heads, backend=backend,
+                         workers=workers, scheduler=scheduler, stable_at=stable_at)
+
+
+@app.command("cluster-maps")
+def cluster_maps(
+    run: RunArg,
+    layer: Annotated[int, typer.Option("--layer", min=0)],
+    head: Annotated[int, typer.Option("--head", min=0)],
+    cluster_id: Annotated[Optional[int], typer.Option("--cluster", help="Cluster id (default: "
+                                                      "every cluster of the head).")] = None,
+    n: Annotated[int, typer.Option("--n", min=1, help="Maps per cluster.")] = 16,
+) -> None:
+    """PNG of the maps within a head's clusters (spread over each cluster) under RUN/cluster/."""
+    from apmae_gpu import clustering
+
+    for path in clustering.cluster_maps(run=run, layer=layer, head=head, cluster=cluster_id, n=n):
+        typer.echo(str(path))
 
 
 # --------------------------------------------------------------------------- entry point
