@@ -267,6 +267,12 @@ def classify(
     shap_on: Annotated[str, typer.Option("--shap-on", help="oof (each inference explained by the "
                                          "fold model that did not train on it) or full (one "
                                          "model fitted on all data).")] = "oof",
+    one_hot_max_size: Annotated[Optional[int], typer.Option(
+        "--one-hot-max-size", min=1, help="One-hot encode heads with at most this many clusters "
+        "instead of target statistics (default: CatBoost's; 16 is ~30x faster on CPU).")] = None,
+    max_ctr_complexity: Annotated[Optional[int], typer.Option(
+        "--max-ctr-complexity", min=1, help="Most heads combined in one categorical feature "
+                                            "combination (default: CatBoost's).")] = None,
 ) -> None:
     """CatBoost per task on per-head cluster ids; SHAP head importance."""
     from apmae_gpu import classification
@@ -274,7 +280,9 @@ def classify(
     classification.classify(run=run, folds=folds, gpu=gpu, seed=seed, iterations=iterations,
                             depth=depth, learning_rate=learning_rate,
                             early_stopping_rounds=early_stopping, eval_fraction=eval_fraction,
-                            tasks=_split_csv(tasks) if tasks else None, shap_on=shap_on)
+                            tasks=_split_csv(tasks) if tasks else None, shap_on=shap_on,
+                            one_hot_max_size=one_hot_max_size,
+                            max_ctr_complexity=max_ctr_complexity)
 
 
 # --------------------------------------------------------------------------- intervene
