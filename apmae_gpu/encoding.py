@@ -1,0 +1,381 @@
+"""Encoding: every analysis map -> its AP-MAE embedding, in ``RUN/embeddings.zarr``.
+
+``RUN/embeddings.zarr`` is a Zarr v3 group:
+
+``embeddings``
+    float16 ``[layers, heads, inferences, dim]``, chunks ``(1, 1, block, dim)``: one head's
+    embeddings are one contiguous column of chunks, so clustering reads a head in one go.
+    Missing maps (an inference without some head) stay NaN.
+``inference_id``
+    int64 ``[inferences]``: the analysis inferences with maps, ascending.
+
+Attributes: ``checkpoint``, ``checkpoint_sha256``, ``pool``, ``block``, ``n_committed`` (the
+commit point) and ``complete``.
+
+Writes go through :class:`EmbeddingWriter`, which buffers whole inferences and writes them a
+``block`` at a time, aligned to the chunk grid (no chunk is ever rewritten), then advances
+``n_committed``.  Reopening trims whatever a killed process wrote past the commit point, so
+a rerun continues where the last commit left off.  :func:`encode` drives it from the maps
+store; capture can drive it directly with :func:`encode_inference_batch` to capture and
+encode in one pass without keeping the maps.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import hashlib
+import logging
+import os
+import shutil
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import numpy as np
+
+from apmae_gpu.runs import ApmaeError, progress, resolve_device, update_manifest
+
+log = logging.getLogger("apmae_gpu.encoding")
+
+EMBEDDINGS = "embeddings.zarr"
+POOLS = ("cls", "mean")
+# Host buffer budget for one block of inferences ([layers, heads, block, dim] float16).
+BLOCK_BUDGET_BYTES = 1 << 30
+
+
+def default_block(n_layers: int, n_heads: int, dim: int, budget: int = BLOCK_BUDGET_BYTES) -> int:
+    """Inferences per chunk and per commit: the largest power of two whose block of all
+    heads' embeddings fits ``budget`` bytes, within [16, 1024] (1024 x 512 x fp16 = 1 MiB
+    chunks; ~0.75 GB of host buffer for a 720-head model)."""
+    per_inference = max(1, n_layers * n_heads * dim * 2)
+    block = 1 << max(0, int(np.floor(np.log2(max(1, budget // per_inference)))))
+    return int(min(1024, max(16, block)))
+
+
+def checkpoint_fingerprint(checkpoint: str | os.PathLike) -> str:
+    """SHA-256 of a checkpoint's weights file (``model.safetensors``), or of its config
+    when no weights file is found (a resume must use the same weights)."""
+    checkpoint = Path(checkpoint)
+    files = sorted(checkpoint.glob("*.safetensors")) or sorted(checkpoint.glob("config.json"))
+    h = hashlib.sha256()
+    for f in files:
+        with open(f, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 24), b""):
+                h.update(chunk)
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- writer
+class EmbeddingWriter:
+    """Append-only, crash-safe writer of ``RUN/embeddings.zarr``.
+
+    ``append(inference_ids [b], embeddings [b, layers, heads, dim])`` buffers whole
+    inferences (ids strictly ascending across calls) and writes every full ``block`` (chunk
+    aligned) followed by the commit point; ``close()`` writes the last partial block and
+    marks the group complete.  ``committed`` / ``committed_ids`` say what is durable.
+    """
+
+    def __init__(self, run: str | os.PathLike, n_layers: int, n_heads: int, dim: int,
+                 block: int | None = None, attrs: dict | None = None, restart: bool = False):
+        import zarr
+
+        self.path = Path(run) / EMBEDDINGS
+        self.shape_lhd = (int(n_layers), int(n_heads), int(dim))
+        if restart and self.path.exists():
+            log.info("discarding %s (--restart)", self.path)
+            shutil.rmtree(self.path)
+        if not self.path.exists():
+            self._create(block or default_block(n_layers, n_heads, dim), attrs or {})
+        self.group = zarr.open_group(self.path, mode="r+")
+        self.emb = self.group["embeddings"]
+        self.ids = self.group["inference_id"]
+        L, H, _, D = self.emb.shape
+        if (L, H, D) != self.shape_lhd:
+            raise ApmaeError(f"{self.path} holds [{L}, {H}, *, {D}] embeddings, not "
+                             f"[{n_layers}, {n_heads}, *, {dim}] (use --restart)")
+        self.block = int(self.emb.chunks[2])
+        if block is not None and int(block) != self.block:
+            log.warning("keeping the existing block of %d inferences (asked %d)", self.block, block)
+        self._recover()
+        self._pending_ids: list[np.ndarray] = []
+        self._pending: list[np.ndarray] = []
+
+    def _create(self, block: int, attrs: dict) -> None:
+        import zarr
+        from zarr.codecs import ZstdCodec
+
+        L, H, D = self.shape_lhd
+        tmp = self.path.with_name(f".{self.path.name}.creating")
+        shutil.rmtree(tmp, ignore_errors=True)
+        group = zarr.open_group(tmp, mode="w", zarr_format=3,
+                                attributes={**attrs, "block": block, "n_committed": 0,
+                                            "complete": False})
+        group.create_array("embeddings", shape=(L, H, 0, D), chunks=(1, 1, block, D),
+                           dtype="float16", fill_value=np.nan, compressors=ZstdCodec(level=1),
+                           dimension_names=("layer", "head", "inference", "dim"))
+        group.create_array("inference_id", shape=(0,), chunks=(max(block, 4096),), dtype="int64",
+                           fill_value=-1, dimension_names=("inference",))
+        os.replace(tmp, self.path)
+
+    def _recover(self) -> None:
+        """Trim both arrays to the commit point; drop temp files of killed writes."""
+        n = int(self.group.attrs.get("n_committed", 0))
+        for root, _dirs, files in os.walk(self.path):
+            for f in files:
+                if f.endswith(".partial"):
+                    os.unlink(os.path.join(root, f))
+        if self.emb.shape[2] < n or self.ids.shape[0] < n:
+            raise ApmaeError(f"{self.path}: fewer rows than committed ({n}); the store is damaged "
+                             f"(use --restart)")
+        if self.emb.shape[2] != n or self.ids.shape[0] != n:
+            log.warning("dropping %d uncommitted inferences from %s", self.emb.shape[2] - n,
+                        self.path.name)
+            self.emb.resize((*self.emb.shape[:2], n, self.emb.shape[3]))
+            self.ids.resize((n,))
+        self.committed = n
+        self.committed_ids = np.asarray(self.ids[:n], dtype=np.int64) if n else np.empty(0, np.int64)
+        self._last_id = int(self.committed_ids[-1]) if n else -1
+
+    @property
+    def attrs(self) -> dict:
+        return dict(self.group.attrs)
+
+    def append(self, inference_ids, embeddings) -> int:
+        """Buffer ``embeddings`` ([b, layers, heads, dim], numpy or torch) of
+        ``inference_ids`` ([b], ascending, after every id appended before); write every full
+        block.  Returns the number of committed inferences."""
+        ids = np.asarray(inference_ids, dtype=np.int64).reshape(-1)
+        if hasattr(embeddings, "detach"):
+            embeddings = embeddings.detach().float().cpu().numpy()
+        emb = np.asarray(embeddings)
+        if emb.shape != (len(ids), *self.shape_lhd[:2], self.shape_lhd[2]):
+            raise ValueError(f"expected embeddings [{len(ids)}, {', '.join(map(str, self.shape_lhd))}], "
+                             f"got {emb.shape}")
+        if len(ids) == 0:
+            return self.committed
+        if ids[0] <= self._last_id or np.any(np.diff(ids) <= 0):
+            raise ValueError("inference ids must be strictly ascending across appends")
+        self._pending_ids.append(ids)
+        self._pending.append(emb.astype(np.float16))
+        self._last_id = int(ids[-1])
+        while self._n_pending() >= self._to_boundary():
+            self._write(self._to_boundary())
+        return self.committed
+
+    def _n_pending(self) -> int:
+        return sum(len(i) for i in self._pending_ids)
+
+    def _to_boundary(self) -> int:
+        return (self.committed // self.block + 1) * self.block - self.committed
+
+    def _write(self, n: int) -> None:
+        ids = np.concatenate(self._pending_ids)
+        emb = np.concatenate(self._pending)
+        take_ids, take = ids[:n], emb[:n]
+        self._pending_ids = [ids[n:]] if len(ids) > n else []
+        self._pending = [emb[n:]] if len(ids) > n else []
+        c = self.committed
+        L, H, D = self.shape_lhd
+        self.emb.resize((L, H, c + n, D))
+        self.ids.resize((c + n,))
+        self.emb[:, :, c:c + n, :] = np.ascontiguousarray(take.transpose(1, 2, 0, 3))
+        self.ids[c:c + n] = take_ids
+        self.group.attrs.update({"n_committed": c + n})  # the commit point
+        self.committed = c + n
+        self.committed_ids = np.concatenate([self.committed_ids, take_ids])
+
+    def close(self, complete: bool = True) -> None:
+        """Write what is buffered (the last, partial block) and mark the group complete."""
+        n = self._n_pending()
+        if n:
+            self._write(n)
+        if complete:
+            self.group.attrs.update({"complete": True})
+
+
+# --------------------------------------------------------------------------- reading
+def open_embeddings(run: str | os.PathLike, require_complete: bool = True):
+    """The ``embeddings.zarr`` group of ``run`` (read-only), checked for completeness."""
+    import zarr
+
+    path = Path(run) / EMBEDDINGS
+    if not path.exists():
+        raise ApmaeError(f"{Path(run)}: no {EMBEDDINGS} (run `apmae encode` first)")
+    group = zarr.open_group(path, mode="r")
+    if require_complete and not group.attrs.get("complete", False):
+        raise ApmaeError(f"{path} is incomplete ({group.attrs.get('n_committed', 0)} inferences "
+                         f"committed); finish it with `apmae encode`")
+    return group
+
+
+def read_head(path: str | os.PathLike, layer: int, head: int) -> tuple[np.ndarray, np.ndarray]:
+    """One head's embeddings: ``(inference_id [n] int64, X [n, dim] float32)``, one
+    contiguous chunk-column read (``path`` is the ``embeddings.zarr`` directory)."""
+    import zarr
+
+    group = zarr.open_group(path, mode="r")
+    n = int(group.attrs.get("n_committed", group["inference_id"].shape[0]))
+    ids = np.asarray(group["inference_id"][:n], dtype=np.int64)
+    X = np.asarray(group["embeddings"][layer, head, :n], dtype=np.float32)
+    return ids, X
+
+
+# --------------------------------------------------------------------------- the model
+def load_encoder(checkpoint: str | os.PathLike, device: str = "cpu"):
+    """``APMAEModel.from_pretrained(checkpoint)`` in eval mode on ``device``."""
+    from apmae_gpu.model import APMAEModel
+
+    checkpoint = Path(checkpoint)
+    if not (checkpoint / "config.json").exists():
+        raise ApmaeError(f"{checkpoint}: not an AP-MAE checkpoint (no config.json; train one "
+                         f"with `apmae train` or pass --checkpoint)")
+    model = APMAEModel.from_pretrained(checkpoint)
+    return model.eval().to(device)
+
+
+def encode_maps(model, maps, pool: str = "cls", batch_size: int = 256):
+    """Embeddings of maps: ``maps`` [B, W, W] (numpy or torch, stored values) -> torch
+    float32 [B, D] on the model's device.  bf16 autocast on CUDA; batches of ``batch_size``."""
+    import torch
+
+    device = next(model.parameters()).device
+    out = []
+    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
+                                                enabled=device.type == "cuda"):
+        for start in range(0, len(maps), batch_size):
+            x = maps[start:start + batch_size]
+            x = torch.as_tensor(x) if not torch.is_tensor(x) else x
+            if device.type == "cuda" and not x.is_cuda:
+                x = x.pin_memory().to(device, non_blocking=True)
+            out.append(model.encode(x.to(device), pool=pool).float())
+    if not out:
+        return torch.empty((0, model.config.hidden_size), device=device)
+    return torch.cat(out)
+
+
+def encode_inference_batch(model, maps, pool: str = "cls", batch_size: int = 256) -> np.ndarray:
+    """The building block for capture-and-encode in one pass.
+
+    ``maps``: ``[B, layers, heads, W, W]`` stored values of B inferences (numpy or torch,
+    on any device).  Returns ``[B, layers, heads, D]`` float16 (numpy), ready for
+    ``EmbeddingWriter.append(inference_ids, ...)``.
+    """
+    B, L, H, W, _ = maps.shape
+    flat = maps.reshape(B * L * H, W, W)
+    emb = encode_maps(model, flat, pool=pool, batch_size=batch_size)
+    return emb.reshape(B, L, H, -1).to("cpu").numpy().astype(np.float16)
+
+
+# --------------------------------------------------------------------------- the stage
+def _prefetch(reader, spans) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
+    """Read span i+1 in a thread while span i is being encoded."""
+    with concurrent.futures.ThreadPoolExecutor(1) as pool:
+        futures = [pool.submit(reader, *spans[0])] if spans else []
+        for i, span in enumerate(spans):
+            if i + 1 < len(spans):
+                futures.append(pool.submit(reader, *spans[i + 1]))
+            yield span, futures[i].result()
+            futures[i] = None
+
+
+def encode(run: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
+           batch_size: int = 256, pool: str = "cls", device: str = "auto",
+           block: int | None = None, restart: bool = False) -> Path:
+    """Encode every analysis map of ``run`` into ``RUN/embeddings.zarr``; resumable.
+
+    Reads ``MapStore(run)`` (the ``analysis`` inferences with maps), batches ``batch_size``
+    maps per forward pass and writes ``block`` inferences per commit.  Returns the path.
+    """
+    from apmae_gpu.store import MapStore
+
+    run = Path(run)
+    if pool not in POOLS:
+        raise ApmaeError(f"--pool {pool}: expected cls or mean")
+    if batch_size < 1:
+        raise ApmaeError("--batch-size must be >= 1")
+    checkpoint = Path(checkpoint) if checkpoint else run / "apmae" / "final"
+    device = resolve_device(device)
+    store = MapStore(run)
+    inf = store.inferences(columns=["inference_id", "split", "has_maps"])
+    if inf.empty:
+        raise ApmaeError(f"{run}: the maps store holds no inferences")
+    target = np.sort(inf.loc[(inf["split"] == "analysis") & inf["has_maps"],
+                             "inference_id"].to_numpy(np.int64))
+    if target.size == 0:
+        raise ApmaeError(f"{run}: no analysis inferences with maps (run `apmae capture "
+                         f"--split analysis` first)")
+    index = store.index()
+    index = index[index["inference_id"].isin(target)]
+    n_layers, n_heads = int(index["layer"].max()) + 1, int(index["head"].max()) + 1
+
+    model = load_encoder(checkpoint, device)
+    cfg = model.config
+    if cfg.image_size != store.info.window:
+        raise ApmaeError(f"{checkpoint} encodes {cfg.image_size}x{cfg.image_size} maps; {run} "
+                         f"holds {store.info.window}x{store.info.window}")
+    if getattr(cfg, "stored_scaler", store.info.scaler) != store.info.scaler:
+        raise ApmaeError(f"{checkpoint} expects maps scaled with {cfg.stored_scaler!r}; {run} "
+                         f"stores {store.info.scaler!r}")
+    dim = int(cfg.hidden_size)
+    fingerprint = checkpoint_fingerprint(checkpoint)
+    attrs = {"checkpoint": str(checkpoint), "checkpoint_sha256": fingerprint, "pool": pool,
+             "window": store.info.window, "scaler": store.info.scaler,
+             "preset": getattr(cfg, "preset", "custom")}
+    writer = EmbeddingWriter(run, n_layers, n_heads, dim, block=block, attrs=attrs,
+                             restart=restart)
+    old = writer.attrs
+    if old.get("checkpoint_sha256") != fingerprint or old.get("pool") != pool:
+        raise ApmaeError(f"{writer.path} was encoded with {old.get('checkpoint')} "
+                         f"(pool {old.get('pool')}); this asks for {checkpoint} (pool {pool}): "
+                         f"pass --restart to re-encode")
+    done = writer.committed_ids
+    if done.size and not np.array_equal(done, target[:done.size]):
+        raise ApmaeError(f"{writer.path} holds inferences that are not the run's analysis split "
+                         f"(capture changed?); pass --restart to re-encode")
+    if done.size == target.size and old.get("complete"):
+        log.info("%s is complete (%d inferences); nothing to do", writer.path, target.size)
+        return writer.path
+    if done.size:
+        log.info("resuming: %d of %d inferences already encoded", done.size, target.size)
+    writer.group.attrs.update({"complete": False})
+
+    # Positions of every map of the remaining inferences, sorted by map id.
+    todo = target[done.size:]
+    index = index[index["inference_id"].isin(todo)].sort_values("map_id")
+    pos = np.searchsorted(todo, index["inference_id"].to_numpy())
+    map_ids = index["map_id"].to_numpy(np.int64)
+    layers, heads = index["layer"].to_numpy(np.int64), index["head"].to_numpy(np.int64)
+    t0 = time.perf_counter()
+    n_maps = 0
+    bar = progress(total=len(map_ids), desc="encode", unit="map")
+    # Work a block of inferences at a time (host buffer [b, L, H, D]); maps in batches.
+    first = writer.block - done.size % writer.block   # commits stay aligned to the chunks
+    bounds = sorted({0, todo.size, *range(first, todo.size, writer.block)})
+    for lo, hi in zip(bounds[:-1], bounds[1:]):
+        sel = np.nonzero((pos >= lo) & (pos < hi))[0]
+        buf = np.full((hi - lo, n_layers, n_heads, dim), np.nan, np.float16)
+        spans = [(s, min(s + batch_size, len(sel))) for s in range(0, len(sel), batch_size)]
+
+        def reader(s, e, sel=sel):
+            return store.read(map_ids[sel[s:e]])
+
+        for (s, e), maps in _prefetch(reader, spans):
+            rows = sel[s:e]
+            emb = encode_maps(model, maps, pool=pool, batch_size=batch_size)
+            buf[pos[rows] - lo, layers[rows], heads[rows]] = emb.cpu().numpy().astype(np.float16)
+            n_maps += len(rows)
+            bar.update(len(rows))
+        writer.append(todo[lo:hi], buf)
+    writer.close()
+    bar.close()
+    seconds = time.perf_counter() - t0
+    update_manifest(run, "encode", {
+        "checkpoint": str(checkpoint), "checkpoint_sha256": fingerprint, "pool": pool,
+        "device": device, "dtype": "bfloat16" if device.startswith("cuda") else "float32",
+        "inferences": int(target.size), "layers": n_layers, "heads": n_heads, "dim": dim,
+        "block": writer.block, "maps_encoded": n_maps, "seconds": round(seconds, 2),
+        "maps_per_s": round(n_maps / seconds, 1) if seconds > 0 else None,
+        "resumed_from": int(done.size)})
+    log.info("encoded %d maps of %d inferences in %.1f s -> %s", n_maps, target.size, seconds,
+             writer.path)
+    return writer.path
