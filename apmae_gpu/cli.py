@@ -140,8 +140,9 @@ def train(
     preset: Annotated[str, typer.Option("--preset", help="paper, small or tiny.")] = "small",
     steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps.")] = 1000,
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Maps per step (per rank).")] = 64,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: 1.5e-4 "
-                                                "x global batch / 50).")] = None,
+    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: base "
+                                                "x global batch / 50; base 1.5e-4 for paper as "
+                                                "in the paper, 1e-3 small, 1.5e-3 tiny).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint directory (default "
                                                 "RUN/apmae).")] = None,
@@ -152,13 +153,40 @@ def train(
     compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
     val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of inferences held "
                                                 "out for validation.")] = 0.1,
+    model_config: Annotated[Optional[Path], typer.Option("--model-config", help="JSON/YAML file "
+                                                         "of AP-MAE config keys that differ from "
+                                                         "the preset (e.g. image_size, "
+                                                         "patch_size).")] = None,
+    warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", min=0, help="Linear "
+                                                        "warm-up steps (default 5% of --steps)."
+                                                        )] = None,
+    save_every: Annotated[Optional[int], typer.Option("--save-every", min=1, help="Checkpoint "
+                                                      "every N steps (default steps/10, at most "
+                                                      "2000).")] = None,
+    eval_every: Annotated[Optional[int], typer.Option("--eval-every", min=1, help="Validation "
+                                                      "MSE every N steps (default steps/10).")] = None,
+    threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for "
+                                                   "torch (default: torch's choice).")] = None,
 ) -> None:
     """Train AP-MAE on RUN/maps.zarr (train split); torchrun for several GPUs."""
+    import os
+
     from apmae_gpu import training
 
-    training.train(run=run, preset=preset, steps=steps, batch_size=batch_size, lr=lr,
-                   resume=resume, out=out, raw=raw, device=device, seed=seed, compile=compile,
-                   val_fraction=val_fraction)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+    summary = training.train(run=run, preset=preset, steps=steps, batch_size=batch_size, lr=lr,
+                             resume=resume, out=out, raw=raw, device=device, seed=seed,
+                             compile=compile, val_fraction=val_fraction, model_config=model_config,
+                             warmup_steps=warmup_steps, save_every=save_every,
+                             eval_every=eval_every)
+    if summary.get("val_loss") is not None and os.environ.get("RANK", "0") == "0":
+        typer.echo(f"AP-MAE {summary['preset']}: {summary['steps']} steps, validation MSE "
+                   f"{summary['val_loss']:.4g} (mean of visible patches "
+                   f"{summary.get('val_visible_mean', float('nan')):.4g}); model in "
+                   f"{summary['final']}")
 
 
 # --------------------------------------------------------------------------- evaluate
@@ -176,12 +204,15 @@ def evaluate(
     batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
+    figure_maps: Annotated[int, typer.Option("--figure-maps", min=0, help="Maps per "
+                                             "reconstruction figure (0: no figure).")] = 4,
 ) -> None:
     """Reconstruction MSE of every checkpoint on every dataset, with baselines."""
     from apmae_gpu import evaluation
 
     evaluation.evaluate(checkpoints=checkpoint, data=data, out=out, split=split,
-                        max_maps=max_maps, batch_size=batch_size, device=device, seed=seed)
+                        max_maps=max_maps, batch_size=batch_size, device=device, seed=seed,
+                        figure_maps=figure_maps)
 
 
 # --------------------------------------------------------------------------- encode

@@ -1,0 +1,379 @@
+"""Evaluating AP-MAE checkpoints (``apmae evaluate``): reconstruction MSE with baselines.
+
+For every checkpoint x dataset pair (the paper's cross-evaluation, Table 2) the masked-patch
+MSE of each map is measured (the training loss: masked patches only, pixels on or below the
+diagonal, in the checkpoint's own input space), together with two trivial predictors on
+*exactly the same masks*:
+
+``visible_mean``
+    every masked patch predicted as the pixel-wise mean of the map's visible patches;
+``dataset_mean``
+    every masked patch predicted as the mean patch of its grid position over the evaluated
+    maps (an oracle-ish per-position average).
+
+Masks come from one seeded noise tensor per dataset, shared by every checkpoint and baseline.
+For checkpoints trained on raw probabilities (``apmae train --raw``), ``mse_log_*`` re-measures
+every prediction in the common log-min-max space, so the paper's log-vs-raw ablation compares
+on one scale (for log-min-max checkpoints it equals ``mse_*``).
+
+Outputs in ``--out`` (default ``RUN/evaluate`` of the first ``--data``):
+``evaluation.parquet`` (checkpoint, dataset, method, mse_mean, mse_std, n_maps, ...),
+``evaluation_maps.parquet`` (per-map MSE with map_id, inference_id, layer, head) and
+``reconstruction_<checkpoint>_on_<dataset>.png`` figures like the paper's Fig. 1.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+
+from apmae_gpu.model import APMAEModel, lower_mask
+from apmae_gpu.runs import (ApmaeError, atomic_path, progress, read_manifest, resolve_device,
+                            update_manifest, write_parquet)
+from apmae_gpu.store import MapStore
+from apmae_gpu.training import ARGS, FINAL, validation_mask
+
+log = logging.getLogger("apmae_gpu.evaluation")
+
+METHODS = ("apmae", "visible_mean", "dataset_mean")
+SPLITS = ("validation", "train", "analysis", "all")
+
+
+# --------------------------------------------------------------------------- baselines
+def visible_mean_prediction(patches: torch.Tensor, mask: torch.Tensor,
+                            valid: torch.Tensor) -> torch.Tensor:
+    """Pixel-wise mean of the visible patches, for every patch.
+
+    patches [B, N, P*P], mask [B, N] (1 = masked), valid [N, P*P] -> [B, N, P*P].  A pixel
+    position no visible patch covers (above the diagonal of visible diagonal patches only)
+    falls back to the mean of all visible valid pixels.
+    """
+    w = (1.0 - mask.float())[..., None] * valid.float()  # [B, N, P*P]
+    num, den = (w * patches).sum(1), w.sum(1)  # [B, P*P]
+    scalar = num.sum(1) / den.sum(1).clamp_min(1.0)  # [B]
+    mean = torch.where(den > 0, num / den.clamp_min(1e-12), scalar[:, None])
+    return mean[:, None, :].expand_as(patches)
+
+
+def dataset_mean_patches(model: APMAEModel, maps_iter) -> torch.Tensor:
+    """Mean patch of every grid position [N, P*P] over the maps ``maps_iter`` yields, in the
+    model's input space."""
+    total, n = None, 0
+    for maps in maps_iter:
+        with torch.inference_mode():
+            p = model.prepare(maps).double().sum(0)
+        total = p if total is None else total + p
+        n += maps.shape[0]
+    return (total / max(n, 1)).float()
+
+
+def baseline_mse(model: APMAEModel, maps: torch.Tensor, noise: torch.Tensor,
+                 dataset_mean: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+    """Per-map masked MSE [n] of the baselines on the masks ``noise`` gives ``model``.
+
+    maps [n, W, W] stored values (CPU is fine), noise [n, N].  ``dataset_mean`` [N, P*P]
+    defaults to the mean patches of ``maps`` themselves.
+    """
+    maps = maps.to(model.pixel_valid.device)
+    target = model.prepare(maps)
+    mask = model.mask_from_noise(noise.to(target.device))
+    if dataset_mean is None:
+        dataset_mean = target.mean(0)
+    preds = {"visible_mean": visible_mean_prediction(target, mask, model.pixel_valid),
+             "dataset_mean": dataset_mean.to(target.device)[None].expand_as(target)}
+    return {k: model.forward_loss(target, p, mask, per_map=True).cpu() for k, p in preds.items()}
+
+
+def log_space_mse(model: APMAEModel, maps: torch.Tensor, pred: torch.Tensor,
+                  mask: torch.Tensor) -> torch.Tensor:
+    """Per-map masked MSE [B] of ``pred`` (in ``model``'s input space) re-measured in the
+    log-min-max space, using each original map's log range."""
+    c = model.config
+    valid = model.pixel_valid
+    logs = model.patchify(maps).float()
+    logs = logs.clamp_min(c.log_floor).log() if c.stored_scaler == "none" else logs
+    big = torch.finfo(torch.float32).max
+    lo = torch.where(valid, logs, big).amin(dim=(1, 2), keepdim=True)
+    span = (torch.where(valid, logs, -big).amax(dim=(1, 2), keepdim=True) - lo).clamp_min(1e-6)
+    target = (logs - lo) / span * valid
+    if c.input_scaling == "raw":
+        pred = (pred.float().clamp(c.log_floor, 1.0).log() - lo) / span
+    return model.forward_loss(target, pred, mask, per_map=True)
+
+
+# --------------------------------------------------------------------------- inputs
+def resolve_checkpoint(path) -> Path:
+    """A save_pretrained directory from a checkpoint dir, ``RUN/apmae`` or ``RUN``."""
+    path = Path(path)
+    for cand in (path, path / FINAL, path / "apmae" / FINAL):
+        if (cand / "config.json").exists() and (cand / "model.safetensors").exists():
+            return cand
+    raise ApmaeError(f"{path}: no AP-MAE checkpoint (config.json + model.safetensors) there, "
+                     f"nor in {path / FINAL} or {path / 'apmae' / FINAL}")
+
+
+def _label(path: Path, kind: str) -> str:
+    path = path.resolve()
+    if kind == "checkpoint":
+        if path.name == FINAL:  # RUN/apmae/final -> RUN; DIR/final -> DIR
+            parent = path.parent
+            return (parent.parent if parent.name == "apmae" else parent).name
+        if path.name.startswith("step-") and path.parent.name == "checkpoints":
+            return f"{path.parent.parent.parent.name}@{path.name}"
+    return path.name
+
+
+def _unique(labels: list[str]) -> list[str]:
+    seen: dict[str, int] = {}
+    out = []
+    for s in labels:
+        seen[s] = seen.get(s, 0) + 1
+        out.append(s if seen[s] == 1 else f"{s}#{seen[s]}")
+    return out
+
+
+def select_maps(store: MapStore, split: str, max_maps: int, seed: int = 0,
+                val_fraction: float | None = None) -> pd.DataFrame:
+    """Index rows (map_id, inference_id, layer, head) of the maps to evaluate, by map_id.
+
+    ``validation``: maps of the train-split inferences training held out (same hash rule,
+    fraction from the run's manifest, else 0.1); ``train``: the others; ``analysis``; ``all``.
+    At most ``max_maps``, drawn with ``seed``.
+    """
+    if split not in SPLITS:
+        raise ApmaeError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
+    index = store.index()
+    if split != "all":
+        inf = store.inferences(columns=["inference_id", "split", "has_maps"])
+        if inf.empty:
+            raise ApmaeError(f"{store.run}: the maps store is empty")
+        want = inf[(inf["split"] == ("analysis" if split == "analysis" else "train"))
+                   & inf["has_maps"]]
+        if split in ("validation", "train"):
+            if val_fraction is None:
+                val_fraction = read_manifest(store.run).get("train", {}).get("val_fraction", 0.1)
+            held = validation_mask(want["inference_id"].to_numpy(), val_fraction)
+            want = want[held if split == "validation" else ~held]
+        index = index[index["inference_id"].isin(want["inference_id"])]
+    if index.empty:
+        raise ApmaeError(f"{store.run}: no maps in split {split!r}")
+    if len(index) > max_maps:
+        rng = np.random.default_rng(seed)
+        index = index.iloc[np.sort(rng.choice(len(index), max_maps, replace=False))]
+    return index.sort_values("map_id").reset_index(drop=True)
+
+
+def _read(store: MapStore, ids: np.ndarray) -> torch.Tensor:
+    maps = store.read(ids)
+    if not np.isfinite(maps).all():
+        raise ApmaeError(f"{store.maps_path}: NaN or infinite values among the evaluated maps")
+    return torch.from_numpy(maps)
+
+
+# --------------------------------------------------------------------------- figure
+def reconstruction_figure(model: APMAEModel, maps: torch.Tensor, noise: torch.Tensor,
+                          path, title: str = "") -> Path:
+    """Fig. 1-like PNG: per map, original, masked input, reconstruction, and the visible
+    original combined with the reconstructed masked patches (model input space)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    dev = model.pixel_valid.device
+    with torch.inference_mode():
+        x = maps.to(dev)
+        _, pred, mask = model(x, noise=noise.to(dev))
+        target = model.prepare(x)
+        m = mask[..., None].bool()
+        masked_in = target.masked_fill(m, float("nan"))
+        combined = torch.where(m, pred.float(), target)
+        panels = [model.unpatchify(t.float()).cpu().numpy()
+                  for t in (target, masked_in, pred.float(), combined)]
+    upper = ~lower_mask(model.config.image_size).numpy()
+    raw = model.config.input_scaling == "raw"
+    n = maps.shape[0]
+    fig, axes = plt.subplots(n, 4, figsize=(10, 2.6 * n), squeeze=False)
+    names = ("original", "masked input", "reconstruction", "combined")
+    for i in range(n):
+        for j in range(4):
+            img = np.ma.masked_where(upper, panels[j][i])
+            ax = axes[i, j]
+            if raw:
+                ax.imshow(np.ma.masked_less_equal(img, 0), cmap="viridis",
+                          norm=LogNorm(vmin=1e-4, vmax=1.0))
+            else:
+                ax.imshow(img, cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if i == 0:
+                ax.set_title(names[j], fontsize=9)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, dpi=110, format="png")
+    plt.close(fig)
+    return path
+
+
+def _slug(s: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.@-]+", "_", s)
+
+
+# --------------------------------------------------------------------------- evaluate
+def evaluate(checkpoints, data, out=None, split: str = "validation", max_maps: int = 5000,
+             batch_size: int = 256, device: str = "auto", seed: int = 0,
+             figure_maps: int = 4) -> pd.DataFrame:
+    """Reconstruction MSE of every checkpoint on every dataset, with baselines; prints a
+    table and writes ``evaluation.parquet``, ``evaluation_maps.parquet`` and figures."""
+    from apmae_gpu.training import _quiet_hf
+
+    t0 = time.perf_counter()
+    checkpoints, data = [Path(c) for c in checkpoints], [Path(d) for d in data]
+    if not checkpoints or not data:
+        raise ApmaeError("give at least one --checkpoint and one --data")
+    if max_maps < 1 or batch_size < 1:
+        raise ApmaeError("--max-maps and --batch-size must be positive")
+    device = resolve_device(device)
+    out = Path(out) if out is not None else data[0] / "evaluate"
+    paths = [resolve_checkpoint(c) for c in checkpoints]
+    ck_names = _unique([_label(p, "checkpoint") for p in paths])
+    ds_names = _unique([_label(d, "dataset") for d in data])
+    models = []
+    for p in paths:
+        with _quiet_hf():
+            try:
+                m = APMAEModel.from_pretrained(p)
+            except Exception as exc:
+                raise ApmaeError(f"{p}: cannot load the AP-MAE checkpoint "
+                                 f"({str(exc).splitlines()[0]})") from None
+        models.append(m.to(device).eval())
+    cuda = device.startswith("cuda")
+
+    rows, per_map = [], []
+    out.mkdir(parents=True, exist_ok=True)
+    for dpath, dname in zip(data, ds_names):
+        store = MapStore(dpath)
+        for m, p in zip(models, paths):
+            c = m.config
+            if c.image_size != store.info.window:
+                raise ApmaeError(f"{p} takes {c.image_size}x{c.image_size} maps; {dpath} holds "
+                                 f"{store.info.window}x{store.info.window}")
+            if c.stored_scaler != store.info.scaler:
+                raise ApmaeError(f"{p} reads maps stored as {c.stored_scaler!r}; {dpath} holds "
+                                 f"{store.info.scaler!r} maps")
+        sel = select_maps(store, split, max_maps, seed)
+        ids = sel["map_id"].to_numpy()
+        n = ids.size
+        starts = range(0, n, batch_size)
+        log.info("%s: %d %s maps", dname, n, split)
+        noise = {}
+        for m in models:
+            k = m.config.num_patches
+            if k not in noise:
+                noise[k] = torch.rand(n, k, generator=torch.Generator().manual_seed(seed))
+        # pass 1: dataset mean patches (per input space)
+        means: dict[tuple, torch.Tensor] = {}
+        for m in models:
+            key = (m.config.input_scaling, m.config.patch_size, m.config.stored_scaler)
+            if key not in means:
+                means[key] = dataset_mean_patches(
+                    m, (_read(store, ids[s:s + batch_size]).to(device) for s in starts)).to(device)
+        # pass 2: model and baselines on the same masks
+        res = {(i, meth): ([], []) for i in range(len(models)) for meth in METHODS}
+        for s in progress(starts, desc=f"evaluate {dname}", unit="batch"):
+            x = _read(store, ids[s:s + batch_size]).to(device)
+            for i, m in enumerate(models):
+                c = m.config
+                nz = noise[c.num_patches][s:s + batch_size].to(device)
+                with torch.inference_mode():
+                    with (torch.autocast("cuda", dtype=torch.bfloat16) if cuda
+                          else torch.autocast("cpu", enabled=False)):
+                        _, pred, mask = m(x, noise=nz)
+                    target = m.prepare(x)
+                    key = (c.input_scaling, c.patch_size, c.stored_scaler)
+                    preds = {"apmae": pred.float(),
+                             "visible_mean": visible_mean_prediction(target, mask, m.pixel_valid),
+                             "dataset_mean": means[key][None].expand_as(target)}
+                    for meth, pr in preds.items():
+                        mse = m.forward_loss(target, pr, mask, per_map=True)
+                        mlog = mse if c.input_scaling == "log_minmax" else log_space_mse(
+                            m, x, pr, mask)
+                        res[(i, meth)][0].append(mse.cpu())
+                        res[(i, meth)][1].append(mlog.cpu())
+        for i, (m, p, cname) in enumerate(zip(models, paths, ck_names)):
+            for meth in METHODS:
+                mse = torch.cat(res[(i, meth)][0]).double().numpy()
+                mlog = torch.cat(res[(i, meth)][1]).double().numpy()
+                rows.append({"checkpoint": str(p), "checkpoint_name": cname,
+                             "dataset": str(dpath), "dataset_name": dname, "split": split,
+                             "method": meth, "mse_mean": float(mse.mean()),
+                             "mse_std": float(mse.std()), "mse_median": float(np.median(mse)),
+                             "n_maps": int(n), "input_scaling": m.config.input_scaling,
+                             "mse_log_mean": float(mlog.mean()), "mse_log_std": float(mlog.std()),
+                             "seed": seed})
+                per_map.append(pd.DataFrame({
+                    "checkpoint_name": cname, "dataset_name": dname, "method": meth,
+                    "map_id": ids, "inference_id": sel["inference_id"].to_numpy(),
+                    "layer": sel["layer"].to_numpy(), "head": sel["head"].to_numpy(),
+                    "mse": mse.astype(np.float32), "mse_log": mlog.astype(np.float32)}))
+            if figure_maps > 0:
+                pick = np.linspace(0, n - 1, min(figure_maps, n)).astype(int)
+                reconstruction_figure(
+                    m, _read(store, ids[pick]), noise[m.config.num_patches][pick],
+                    out / f"reconstruction_{_slug(cname)}_on_{_slug(dname)}.png",
+                    title=f"{cname} on {dname} ({m.config.input_scaling})")
+    table = pd.DataFrame(rows)
+    write_parquet(table, out / "evaluation.parquet")
+    write_parquet(pd.concat(per_map, ignore_index=True), out / "evaluation_maps.parquet")
+    _print_tables(table)
+    update_manifest(data[0], "evaluate", {
+        "out": str(out), "split": split, "max_maps": max_maps, "seed": seed,
+        "checkpoints": [str(p) for p in paths], "datasets": [str(d) for d in data],
+        "results": table[["checkpoint_name", "dataset_name", "method", "mse_mean", "mse_std",
+                          "n_maps"]].to_dict(orient="records"),
+        "seconds": time.perf_counter() - t0})
+    return table
+
+
+def _print_tables(table: pd.DataFrame) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    show_log = (table["input_scaling"] != "log_minmax").any()
+    t = Table(title=f"AP-MAE reconstruction MSE (x1e-3, masked patches, split "
+                    f"{table['split'].iloc[0]})")
+    for col in ("checkpoint", "dataset", "method", "mean ± std", "n maps"):
+        t.add_column(col, justify="right" if col in ("mean ± std", "n maps") else "left")
+    if show_log:
+        t.add_column("log-space mean ± std", justify="right")
+    for r in table.itertuples():
+        cells = [r.checkpoint_name, r.dataset_name, r.method,
+                 f"{r.mse_mean * 1e3:.2f} ± {r.mse_std * 1e3:.2f}", str(r.n_maps)]
+        if show_log:
+            cells.append(f"{r.mse_log_mean * 1e3:.2f} ± {r.mse_log_std * 1e3:.2f}")
+        t.add_row(*cells)
+    console.print(t)
+    ap = table[table["method"] == "apmae"]
+    if ap["checkpoint_name"].nunique() > 1 or ap["dataset_name"].nunique() > 1:
+        cross = Table(title="Cross-evaluation (AP-MAE MSE x1e-3; rows trained on, columns "
+                            "evaluated on)")
+        cross.add_column("checkpoint")
+        datasets = list(dict.fromkeys(ap["dataset_name"]))
+        for d in datasets:
+            cross.add_column(d, justify="right")
+        for ck, g in ap.groupby("checkpoint_name", sort=False):
+            cells = {r.dataset_name: f"{r.mse_mean * 1e3:.2f} ± {r.mse_std * 1e3:.2f}"
+                     for r in g.itertuples()}
+            cross.add_row(ck, *[cells.get(d, "") for d in datasets])
+        console.print(cross)
