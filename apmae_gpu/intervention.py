@@ -262,10 +262,13 @@ def _target_ids(ids, first: int) -> list[int]:
     return [int(t) for t in ids]
 
 
-def _length_batches(lengths: np.ndarray, batch_size: int) -> Iterator[np.ndarray]:
-    """Positions grouped into batches of equal prompt length (no padding, exact positions)."""
+def _length_batches(lengths: np.ndarray, batch_size: int,
+                    n_tokens: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """Positions grouped into batches of equal prompt length (no padding, exact positions),
+    similar numbers of tokens to generate side by side."""
+    order = np.lexsort((np.zeros_like(lengths) if n_tokens is None else n_tokens, lengths))
     for length in np.unique(lengths):
-        same = np.flatnonzero(lengths == length)
+        same = order[lengths[order] == length]
         for start in range(0, same.size, batch_size):
             yield same[start:start + batch_size]
 
@@ -282,7 +285,7 @@ def predict(model, fam, inputs: list, n_tokens: np.ndarray, masks, batch_size: i
 
     lengths = np.array([len(x) for x in inputs])
     out: list[list[int] | None] = [None] * len(inputs)
-    for idx in _length_batches(lengths, batch_size):
+    for idx in _length_batches(lengths, batch_size, n_tokens if multi_token else None):
         ids = torch.tensor(np.stack([np.asarray(inputs[i], dtype=np.int64) for i in idx]),
                            device=device)
         ctx = (ablate_heads(model, masks[idx], fam=fam) if masks is not None
@@ -395,6 +398,9 @@ def summarize(task: str, samples: pd.DataFrame, outcomes: pd.DataFrame, conditio
                          heads=" ".join(f"L{a}H{b}" for a, b in cond["heads"])))
     out = pd.DataFrame(rows)
     if not out.empty:
+        rank = {g: i for i, g in enumerate(GROUPS + EXTRA_GROUPS)}
+        out = out.sort_values(["group", "k"], key=lambda c: c.map(rank) if c.name == "group"
+                              else c, kind="stable").reset_index(drop=True)
         out["p_vs_random_holm"] = holm(out["p_vs_random"].to_numpy())
     return out
 
