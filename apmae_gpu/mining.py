@@ -388,12 +388,19 @@ def noise_rows(tokenizer, window: int, n: int, seed: int) -> list[dict]:
 def mine(corpus: str, model: str, out: Path, tasks: str = "all", per_task: int = 100,
          window: int = 256, seed: int = 0, per_file: int = 1, dedup: bool = True,
          max_files: int | None = None, max_file_bytes: int = 1_000_000,
-         content_column: str = "content", trust_remote_code: bool = False) -> pd.DataFrame:
-    """Mine ``per_task`` prompts per task into ``out/tasks.parquet`` (+ manifest section)."""
+         content_column: str = "content", trust_remote_code: bool = False,
+         per_task_overrides: dict[str, int] | None = None) -> pd.DataFrame:
+    """Mine ``per_task`` prompts per task (``per_task_overrides`` for some tasks) into
+    ``out/tasks.parquet`` (+ manifest section)."""
     from apmae_gpu import llm
     from apmae_gpu.corpus import open_corpus
 
     chosen = parse_tasks(tasks)
+    overrides = dict(per_task_overrides or {})
+    unknown = sorted(set(overrides) - set(TASKS))
+    if unknown:
+        raise ApmaeError(f"per-task override for unknown task {', '.join(unknown)}")
+    quota = {t: int(overrides.get(t, per_task)) for t in chosen}
     src = open_corpus(corpus, content_column)
     tokenizer = llm.load_tokenizer(model, trust_remote_code=trust_remote_code)
     builder = PromptBuilder(tokenizer, window)
@@ -407,7 +414,7 @@ def mine(corpus: str, model: str, out: Path, tasks: str = "all", per_task: int =
     need = {t for t in chosen if t != "noise"}
     seen: set[str] = set()
     n_files = 0
-    bar = progress(total=per_task * len(need), desc="mine", unit="task")
+    bar = progress(total=sum(quota[t] for t in need), desc="mine", unit="task")
     for source, data in src.iter_files(seed=seed, max_bytes=max_file_bytes):
         if not need or (max_files is not None and n_files >= max_files):
             break
@@ -423,16 +430,16 @@ def mine(corpus: str, model: str, out: Path, tasks: str = "all", per_task: int =
                 continue
             seen.add(digest)
         for row in mine_file(source, data, need, java, builder, seed, per_file, skips):
-            if counts[row["task"]] < per_task:
+            if counts[row["task"]] < quota[row["task"]]:
                 rows.append(row)
                 counts[row["task"]] += 1
                 bar.update(1)
-                if counts[row["task"]] >= per_task:
+                if counts[row["task"]] >= quota[row["task"]]:
                     need.discard(row["task"])
     bar.close()
     if "noise" in chosen:
-        rows += noise_rows(tokenizer, window, per_task, seed)
-        counts["noise"] = per_task
+        rows += noise_rows(tokenizer, window, quota["noise"], seed)
+        counts["noise"] = quota["noise"]
     if not rows:
         raise ApmaeError(f"no task could be mined from {corpus} (files read: {n_files}, "
                          f"skipped: {dict(skips)})")
@@ -444,13 +451,14 @@ def mine(corpus: str, model: str, out: Path, tasks: str = "all", per_task: int =
     df = df[[f.name for f in TASKS_SCHEMA]]
     write_parquet(df, out / "tasks.parquet", schema=TASKS_SCHEMA)
     seconds = time.perf_counter() - t0
-    short = {t: per_task - counts[t] for t in chosen if counts[t] < per_task}
+    short = {t: quota[t] - counts[t] for t in chosen if counts[t] < quota[t]}
     if short:
         log.warning("corpus exhausted before these tasks were full (missing rows): %s", short)
     section = {
         "corpus": src.describe(), "model": llm.resolve(model).describe(),
         "tokenizer_vocab": len(tokenizer), "fim": builder.fim is not None,
-        "tasks": chosen, "per_task": per_task, "per_file": per_file, "window": window,
+        "tasks": chosen, "per_task": per_task, "quotas": quota, "per_file": per_file,
+        "window": window,
         "seed": seed, "dedup": dedup, "files_read": n_files, "counts": dict(counts),
         "missing": short, "skipped": dict(skips),
         "window_rules": df["window_rule"].value_counts().to_dict(),

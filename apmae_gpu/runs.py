@@ -245,6 +245,7 @@ def progress(iterable=None, total=None, desc: str = "", unit: str = "it", disabl
     from tqdm.auto import tqdm
 
     if disable is None:
-        disable = not (sys.stderr.isatty() or os.environ.get("APMAE_PROGRESS") == "1")
+        env = os.environ.get("APMAE_PROGRESS")
+        disable = env == "0" or not (sys.stderr.isatty() or env == "1")
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True,
                 **kwargs)

@@ -133,3 +133,41 @@ def synthetic_run(run: str | Path, n_layers: int = 2, n_heads: int = 3, window: 
             rows.append(row)
             inf_id += 1
     return run
+
+
+def synthetic_tasks(run: str | Path, model: str, n_per_task: int = 6, window: int = 32,
+                    seed: int = 0, tasks: tuple[str, ...] = ("identifiers", "closing_brackets",
+                                                            "random_masking", "noise"),
+                    model_seed: int = 0) -> Path:
+    """A run whose ``tasks.parquet`` holds random prompts with targets chosen from ``model``'s
+    own greedy prediction (even rows: the prediction, odd rows: another token), so a random-
+    weight model still yields correct and incorrect inferences.  ``model_seed`` must be the
+    seed capture will load the model with (its ``--seed``)."""
+    import torch
+
+    from apmae_gpu import llm
+    from apmae_gpu.mining import TASKS_SCHEMA
+    from apmae_gpu.runs import write_parquet
+
+    run = Path(run)
+    lm = llm.load_model(model, device="cpu", seed=model_seed)
+    vocab = lm.get_input_embeddings().num_embeddings
+    rng = np.random.default_rng(seed)
+    rows = []
+    for task in tasks:
+        ids = rng.integers(100, min(vocab, 40000), size=(n_per_task, window))
+        with torch.inference_mode():
+            pred = lm(input_ids=torch.tensor(ids)).logits[:, -1].argmax(-1).numpy()
+        for i in range(n_per_task):
+            target = -1 if task == "noise" else int(pred[i] if i % 2 == 0 else (pred[i] + 1) % vocab)
+            rows.append({"task": task, "source": f"synthetic/{task}/{i}.java", "start_byte": 0,
+                         "end_byte": 1, "target": "x", "kind": "synthetic",
+                         "input_ids": ids[i].tolist(), "target_token_id": target,
+                         "target_token_ids": [] if target < 0 else [target], "fim": False,
+                         "window_rule": "left" if task != "noise" else "noise",
+                         "n_left": window, "n_right": 0, "file_sha256": ""})
+    df = pd.DataFrame(rows)
+    df.insert(0, "task_id", np.arange(len(df), dtype=np.int64))
+    run.mkdir(parents=True, exist_ok=True)
+    write_parquet(df, run / "tasks.parquet", schema=TASKS_SCHEMA)
+    return run

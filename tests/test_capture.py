@@ -21,9 +21,9 @@ import torch
 from apmae_gpu import llm
 from apmae_gpu.capture import (FLOOR, capture, choose_heads, forward_with_maps, merge_shards,
                                scale_maps)
-from apmae_gpu.mining import TASKS_SCHEMA
-from apmae_gpu.runs import ApmaeError, write_parquet
+from apmae_gpu.runs import ApmaeError
 from apmae_gpu.store import MapStore
+from apmae_gpu.synthetic import synthetic_tasks
 
 FAMILIES = ["random:tiny-llama", "random:tiny-starcoder2", "random:tiny-gpt2"]
 
@@ -98,29 +98,8 @@ def test_log_normalize_follows_the_reference_definition():
 
 
 # --------------------------------------------------------------------------- runs
-def _task_run(path: Path, lm_name: str, n_per_task: int = 6, window: int = 32, seed: int = 0,
-              tasks=("identifiers", "closing_brackets", "random_masking", "noise")) -> Path:
-    """A run whose tasks.parquet targets are chosen from the model's own greedy prediction
-    (half correct, half not), so correctness is known in advance."""
-    lm = llm.load_model(lm_name, device="cpu", seed=0)  # capture's default seed
-    rng = np.random.default_rng(seed)
-    rows = []
-    for task in tasks:
-        ids = rng.integers(100, 40000, size=(n_per_task, window))
-        with torch.inference_mode():
-            pred = lm(input_ids=torch.tensor(ids)).logits[:, -1].argmax(-1).numpy()
-        for i in range(n_per_task):
-            target = -1 if task == "noise" else int(pred[i] if i % 2 == 0 else (pred[i] + 1) % 49152)
-            rows.append({"task": task, "source": f"f{i}.java", "start_byte": 0, "end_byte": 1,
-                         "target": "x", "kind": "k", "input_ids": ids[i].tolist(),
-                         "target_token_id": target, "target_token_ids": [max(target, 0)],
-                         "fim": False, "window_rule": "left", "n_left": window, "n_right": 0,
-                         "file_sha256": ""})
-    df = pd.DataFrame(rows)
-    df.insert(0, "task_id", np.arange(len(df), dtype=np.int64))
-    path.mkdir(parents=True, exist_ok=True)
-    write_parquet(df, path / "tasks.parquet", schema=TASKS_SCHEMA)
-    return path
+def _task_run(path: Path, lm_name: str, n_per_task: int = 6, window: int = 32, seed: int = 0):
+    return synthetic_tasks(path, lm_name, n_per_task=n_per_task, window=window, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,195 @@
+"""Pipeline configs: YAML files validated against these models.
+
+Defaults are the paper's reference settings; a config file holds only what differs.  A file
+may name a ``base`` file (a path relative to itself) whose values it overrides, so the three
+StarCoder2 configs share ``starcoder2.yaml``.  An unknown key or a wrong type is a one-line
+error naming it.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from apmae_gpu.runs import ApmaeError
+
+PAPER_K = [1, 2, 5, 10, 20, 50, 100, 200, 400, 600, 800]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class MineConfig(_Strict):
+    corpus: str = "jdk"   # "jdk" = the JDK's src.zip from Debian's openjdk-17-source
+    tasks: str = "all"
+    per_task: int = Field(1000, ge=1)
+    per_task_overrides: dict[str, int] = Field(default_factory=dict)
+    window: int = Field(256, ge=16)
+    per_file: int = Field(1, ge=1)
+    dedup: bool = True
+    max_files: Optional[int] = None
+    max_file_bytes: int = 1_000_000
+    content_column: str = "content"
+
+
+class CaptureSplitConfig(_Strict):
+    per_task: int = Field(ge=1)
+    heads: Optional[str] = None
+    max_attempts: Optional[int] = Field(None, ge=1)
+
+
+class CaptureConfig(_Strict):
+    scaler: Literal["log", "log_normalize", "none"] = "log"
+    batch_size: int = Field(8, ge=1)
+    chunk_maps: int = Field(32, ge=1)
+    device_map: Optional[str] = None
+    train: CaptureSplitConfig = CaptureSplitConfig(per_task=400_000, heads="layerwise:0.25")
+    analysis: CaptureSplitConfig = CaptureSplitConfig(per_task=5000, heads="all")
+
+
+class TrainConfig(_Strict):
+    preset: Literal["paper", "small", "tiny"] = "paper"
+    steps: int = Field(150_000, ge=1)
+    batch_size: int = Field(60, ge=1)
+    lr: Optional[float] = None
+    warmup_steps: Optional[int] = None
+    raw: bool = False
+    compile: bool = False
+    val_fraction: float = Field(0.1, gt=0, lt=1)
+    save_every: Optional[int] = None
+    eval_every: Optional[int] = None
+    nproc: int = Field(1, ge=1, description="processes (GPUs) for torchrun")
+    model_config_overrides: Optional[dict[str, Any]] = Field(
+        None, description="AP-MAE config keys that differ from the preset (e.g. image_size)")
+
+
+class EvaluateConfig(_Strict):
+    split: Literal["validation", "analysis", "all"] = "validation"
+    max_maps: int = Field(5000, ge=1)
+    batch_size: int = Field(256, ge=1)
+    figure_maps: int = Field(4, ge=0)
+    checkpoints: list[str] = Field(default_factory=list, description="more checkpoints to "
+                                   "cross-evaluate (e.g. other targets' AP-MAEs)")
+    data: list[str] = Field(default_factory=list, description="more runs to evaluate on")
+
+
+class EncodeConfig(_Strict):
+    batch_size: int = Field(256, ge=1)
+    pool: Literal["cls", "mean"] = "cls"
+    block: Optional[int] = None
+
+
+class ClusterConfig(_Strict):
+    backend: Literal["auto", "cuml", "cpu"] = "auto"
+    workers: int = Field(1, ge=1)
+    umap_dims: int = Field(8, ge=1)
+    neighbors: int = Field(20, ge=2)
+    min_dist: float = 0.05
+    metric: str = "cosine"
+    min_samples: int = Field(20, ge=1)
+    min_cluster_size: int = Field(25, ge=2)
+    scheduler: Optional[str] = None
+    retries: int = Field(1, ge=0)
+    knn: str = "auto"
+    filter_max_distance: Optional[float] = None
+    filter_min_size: Optional[int] = None
+    figures: bool = True
+
+
+class ClassifyConfig(_Strict):
+    folds: int = Field(10, ge=2)
+    gpu: Literal["auto", "yes", "no"] = "auto"
+    iterations: int = Field(1000, ge=1)
+    depth: int = Field(6, ge=1)
+    learning_rate: float = 0.1
+    early_stopping_rounds: int = Field(25, ge=1)
+    eval_fraction: float = Field(0.1, gt=0, lt=1)
+    tasks: Optional[list[str]] = None
+    shap_on: str = "oof"
+
+
+class InterveneConfig(_Strict):
+    task: Optional[str] = None
+    k: list[int] = Field(default_factory=lambda: list(PAPER_K))
+    per_group: int = Field(1000, ge=1)
+    batch_size: int = Field(8, ge=1)
+    groups: Optional[list[str]] = None
+    multi_token: bool = False
+    rank_by: str = "mean_shap"
+
+
+class ReportConfig(_Strict):
+    notebook: bool = Field(False, description="also execute notebooks/findings.ipynb on the run")
+
+
+STAGES = ("mine", "capture_train", "capture_analysis", "train", "evaluate", "encode", "cluster",
+          "classify", "intervene", "report")
+
+
+class PipelineConfig(_Strict):
+    run: str = "runs/default"
+    model: str = "smollm2"
+    device: str = "auto"
+    seed: int = 0
+    trust_remote_code: bool = False
+    stages: list[Literal[STAGES]] = Field(default_factory=lambda: list(STAGES))  # type: ignore[valid-type]
+    mine: MineConfig = MineConfig()
+    capture: CaptureConfig = CaptureConfig()
+    train: TrainConfig = TrainConfig()
+    evaluate: EvaluateConfig = EvaluateConfig()
+    encode: EncodeConfig = EncodeConfig()
+    cluster: ClusterConfig = ClusterConfig()
+    classify: ClassifyConfig = ClassifyConfig()
+    intervene: InterveneConfig = InterveneConfig()
+    report: ReportConfig = ReportConfig()
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for key, value in over.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _read(path: Path, seen: tuple = ()) -> dict:
+    if path in seen:
+        raise ApmaeError(f"{path}: `base` chain loops back to itself")
+    if not path.is_file():
+        raise ApmaeError(f"config {path} does not exist")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" (line {mark.line + 1})" if mark else ""
+        raise ApmaeError(f"{path}: not valid YAML{where}") from None
+    if not isinstance(data, dict):
+        raise ApmaeError(f"{path}: expected a mapping of settings at the top level")
+    base = data.pop("base", None)
+    if base:
+        data = _merge(_read((path.parent / base).resolve(), seen + (path,)), data)
+    return data
+
+
+def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
+    """Read, merge and validate a pipeline config; errors are one line naming the key."""
+    path = Path(path).resolve()
+    data = _read(path)
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        return PipelineConfig.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = ".".join(str(p) for p in err["loc"])
+        if err["type"] == "extra_forbidden":
+            raise ApmaeError(f"{path.name}: unknown key {loc!r}") from None
+        given = err.get("input")
+        shown = repr(given) if not isinstance(given, (dict, list)) else type(given).__name__
+        raise ApmaeError(f"{path.name}: {loc}: {err['msg'].lower()} (got {shown})") from None

