@@ -202,15 +202,17 @@ def reconstruction_figure(model: APMAEModel, maps: torch.Tensor, noise: torch.Te
     n = maps.shape[0]
     fig, axes = plt.subplots(n, 4, figsize=(10, 2.6 * n), squeeze=False)
     names = ("original", "masked input", "reconstruction", "combined")
+    cmap = matplotlib.colormaps["viridis"].with_extremes(bad="0.8")  # masked patches grey
     for i in range(n):
         for j in range(4):
-            img = np.ma.masked_where(upper, panels[j][i])
-            ax = axes[i, j]
+            img = panels[j][i]
             if raw:
-                ax.imshow(np.ma.masked_less_equal(img, 0), cmap="viridis",
-                          norm=LogNorm(vmin=1e-4, vmax=1.0))
-            else:
-                ax.imshow(img, cmap="viridis", vmin=0.0, vmax=1.0)
+                img = np.where(img > 0, img, np.nan)
+            ax = axes[i, j]
+            ax.imshow(np.ma.masked_invalid(img), cmap=cmap,
+                      norm=LogNorm(vmin=1e-4, vmax=1.0) if raw else None,
+                      vmin=None if raw else 0.0, vmax=None if raw else 1.0)
+            ax.imshow(np.ma.masked_where(~upper, np.ones_like(img)), cmap="gray", vmin=0, vmax=1)
             ax.set_xticks([])
             ax.set_yticks([])
             if i == 0:

@@ -381,9 +381,9 @@ def train(run, preset: str = "small", steps: int = 1000, batch_size: int = 64,
     run = Path(run)
     out = Path(out) if out is not None else run / "apmae"
     rank, world, local_rank = _dist_env()
-    if world > 1 and not torch.distributed.is_initialized():
-        backend = "nccl" if torch.cuda.is_available() else "gloo"
-        torch.distributed.init_process_group(backend)
+    own_group = world > 1 and not torch.distributed.is_initialized()
+    if own_group:
+        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if world > 1 and torch.cuda.is_available():
         device = f"cuda:{local_rank}"
         torch.cuda.set_device(local_rank)
@@ -654,4 +654,6 @@ def train(run, preset: str = "small", steps: int = 1000, batch_size: int = 64,
                  "" if base is None else f" (mean-of-visible-patches baseline {base:.4g})")
     if world > 1:
         torch.distributed.barrier()
+        if own_group:
+            torch.distributed.destroy_process_group()
     return summary
