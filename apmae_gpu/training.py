@@ -441,6 +441,8 @@ def train(run, preset: str = "small", steps: int = 1000, batch_size: int = 64,
             raise ApmaeError(f"{ckpt} is a {saved_cfg.get('preset')!r} model that differs from "
                              f"the requested {preset!r} one in: {', '.join(diff)}")
         saved_args = json.loads((ckpt / ARGS).read_text())
+        if warmup_steps is None:  # the default depends on --steps, which may grow
+            warmup = args["warmup_steps"] = saved_args.get("warmup_steps", warmup)
         diff = [k for k in _RESUME_KEYS if saved_args.get(k) != args.get(k)]
         if diff:
             raise ApmaeError(f"--resume: {ckpt} was trained with other settings: " + ", ".join(
@@ -473,6 +475,8 @@ def train(run, preset: str = "small", steps: int = 1000, batch_size: int = 64,
             log.warning("checkpoint was written by %s rank(s), this run has %d: masks after "
                         "the resume differ from an uninterrupted run", state["world_size"], world)
         torch.set_rng_state(state["torch_rng"])
+        if cuda and "cuda_rng" in state:
+            torch.cuda.set_rng_state(state["cuda_rng"], device)
     counts_params = parameter_counts(model)
     if start_step == steps:  # finished; at most the final save was lost to a kill
         if is_main and not (out / FINAL).exists():

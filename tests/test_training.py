@@ -156,6 +156,10 @@ def test_train_writes_model_checkpoints_metrics_and_manifest(run):
         _train(run, steps=30, resume=True, model_config={**MICRO, "hidden_size": 64})
     with pytest.raises(ApmaeError, match="batch_size=16"):
         _train(run, steps=30, resume=True, batch_size=8, eval_every=12, save_every=12)
+    # more steps on a finished run: continues from its last checkpoint
+    longer = _train(run, steps=28, resume=True, eval_every=12, save_every=12, log_every=2)
+    assert longer["resumed_from"].endswith("step-0000024") and longer["steps"] == 28
+    assert training.latest_checkpoint(run / "apmae").name == "step-0000028"
 
 
 def test_bad_input_fails_before_any_step(run, tmp_path):
