@@ -266,6 +266,9 @@ def cluster(
     restart: Annotated[bool, typer.Option("--restart", help="Discard finished heads.")] = False,
     figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Write the PNG "
                                           "figures.")] = True,
+    umap_epochs: Annotated[Optional[int], typer.Option("--umap-epochs", min=1, help="UMAP "
+                                                       "epochs (default umap-learn's: 500 below "
+                                                       "10k points, 200 above).")] = None,
 ) -> None:
     """UMAP + HDBSCAN per head into RUN/clusters.parquet, heads spread over dask workers."""
     from apmae_gpu import clustering
@@ -275,7 +278,7 @@ def cluster(
                        min_samples=min_samples, min_cluster_size=min_cluster_size,
                        scheduler=scheduler, seed=seed, heads=heads, retries=retries, knn=knn,
                        filter_max_distance=filter_max_distance, filter_min_size=filter_min_size,
-                       restart=restart, figures=figures)
+                       restart=restart, figures=figures, umap_epochs=umap_epochs)
 
 
 # --------------------------------------------------------------------------- classify

@@ -77,6 +77,7 @@ class ClusterParams:
     seed: int = 0
     jitter: float = 1e-3
     knn: str = "auto"
+    n_epochs: int | None = None
 
     def validate(self) -> ClusterParams:
         if self.umap_dims < 1:
@@ -87,6 +88,8 @@ class ClusterParams:
             raise ApmaeError("--min-dist must lie in [0, 1]")
         if self.min_samples < 1 or self.min_cluster_size < 2:
             raise ApmaeError("--min-samples must be >= 1 and --min-cluster-size >= 2")
+        if self.n_epochs is not None and self.n_epochs < 1:
+            raise ApmaeError("--umap-epochs must be >= 1")
         if self.knn not in KNN_METHODS:
             raise ApmaeError(f"--knn {self.knn}: expected one of {', '.join(KNN_METHODS)}")
         from sklearn.metrics.pairwise import _VALID_METRICS
@@ -101,7 +104,7 @@ class ClusterParams:
                     min_dist=self.min_dist, metric=self.metric, min_samples=self.min_samples,
                     min_cluster_size=self.min_cluster_size,
                     allow_single_cluster=self.allow_single_cluster, random_state=random_state,
-                    knn=self.knn)
+                    knn=self.knn, n_epochs=self.n_epochs)
 
 
 def head_seed(seed: int, layer: int, head: int) -> int:
@@ -329,7 +332,8 @@ def cluster(run: str | os.PathLike, backend: str = "auto", workers: int = 1, uma
             min_samples: int = 20, min_cluster_size: int = 25, scheduler: str | None = None,
             seed: int = 0, retries: int = 1, knn: str = "auto", jitter: float = 1e-3,
             filter_max_distance: float | None = None, filter_min_size: int | None = None,
-            restart: bool = False, figures: bool = True, heads: str | None = None) -> Path:
+            restart: bool = False, figures: bool = True, heads: str | None = None,
+            umap_epochs: int | None = None) -> Path:
     """UMAP + HDBSCAN for every head of ``RUN/embeddings.zarr``; writes
     ``RUN/clusters.parquet`` and ``RUN/cluster/``.  Resumable; returns the clusters path.
 
@@ -338,12 +342,13 @@ def cluster(run: str | os.PathLike, backend: str = "auto", workers: int = 1, uma
     optional cluster filter (clusters failing it become noise in ``cluster``; the HDBSCAN
     label stays in ``cluster_raw``); they apply at assembly, so changing them reuses the
     per-head results.  ``heads`` limits the run to some heads (``all``, N or ``L:H,...``).
+    ``umap_epochs`` overrides umap-learn's epochs (500 below 10k points, 200 above).
     """
     run = Path(run)
     params = ClusterParams(umap_dims=umap_dims, n_neighbors=neighbors, min_dist=min_dist,
                            metric=metric, min_samples=min_samples,
                            min_cluster_size=min_cluster_size, seed=seed, jitter=jitter,
-                           knn=knn).validate()
+                           knn=knn, n_epochs=umap_epochs).validate()
     if workers < 1:
         raise ApmaeError("--workers must be >= 1")
     if isinstance(backend, str):
@@ -384,7 +389,14 @@ def cluster(run: str | os.PathLike, backend: str = "auto", workers: int = 1, uma
                  params=dataclasses.asdict(params), backend=backend, retries=retries,
                  params_hash=phash) for l, h in todo]
     t0 = time.perf_counter()
+    n_done, next_log = 0, 0.1
     for job, result in run_jobs(cluster_head, jobs, workers, scheduler, bname, desc="cluster"):
+        n_done += 1
+        if n_done / max(1, len(jobs)) >= next_log:    # a line per 10% for batch logs
+            el = time.perf_counter() - t0
+            log.info("%d/%d heads in %.0f s (about %.0f s left)", n_done, len(jobs), el,
+                     el / n_done * (len(jobs) - n_done))
+            next_log += 0.1
         if isinstance(result, Exception):   # the job died outside cluster_head's own guard
             result = {"layer": job["layer"], "head": job["head"], "status": "failed",
                       "backend": bname, "attempts": retries + 1, "params_hash": phash,

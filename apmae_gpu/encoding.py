@@ -266,6 +266,82 @@ def encode_inference_batch(model, maps, pool: str = "cls", batch_size: int = 256
     return emb.reshape(B, L, H, -1).to("cpu").numpy().astype(np.float16)
 
 
+# --------------------------------------------------------------------------- streaming
+def open_writer(run: str | os.PathLike, checkpoint: str | os.PathLike, model, n_layers: int,
+                n_heads: int, pool: str = "cls", block: int | None = None,
+                restart: bool = False) -> tuple[EmbeddingWriter, str]:
+    """The run's EmbeddingWriter for ``model``; refuses to mix checkpoints or pools."""
+    if pool not in POOLS:
+        raise ApmaeError(f"--pool {pool}: expected cls or mean")
+    cfg = model.config
+    fingerprint = checkpoint_fingerprint(checkpoint)
+    attrs = {"checkpoint": str(checkpoint), "checkpoint_sha256": fingerprint, "pool": pool,
+             "window": int(cfg.image_size), "scaler": getattr(cfg, "stored_scaler", ""),
+             "preset": getattr(cfg, "preset", "custom")}
+    writer = EmbeddingWriter(run, n_layers, n_heads, int(cfg.hidden_size), block=block,
+                             attrs=attrs, restart=restart)
+    old = writer.attrs
+    if old.get("checkpoint_sha256") != fingerprint or old.get("pool") != pool:
+        raise ApmaeError(f"{writer.path} was encoded with {old.get('checkpoint')} "
+                         f"(pool {old.get('pool')}); this asks for {checkpoint} (pool {pool}): "
+                         f"pass --restart to re-encode")
+    return writer, fingerprint
+
+
+class StreamingEncoder:
+    """Capture and encode in one pass, keeping only the embeddings (paper scale: ~750 GB of
+    encodings instead of ~2 TB of maps).
+
+    ``add(inference_ids [B], maps [B, layers, heads, W, W])`` encodes a capture batch
+    (stored values, numpy or torch on any device; ids ascending across calls) and appends
+    it; whole blocks are committed as they fill.  ``close()`` writes the last partial block,
+    marks the group complete and records the manifest's ``encode`` section.  After a crash,
+    a new StreamingEncoder on the same run continues: ``committed_ids`` are durable, so
+    capture resumes after ``committed_ids[-1]``.
+    """
+
+    def __init__(self, run: str | os.PathLike, checkpoint: str | os.PathLike, n_layers: int,
+                 n_heads: int, pool: str = "cls", device: str = "auto", batch_size: int = 256,
+                 block: int | None = None, restart: bool = False):
+        self.run, self.checkpoint = Path(run), Path(checkpoint)
+        self.device = resolve_device(device)
+        self.model = load_encoder(self.checkpoint, self.device)
+        self.pool, self.batch_size = pool, batch_size
+        self.writer, self.fingerprint = open_writer(run, checkpoint, self.model, n_layers,
+                                                    n_heads, pool, block, restart)
+        self.writer.group.attrs.update({"complete": False})
+        self.n_maps, self.seconds = 0, 0.0
+        self.resumed_from = self.writer.committed
+
+    @property
+    def committed_ids(self) -> np.ndarray:
+        return self.writer.committed_ids
+
+    def add(self, inference_ids, maps) -> int:
+        """Encode and append one batch; returns the number of committed inferences."""
+        if maps.shape[-1] != self.model.config.image_size:
+            raise ApmaeError(f"{self.checkpoint} encodes {self.model.config.image_size}-wide "
+                             f"maps, got {maps.shape[-1]}")
+        t0 = time.perf_counter()
+        emb = encode_inference_batch(self.model, maps, self.pool, self.batch_size)
+        committed = self.writer.append(inference_ids, emb)
+        self.seconds += time.perf_counter() - t0
+        self.n_maps += int(np.prod(maps.shape[:3]))
+        return committed
+
+    def close(self) -> Path:
+        self.writer.close()
+        L, H, D = self.writer.shape_lhd
+        update_manifest(self.run, "encode", {
+            "mode": "capture", "checkpoint": str(self.checkpoint),
+            "checkpoint_sha256": self.fingerprint, "pool": self.pool, "device": self.device,
+            "dtype": "bfloat16" if self.device.startswith("cuda") else "float32",
+            "inferences": int(self.writer.committed), "layers": L, "heads": H, "dim": D,
+            "block": self.writer.block, "maps_encoded": self.n_maps,
+            "seconds": round(self.seconds, 2), "resumed_from": int(self.resumed_from)})
+        return self.writer.path
+
+
 # --------------------------------------------------------------------------- the stage
 def _prefetch(reader, spans) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
     """Read span i+1 in a thread while span i is being encoded."""
@@ -316,18 +392,10 @@ def encode(run: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
     if getattr(cfg, "stored_scaler", store.info.scaler) != store.info.scaler:
         raise ApmaeError(f"{checkpoint} expects maps scaled with {cfg.stored_scaler!r}; {run} "
                          f"stores {store.info.scaler!r}")
-    dim = int(cfg.hidden_size)
-    fingerprint = checkpoint_fingerprint(checkpoint)
-    attrs = {"checkpoint": str(checkpoint), "checkpoint_sha256": fingerprint, "pool": pool,
-             "window": store.info.window, "scaler": store.info.scaler,
-             "preset": getattr(cfg, "preset", "custom")}
-    writer = EmbeddingWriter(run, n_layers, n_heads, dim, block=block, attrs=attrs,
-                             restart=restart)
+    writer, fingerprint = open_writer(run, checkpoint, model, n_layers, n_heads, pool, block,
+                                      restart)
+    dim = writer.shape_lhd[2]
     old = writer.attrs
-    if old.get("checkpoint_sha256") != fingerprint or old.get("pool") != pool:
-        raise ApmaeError(f"{writer.path} was encoded with {old.get('checkpoint')} "
-                         f"(pool {old.get('pool')}); this asks for {checkpoint} (pool {pool}): "
-                         f"pass --restart to re-encode")
     done = writer.committed_ids
     if done.size and not np.array_equal(done, target[:done.size]):
         raise ApmaeError(f"{writer.path} holds inferences that are not the run's analysis split "
@@ -370,7 +438,8 @@ def encode(run: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
     bar.close()
     seconds = time.perf_counter() - t0
     update_manifest(run, "encode", {
-        "checkpoint": str(checkpoint), "checkpoint_sha256": fingerprint, "pool": pool,
+        "mode": "store", "checkpoint": str(checkpoint), "checkpoint_sha256": fingerprint,
+        "pool": pool,
         "device": device, "dtype": "bfloat16" if device.startswith("cuda") else "float32",
         "inferences": int(target.size), "layers": n_layers, "heads": n_heads, "dim": dim,
         "block": writer.block, "maps_encoded": n_maps, "seconds": round(seconds, 2),

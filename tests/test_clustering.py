@@ -97,22 +97,21 @@ def test_torch_knn_matches_sklearn(metric):
 
 def test_cpu_clusterer_recovers_blobs_and_estimator_api():
     X, y = blobs()
-    est = cb.CpuClusterer(n_neighbors=15, min_samples=5, min_cluster_size=10, random_state=3)
+    est = cb.CpuClusterer(n_neighbors=15, min_samples=5, min_cluster_size=10, random_state=3,
+                          device="cpu")
     assert not hasattr(est, "labels_")                       # __init__ only stores
     assert est.fit(X) is est
     assert est.embedding_.shape == (180, 8) and est.embedding_.dtype == np.float32
     assert est.labels_.shape == est.probabilities_.shape == (180,)
     assert est.n_clusters_ == 3
     assert adjusted_rand_score(y, est.labels_) > 0.95
-    assert est.timings_["umap"] > 0 and est.backend_ == "cpu"
-
-
-def test_torch_knn_feeds_umap():
-    X, y = blobs(seed=2)
-    est = cb.CpuClusterer(n_neighbors=15, min_samples=5, min_cluster_size=10, knn="torch",
-                          device="cpu", random_state=0).fit(X)
+    # auto: the exact torch kNN graph replaces umap-learn's slow small-data path
     assert est.backend_ == "cpu+torch-knn" and est.timings_["knn"] > 0
-    assert adjusted_rand_score(y, est.labels_) > 0.95
+    assert est.timings_["umap"] > 0 and est.timings_["hdbscan"] > 0
+    assert cb.CpuClusterer(knn="nndescent")._use_torch_knn(100) is False
+    assert cb.CpuClusterer(device="cpu")._use_torch_knn(5000) is False    # NN-descent on CPU
+    assert cb.CpuClusterer(device="cuda")._use_torch_knn(50000) is True
+    assert cb.CpuClusterer(metric="chebyshev")._use_torch_knn(100) is False
 
 
 def test_small_heads_degrade_with_notes():

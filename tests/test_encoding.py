@@ -163,21 +163,43 @@ def test_encode_resumes_after_a_crash(run_copy, tiny_checkpoint, monkeypatch, tm
                                b["embeddings"][:].astype(np.float32), atol=2e-3)
 
 
-def test_capture_building_block_and_mean_pool(run_copy, tiny_checkpoint):
+def test_capture_and_encode_in_one_pass(run_copy, tiny_checkpoint):
+    """The building block capture calls per batch: maps [B, L, H, W, W] in, embeddings
+    written; a crash loses only the uncommitted tail and a new encoder continues."""
     store, ids, idx = _analysis(run_copy)
+    idx = idx.sort_values("map_id")
+
+    def batch(lo, hi):
+        sel = idx[idx["inference_id"].isin(ids[lo:hi])]
+        return torch.as_tensor(store.read(sel["map_id"].to_numpy())).reshape(hi - lo, 2, 3, 64, 64)
+
     model = encoding.load_encoder(tiny_checkpoint)
-    first = idx[idx["inference_id"].isin(ids[:3])].sort_values("map_id")
-    maps = torch.as_tensor(store.read(first["map_id"].to_numpy())).reshape(3, 2, 3, 64, 64)
+    maps = batch(0, 3)
     out = encoding.encode_inference_batch(model, maps, pool="mean", batch_size=4)
     assert out.shape == (3, 2, 3, 32) and out.dtype == np.float16
     with torch.inference_mode():
         ref = model.encode(maps[1, 1], pool="mean").numpy()      # inference 1, layer 1
     np.testing.assert_allclose(out[1, 1].astype(np.float32), ref, atol=2e-3, rtol=2e-3)
-    w = EmbeddingWriter(run_copy, 2, 3, 32, block=16, attrs={"pool": "mean"})
-    w.append(ids[:3], out)
-    w.close()
-    np.testing.assert_array_equal(encoding.read_head(run_copy / "embeddings.zarr", 1, 1)[1],
-                                  out[:, 1, 1].astype(np.float32))
+
+    enc = encoding.StreamingEncoder(run_copy, tiny_checkpoint, 2, 3, pool="mean", device="cpu",
+                                    block=8)
+    for lo in range(0, 20, 5):
+        enc.add(ids[lo:lo + 5], batch(lo, lo + 5))
+    assert enc.writer.committed == 16                    # killed here: 4 buffered are lost
+    del enc
+    enc = encoding.StreamingEncoder(run_copy, tiny_checkpoint, 2, 3, pool="mean", device="cpu")
+    np.testing.assert_array_equal(enc.committed_ids, ids[:16])
+    enc.add(ids[16:30], batch(16, 30))
+    enc.close()
+    got_ids, X = encoding.read_head(run_copy / "embeddings.zarr", 1, 1)
+    np.testing.assert_array_equal(got_ids, ids[:30])
+    with torch.inference_mode():
+        ref = model.encode(batch(0, 30)[:, 1, 1], pool="mean").numpy()
+    np.testing.assert_allclose(X, ref, atol=3e-3, rtol=3e-3)
+    manifest = json.loads((run_copy / "manifest.json").read_text())["encode"]
+    assert manifest["mode"] == "capture" and manifest["resumed_from"] == 16
+    with pytest.raises(ApmaeError, match="pass --restart"):
+        encoding.StreamingEncoder(run_copy, tiny_checkpoint, 2, 3, pool="cls", device="cpu")
 
 
 def test_encode_errors(run_copy, tiny_checkpoint, tmp_path):
