@@ -122,6 +122,17 @@ def _dirs(run: Path) -> dict[str, Path]:
 
 
 # --------------------------------------------------------------------------- one head
+def head_record(layer: int, head: int, backend: str, seed: int, params_hash: str,
+                error: str = "", attempts: int = 0) -> dict:
+    """A head's status record (``status/L###_H###.json``; a row of heads.parquet), failed
+    until the head's part is written."""
+    return {"layer": int(layer), "head": int(head), "status": "failed", "n_points": 0,
+            "n_clusters": 0, "share_clustered": 0.0, "backend": backend, "seconds": 0.0,
+            "umap_seconds": 0.0, "hdbscan_seconds": 0.0, "knn_seconds": 0.0, "error": error,
+            "attempts": attempts, "notes": "", "n_jittered": 0, "n_dropped": 0, "seed": seed,
+            "params_hash": params_hash, "clusters": []}
+
+
 def cluster_stats(embedding: np.ndarray, labels: np.ndarray, probabilities: np.ndarray,
                   seed: int = 0) -> list[dict]:
     """Per cluster of one head: ``size``, ``mean_probability`` and ``mean_distance`` (mean
@@ -178,12 +189,8 @@ def cluster_head(embeddings: str, layer: int, head: int, out_dir: str, params: d
     name = head_name(layer, head)
     where = f"layer {layer} head {head}"
     base = Path(out_dir)
-    cls = clusterer_class(backend)
-    rec = {"layer": int(layer), "head": int(head), "status": "failed", "n_points": 0,
-           "n_clusters": 0, "share_clustered": 0.0, "backend": cls.backend, "seconds": 0.0,
-           "umap_seconds": 0.0, "hdbscan_seconds": 0.0, "knn_seconds": 0.0, "error": "",
-           "attempts": 0, "notes": "", "n_jittered": 0, "n_dropped": 0,
-           "seed": head_seed(p.seed, layer, head), "params_hash": params_hash, "clusters": []}
+    rec = head_record(layer, head, clusterer_class(backend).backend,
+                      head_seed(p.seed, layer, head), params_hash)
     try:
         ids, X = read_head(embeddings, layer, head)
         finite = np.isfinite(X).all(axis=1)
@@ -237,7 +244,9 @@ def dask_client(workers: int, scheduler: str | None = None, backend: str = "cpu"
         n_gpu = cupy.cuda.runtime.getDeviceCount()
         if workers > n_gpu:
             log.info("one worker per GPU: %d workers instead of %d", n_gpu, workers)
-        cluster = LocalCUDACluster(CUDA_VISIBLE_DEVICES=list(range(min(workers, n_gpu))),
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        ids = visible.split(",") if visible else [str(i) for i in range(n_gpu)]
+        cluster = LocalCUDACluster(CUDA_VISIBLE_DEVICES=ids[:min(workers, n_gpu)],
                                    dashboard_address=None)
         client = Client(cluster)
     else:
@@ -398,17 +407,18 @@ def cluster(run: str | os.PathLike, backend: str = "auto", workers: int = 1, uma
                      el / n_done * (len(jobs) - n_done))
             next_log += 0.1
         if isinstance(result, Exception):   # the job died outside cluster_head's own guard
-            result = {"layer": job["layer"], "head": job["head"], "status": "failed",
-                      "backend": bname, "attempts": retries + 1, "params_hash": phash,
-                      "error": f"layer {job['layer']} head {job['head']}: worker failed: "
-                               f"{type(result).__name__}: {result}", "clusters": []}
+            l, h = job["layer"], job["head"]
+            result = head_record(l, h, bname, head_seed(seed, l, h), phash, attempts=retries + 1,
+                                 error=f"layer {l} head {h}: worker failed: "
+                                       f"{type(result).__name__}: {result}")
             write_json(dirs["status"] / f"{head_name(job['layer'], job['head'])}.json", result)
         if result["status"] != "ok":
             log.error("%s", result["error"])
     wall = time.perf_counter() - t0
 
+    chosen_set = set(chosen)
     status = {k: v for k, v in _read_status(dirs["status"]).items()
-              if v.get("params_hash") == phash and (v["layer"], v["head"]) in set(chosen)}
+              if v.get("params_hash") == phash and k in chosen_set}
     heads_df, summary = assemble(run, status, filter_max_distance, filter_min_size)
     if figures:
         try:

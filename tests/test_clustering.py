@@ -358,3 +358,20 @@ def test_cli_errors_are_one_line(clustered_run, capsys):
         main(["cluster", str(clustered_run.parent / "nope")])
     assert exc.value.code == 2
     assert "no embeddings.zarr" in capsys.readouterr().err
+
+
+def test_job_dying_outside_the_head_guard_is_recorded(embedded_run, tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    shutil.copytree(embedded_run, run)
+
+    def dies(**job):
+        raise MemoryError("worker killed")
+
+    monkeypatch.setattr(clustering, "cluster_head", dies)
+    with pytest.raises(ApmaeError, match=r"6 head\(s\) failed \(L0H0, L0H1"):
+        clustering.cluster(run, backend="cpu", **FAST)
+    heads = pd.read_parquet(run / "cluster" / "heads.parquet")
+    assert len(heads) == 6 and (heads["status"] == "failed").all()
+    assert heads["error"].str.contains("worker failed: MemoryError: worker killed").all()
+    assert (heads["attempts"] == 2).all()
+    assert len(pd.read_parquet(run / "clusters.parquet")) == 0
