@@ -358,11 +358,16 @@ def intervene(
 
 # --------------------------------------------------------------------------- report / pipeline
 @app.command()
-def report(run: RunArg) -> None:
+def report(
+    run: RunArg,
+    notebook: Annotated[bool, typer.Option("--notebook", help="Also execute notebooks/"
+                                           "findings.ipynb on the run (needs nbclient); "
+                                           "keeps RUN/report/findings.ipynb.")] = False,
+) -> None:
     """Write RUN/report/index.html: one self-contained page over the whole run."""
     from apmae_gpu import report as report_mod
 
-    report_mod.report(run)
+    report_mod.report(run, notebook=notebook)
 
 
 @app.command()

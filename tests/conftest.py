@@ -58,7 +58,7 @@ def fim_tokenizer_dir(tmp_path_factory, smol_tokenizer):
 E2E_CONFIG = """
 model: random:tiny-llama
 device: cpu
-stages: [capture_train, capture_analysis, train, evaluate, encode, cluster, classify, intervene]
+stages: [capture_train, capture_analysis, train, evaluate, encode, cluster, classify, intervene, report]
 capture: {batch_size: 8, train: {per_task: 12, heads: all}, analysis: {per_task: 6}}
 train: {preset: tiny, steps: 30, batch_size: 32, model_config_overrides: {image_size: 64, patch_size: 8}}
 evaluate: {max_maps: 200}
@@ -70,7 +70,7 @@ intervene: {k: [1, 2, 4, 8], per_group: 2}
 
 @pytest.fixture(scope="session")
 def e2e_run(tmp_path_factory):
-    """A complete run through the pipeline (every stage but mining and the report) on a tiny
+    """A complete run through the pipeline (every stage but mining) on a tiny
     random-weight Llama with 64-token prompts whose targets are half right by construction:
     real outputs of every stage, small enough for the test suite.  Read-only."""
     from apmae_gpu.pipeline import run_pipeline
