@@ -147,10 +147,13 @@ def run_section(run: Path, man: dict) -> Section:
         if cap.get("n_layers"):
             facts["architecture"] = (f"{cap.get('model_type', '?')}: {cap['n_layers']} layers x "
                                      f"{cap['n_heads']} heads ({cap.get('n_kv_heads', '?')} kv)")
-        facts["revision"] = cap.get("model_revision", "–")
+        if cap.get("model_revision"):
+            facts["revision"] = cap["model_revision"]
     mine = man.get("mine", {})
     if mine:
-        facts["corpus"] = mine.get("corpus", "–")
+        corpus = mine.get("corpus", "–")
+        facts["corpus"] = (f"{corpus.get('spec')} ({corpus.get('kind')})"
+                           if isinstance(corpus, dict) else corpus)
         facts["tasks mined"] = sum(mine.get("counts", {}).values())
     if cap:
         facts["window (tokens)"] = cap.get("window")
@@ -190,7 +193,8 @@ def _timings(run: Path, man: dict) -> pd.DataFrame:
                          "seconds": info.get("seconds")})
     else:
         for stage, sec in man.items():
-            if isinstance(sec, dict) and isinstance(sec.get("seconds"), (int, float)):
+            if (stage not in ("report", "pipeline") and isinstance(sec, dict)
+                    and isinstance(sec.get("seconds"), (int, float))):
                 rows.append({"stage": stage, "status": "done", "seconds": sec["seconds"]})
     return pd.DataFrame(rows)
 
@@ -213,14 +217,17 @@ def tasks_section(run: Path, man: dict) -> Section:
                 "The target model's accuracy on every prompted completion of each task, and "
                 "example attention maps of one head (ln p; above the diagonal is masked).")
     s.missing = _need(run, "maps.zarr", "inferences.parquet", stage="capture")
+    counts = man.get("mine", {}).get("counts", {})
     if s.missing:
+        if counts:
+            s.blocks.append(table(pd.DataFrame({"task": list(counts), "mined": list(
+                counts.values())}), "tasks mined"))
         return s
     from apmae_gpu.store import MapStore
 
     store = MapStore(run)
     inf = store.inferences(columns=["inference_id", "split", "task", "correct", "has_maps"])
     acc = target_accuracy(inf)
-    counts = man.get("mine", {}).get("counts", {})
     if counts:
         acc.insert(1, "mined", [counts.get(t) for t in acc["task"]])
     s.blocks.append(table(acc, "target model accuracy (analysis split, every attempt)"))
@@ -502,7 +509,7 @@ h2{font-size:20px;margin:12px 0 4px}.intro{color:#56606b;margin-top:0}
 caption{text-align:left;color:#56606b;padding:2px 0 6px;font-size:13px}
 th,td{padding:3px 10px;border-bottom:1px solid #eceef1}th{background:#f2f4f7;text-align:left}
 td.num{text-align:right;font-variant-numeric:tabular-nums}
-figure{margin:14px 0}.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(520px,1fr));gap:0 16px}figure img{max-width:100%;height:auto;border:1px solid #eceef1}
+figure{margin:14px 0}.grid{display:grid;grid-template-columns:repeat(auto-fill,minmax(540px,1fr));gap:0 16px}figure img{max-width:100%;height:auto;border:1px solid #eceef1}
 figcaption{font-size:13px;color:#56606b}details{margin:8px 0}summary{cursor:pointer;color:#1f5fa8}
 footer{max-width:1180px;margin:0 auto 30px;padding:0 24px;color:#8a939c;font-size:12px}
 </style></head><body>
@@ -593,6 +600,7 @@ def execute_notebook(run: Path, out: Path, timeout: int = 600) -> Path:
             os.environ["APMAE_RUN"] = old
     with atomic_path(out) as tmp:
         nbformat.write(nb, str(tmp))
+        tmp.chmod(0o644)
     return out
 
 

@@ -91,7 +91,8 @@ def run_one(bench: Bench, quick: bool, timeout: float) -> dict:
     tail = log.read_text(errors="replace").strip().splitlines()[-1:] if status != "ok" else []
     print(f"{bench.name:10s} {status:28s} {seconds:8.1f} s  {', '.join(written)}"
           + (f"  last line: {tail[0][:120]}" if tail else ""), flush=True)
-    return {"bench": bench.name, "command": " ".join(cmd[1:]), "status": status,
+    return {"bench": bench.name, "command": " ".join(
+                [str(Path(cmd[1]).relative_to(HERE.parent)), *cmd[2:]]), "status": status,
             "seconds": seconds, "results": written, "log": str(log.relative_to(HERE.parent))}
 
 
@@ -189,6 +190,8 @@ def summarise(runs: list[dict]) -> dict:
 
 
 def _fmt(v) -> str:
+    if isinstance(v, (list, tuple)):
+        return ", ".join(map(str, v))
     if isinstance(v, float):
         return f"{v:,.3g}" if abs(v) < 1000 else f"{v:,.0f}"
     return "" if v is None else str(v).replace("|", "\\|")
