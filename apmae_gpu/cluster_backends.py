@@ -360,7 +360,8 @@ class CpuClusterer(HeadClusterer):
             from sklearn.cluster import HDBSCAN
 
             self.backend_ = self.backend_ + "+sklearn-hdbscan"
-            model = HDBSCAN(min_samples=eff["min_samples"], min_cluster_size=eff["min_cluster_size"],
+            model = HDBSCAN(min_samples=eff["min_samples"],
+                            min_cluster_size=eff["min_cluster_size"],
                             allow_single_cluster=bool(self.allow_single_cluster),
                             n_jobs=max(1, int(self.n_jobs)))
         with warnings.catch_warnings():

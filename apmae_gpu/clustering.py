@@ -46,11 +46,20 @@ import numpy as np
 import pandas as pd
 
 from apmae_gpu.cluster_backends import (
-    BACKENDS, KNN_METHODS, clusterer_class, jitter_duplicates, resolve_backend,
+    BACKENDS,
+    KNN_METHODS,
+    clusterer_class,
+    jitter_duplicates,
+    resolve_backend,
 )
 from apmae_gpu.encoding import EMBEDDINGS, open_embeddings, read_head
 from apmae_gpu.runs import (
-    ApmaeError, atomic_path, describe_machine, progress, update_manifest, write_json,
+    ApmaeError,
+    atomic_path,
+    describe_machine,
+    progress,
+    update_manifest,
+    write_json,
     write_parquet,
 )
 
@@ -297,7 +306,8 @@ def run_jobs(fn: Callable, jobs: list[dict], workers: int = 1, scheduler: str | 
         bar.close()
 
 
-def select_heads(spec: str | None, n_layers: int, n_heads: int, seed: int = 0) -> list[tuple[int, int]]:
+def select_heads(spec: str | None, n_layers: int, n_heads: int,
+                 seed: int = 0) -> list[tuple[int, int]]:
     """``all``, a number N (N heads spread over the model, seeded) or ``L:H,L:H``."""
     every = [(l, h) for l in range(n_layers) for h in range(n_heads)]
     if spec is None or spec == "all":
@@ -438,7 +448,8 @@ def cluster(run: str | os.PathLike, backend: str = "auto", workers: int = 1, uma
     _print_summary(run, heads_df, summary)
     if len(failed):
         names = ", ".join(f"L{r.layer}H{r.head}" for r in failed.head(10).itertuples())
-        raise ApmaeError(f"{len(failed)} head(s) failed ({names}{', ...' if len(failed) > 10 else ''}); "
+        more = ", ..." if len(failed) > 10 else ""
+        raise ApmaeError(f"{len(failed)} head(s) failed ({names}{more}); "
                          f"see {dirs['base'] / 'heads.parquet'}; rerun to retry them")
     return run / CLUSTERS
 
@@ -460,7 +471,8 @@ def _inference_table(run: Path) -> pd.DataFrame:
     path = run / INFERENCES
     if not path.exists():
         return pd.DataFrame({"inference_id": pd.Series(dtype="int64"),
-                             "task": pd.Series(dtype="object"), "correct": pd.Series(dtype="object")})
+                             "task": pd.Series(dtype="object"),
+                             "correct": pd.Series(dtype="object")})
     import pyarrow.parquet as pq
 
     return pq.read_table(path, columns=["inference_id", "task", "correct"]).to_pandas()
@@ -512,12 +524,14 @@ def assemble(run: Path, status: dict, filter_max_distance: float | None = None,
                     final[raw == c] = -1
                 writer.write_table(pa.table({
                     "inference_id": part["inference_id"].to_numpy(np.int64),
-                    "layer": np.full(len(part), l, np.int16), "head": np.full(len(part), h, np.int16),
+                    "layer": np.full(len(part), l, np.int16),
+                    "head": np.full(len(part), h, np.int16),
                     "cluster": final, "cluster_raw": raw,
                     "probability": part["probability"].to_numpy(np.float32)}, schema=schema))
                 loc = pd.DataFrame({"inference_id": part["inference_id"], "cluster": final})
                 loc = loc[loc["cluster"] >= 0].merge(inf, on="inference_id", how="left")
-                loc["correct"] = loc["correct"].map({True: "correct", False: "incorrect"}).fillna("none")
+                loc["correct"] = loc["correct"].map(
+                    {True: "correct", False: "incorrect"}).fillna("none")
                 loc = loc.groupby(["cluster", "task", "correct"], dropna=False).size().rename("n")
                 loc = loc.reset_index()
                 loc.insert(0, "head", h)
@@ -538,7 +552,8 @@ def assemble(run: Path, status: dict, filter_max_distance: float | None = None,
         heads_df.loc[heads_df["status"] != "ok", ["n_clusters", "share_clustered"]] = 0
     write_parquet(heads_df, dirs["base"] / "heads.parquet")
     write_parquet(summary, dirs["base"] / "clusters_summary.parquet")
-    write_parquet(locations.astype({"task": str, "correct": str}), dirs["base"] / "locations.parquet")
+    write_parquet(locations.astype({"task": str, "correct": str}),
+                  dirs["base"] / "locations.parquet")
     write_parquet(pattern_locations(locations), dirs["base"] / "pattern_locations.parquet")
     return heads_df, summary
 
@@ -611,7 +626,8 @@ def _print_summary(run: Path, heads_df: pd.DataFrame, summary: pd.DataFrame) -> 
     t = Table(title=f"clusters per head ({len(ok)} ok, {len(heads_df) - len(ok)} failed)")
     for col in ("", "min", "median", "mean", "max"):
         t.add_column(col, justify="right")
-    for col, fmt in (("n_clusters", "{:.0f}"), ("share_clustered", "{:.1%}"), ("seconds", "{:.2f}")):
+    for col, fmt in (("n_clusters", "{:.0f}"), ("share_clustered", "{:.1%}"),
+                     ("seconds", "{:.2f}")):
         if len(ok):
             v = ok[col].astype(float)
             t.add_row(col, *(fmt.format(x) for x in (v.min(), v.median(), v.mean(), v.max())))
@@ -804,14 +820,17 @@ def trust_head(embeddings: str, layer: int, head: int, dims: list[int], trials: 
     from sklearn.manifold import trustworthiness
 
     p = ClusterParams(**params)
-    ids, X = read_head(embeddings, layer, head)
+    _, X = read_head(embeddings, layer, head)
     X = X[np.isfinite(X).all(axis=1)]
     cls = clusterer_class(backend)
     out = []
     for t in range(trials):
         s = head_seed(seed + t, layer, head)
         rng = np.random.default_rng(s)
-        sub = X if len(X) <= max_points else X[np.sort(rng.choice(len(X), max_points, replace=False))]
+        if len(X) > max_points:
+            sub = X[np.sort(rng.choice(len(X), max_points, replace=False))]
+        else:
+            sub = X
         sub, _ = jitter_duplicates(sub, p.jitter, s)
         k = int(min(trust_neighbors, max(1, len(sub) // 2 - 1)))
         for d in dims:
@@ -942,7 +961,8 @@ def stability_head(embeddings: str, layer: int, head: int, params: dict, backend
     where = f"layer {layer} head {head}"
     part = Path(parts_dir or "") / f"{head_name(layer, head)}.parquet"
     if parts_dir and part.exists():
-        ref_df = pd.read_parquet(part, columns=["inference_id", "cluster"]).set_index("inference_id")
+        ref_df = pd.read_parquet(part, columns=["inference_id", "cluster"])
+        ref_df = ref_df.set_index("inference_id")
         ref = ref_df["cluster"].reindex(ids).fillna(-1).to_numpy(np.int32)
     else:
         est, _, _, errors = fit_head(X, p, backend, head_seed(p.seed, layer, head), 0, where)

@@ -133,7 +133,8 @@ class EmbeddingWriter:
             self.emb.resize((*self.emb.shape[:2], n, self.emb.shape[3]))
             self.ids.resize((n,))
         self.committed = n
-        self.committed_ids = np.asarray(self.ids[:n], dtype=np.int64) if n else np.empty(0, np.int64)
+        self.committed_ids = (np.asarray(self.ids[:n], dtype=np.int64) if n
+                              else np.empty(0, np.int64))
         self._last_id = int(self.committed_ids[-1]) if n else -1
 
     @property
@@ -149,7 +150,8 @@ class EmbeddingWriter:
             embeddings = embeddings.detach().float().cpu().numpy()
         emb = np.asarray(embeddings)
         if emb.shape != (len(ids), *self.shape_lhd[:2], self.shape_lhd[2]):
-            raise ValueError(f"expected embeddings [{len(ids)}, {', '.join(map(str, self.shape_lhd))}], "
+            shape = ", ".join(map(str, self.shape_lhd))
+            raise ValueError(f"expected embeddings [{len(ids)}, {shape}], "
                              f"got {emb.shape}")
         if len(ids) == 0:
             return self.committed

@@ -164,7 +164,8 @@ def bench_hdbscan(sizes: list[int], store: dict, sklearn_max: int) -> list[dict]
 
     warnings.filterwarnings("ignore")
     rows = []
-    hdbscan.HDBSCAN(min_samples=20, min_cluster_size=25).fit(np.random.default_rng(0).normal(size=(500, 8)))
+    warm = np.random.default_rng(0).normal(size=(500, 8))
+    hdbscan.HDBSCAN(min_samples=20, min_cluster_size=25).fit(warm)
     for n in sizes:
         Y = store.get(n)
         if Y is None:
@@ -180,7 +181,8 @@ def bench_hdbscan(sizes: list[int], store: dict, sklearn_max: int) -> list[dict]
             t0 = time.perf_counter()
             b = SkHDBSCAN(**kw).fit(Y)
             row.update(sklearn_s=round(time.perf_counter() - t0, 2),
-                       ari_pkg_vs_sklearn=round(float(adjusted_rand_score(a.labels_, b.labels_)), 4))
+                       ari_pkg_vs_sklearn=round(float(
+                           adjusted_rand_score(a.labels_, b.labels_)), 4))
         rows.append(row)
         print(row, flush=True)
     return rows
@@ -196,7 +198,8 @@ def demo_run(root: Path, layers: int, heads: int, points: int, dim: int) -> Path
         for h in range(heads):
             k = int(rng.integers(1, 5))
             centers = rng.normal(size=(k, dim))
-            emb[:, l, h] = centers[rng.integers(0, k, points)] + 0.4 * rng.normal(size=(points, dim))
+            noise = 0.4 * rng.normal(size=(points, dim))
+            emb[:, l, h] = centers[rng.integers(0, k, points)] + noise
     w = EmbeddingWriter(run, layers, heads, dim, block=256)
     w.append(np.arange(points), emb)
     w.close()
@@ -248,7 +251,8 @@ def to_markdown(results: dict) -> str:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--sections", default="jit,umap,knn,hdbscan,demo")
     ap.add_argument("--sizes", default="5000,20000,50000,110000")
     ap.add_argument("--dim", type=int, default=512)

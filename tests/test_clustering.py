@@ -90,7 +90,8 @@ def test_torch_knn_matches_sklearn(metric):
     assert idx.shape == dist.shape == (120, 7)
     np.testing.assert_array_equal(idx[:, 0], np.arange(120))      # self first, at distance 0
     assert np.all(dist[:, 0] == 0)
-    ref_d, ref_i = NearestNeighbors(n_neighbors=7, metric=metric, algorithm="brute").fit(X).kneighbors(X)
+    nn = NearestNeighbors(n_neighbors=7, metric=metric, algorithm="brute").fit(X)
+    ref_d, ref_i = nn.kneighbors(X)
     np.testing.assert_allclose(dist[:, 1:], ref_d[:, 1:], rtol=1e-4, atol=1e-4)
     assert np.mean(idx[:, 1:] == ref_i[:, 1:]) > 0.99
 
@@ -151,8 +152,9 @@ def test_pattern_locations_matches_hand_count():
     ]
     loc = pd.DataFrame(rows, columns=["layer", "head", "cluster", "task", "correct", "n"])
     t = clustering.pattern_locations(loc).set_index("task")
-    assert t.loc["a", ["total", "unique", "correct_only", "incorrect_only", "overlap"]].tolist() == [4, 3, 1, 1, 1]
-    assert t.loc["b", ["total", "unique", "correct_only", "incorrect_only", "overlap"]].tolist() == [2, 1, 0, 1, 0]
+    cols = ["total", "unique", "correct_only", "incorrect_only", "overlap"]
+    assert t.loc["a", cols].tolist() == [4, 3, 1, 1, 1]
+    assert t.loc["b", cols].tolist() == [2, 1, 0, 1, 0]
     assert t.loc["noise", "total"] == 2 and t.loc["noise", "unique"] == 1
     assert pd.isna(t.loc["noise", "correct_only"])
     assert t.loc["a", "share_of_possible"] == pytest.approx(4 / 6)
@@ -161,7 +163,8 @@ def test_pattern_locations_matches_hand_count():
 def test_jaccard_and_select_heads():
     ref = np.array([0, 0, 0, 1, 1, -1])
     other = np.array([2, 2, -1, 1, 1, 1])
-    assert clustering.jaccard_best_match(ref, other) == {0: pytest.approx(2 / 3), 1: pytest.approx(2 / 3)}
+    assert clustering.jaccard_best_match(ref, other) == {0: pytest.approx(2 / 3),
+                                                         1: pytest.approx(2 / 3)}
     assert clustering.select_heads("all", 2, 3) == [(l, h) for l in range(2) for h in range(3)]
     assert clustering.select_heads("1:2,0:0", 2, 3) == [(1, 2), (0, 0)]
     four = clustering.select_heads("4", 2, 3, seed=1)
@@ -225,7 +228,8 @@ def test_filter_applies_at_assembly(clustered_run, tmp_path):
     key = list(zip(after["layer"], after["head"], after["cluster_raw"]))
     dropped = np.array([k in small for k in key])
     assert (after.loc[dropped, "cluster"] == -1).all()
-    np.testing.assert_array_equal(after.loc[~dropped, "cluster"], after.loc[~dropped, "cluster_raw"])
+    kept = after.loc[~dropped]
+    np.testing.assert_array_equal(kept["cluster"], kept["cluster_raw"])
     summary = pd.read_parquet(run / "cluster" / "clusters_summary.parquet")
     assert (summary["kept"] == (summary["size"] >= 40)).all()
 

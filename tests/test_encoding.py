@@ -36,7 +36,8 @@ def test_writer_commits_whole_aligned_blocks(tmp_path):
     assert g["embeddings"].shape == (2, 3, 11, 8) and g["embeddings"].chunks == (1, 1, 4, 8)
     assert g["embeddings"].dtype == np.float16
     np.testing.assert_array_equal(g["inference_id"][:], ids)
-    np.testing.assert_array_equal(g["embeddings"][:], _emb(ids).astype(np.float16).transpose(1, 2, 0, 3))
+    expected = _emb(ids).astype(np.float16).transpose(1, 2, 0, 3)
+    np.testing.assert_array_equal(g["embeddings"][:], expected)
     assert g.attrs["complete"] and g.attrs["n_committed"] == 11
     got_ids, X = encoding.read_head(tmp_path / "embeddings.zarr", 1, 2)
     np.testing.assert_array_equal(got_ids, ids)
@@ -57,7 +58,8 @@ def test_writer_drops_uncommitted_rows_after_a_kill(tmp_path):
     w.append(np.arange(4, 10), _emb(np.arange(4, 10)))
     w.close()
     g = zarr.open_group(tmp_path / "embeddings.zarr", mode="r")
-    np.testing.assert_array_equal(g["embeddings"][:], _emb(np.arange(10)).astype(np.float16).transpose(1, 2, 0, 3))
+    expected = _emb(np.arange(10)).astype(np.float16).transpose(1, 2, 0, 3)
+    np.testing.assert_array_equal(g["embeddings"][:], expected)
 
 
 def test_writer_validates(tmp_path):
