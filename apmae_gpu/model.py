@@ -168,7 +168,6 @@ def sincos_2d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([enc(positions[:, 0]), enc(positions[:, 1])], dim=1).float()
 
 
-# --------------------------------------------------------------------------- geometry
 def lower_mask(w: int, device=None) -> torch.Tensor:
     """[W, W] bool, True on and below the diagonal."""
     return torch.ones(w, w, dtype=torch.bool, device=device).tril()
@@ -232,9 +231,10 @@ class APMAEPreTrainedModel(PreTrainedModel):
             std = self.config.initializer_range
             init.normal_(module.cls_token, std=std)
             init.normal_(module.mask_token, std=std)
-            rc = tril_patch_grid(self.config.grid_size)
+            g = self.config.grid_size
+            rc = tril_patch_grid(g)
             # non-persistent geometry buffers are re-created here after a meta-device load
-            init.copy_(module.patch_rc, rc)
+            init.copy_(module.patch_index, rc[:, 0] * g + rc[:, 1])
             init.copy_(module.pixel_valid, pixel_valid_mask(self.config.grid_size,
                                                             self.config.patch_size))
             for param in (module.pos_embed, module.decoder_pos_embed):
@@ -273,7 +273,7 @@ class APMAEModel(APMAEPreTrainedModel):
         self.decoder_pred = nn.Linear(c.decoder_hidden_size, pp)
         # geometry (derived from the config, never saved)
         rc = tril_patch_grid(c.grid_size)
-        self.register_buffer("patch_rc", rc, persistent=False)
+        self.register_buffer("patch_index", rc[:, 0] * c.grid_size + rc[:, 1], persistent=False)
         self.register_buffer("pixel_valid", pixel_valid_mask(c.grid_size, c.patch_size),
                              persistent=False)
         self.post_init()
@@ -294,13 +294,13 @@ class APMAEModel(APMAEPreTrainedModel):
         """[B, W, W] -> [B, N, P*P] lower-triangle patches (row-major pixels)."""
         b, g, p = x.shape[0], self.config.grid_size, self.config.patch_size
         grid = x.reshape(b, g, p, g, p).permute(0, 1, 3, 2, 4).reshape(b, g * g, p * p)
-        return grid[:, self.patch_rc[:, 0] * g + self.patch_rc[:, 1]]
+        return grid[:, self.patch_index]
 
     def unpatchify(self, patches: torch.Tensor) -> torch.Tensor:
         """[B, N, P*P] -> [B, W, W]; upper-triangle patches are 0, padding pixels are kept."""
         b, g, p = patches.shape[0], self.config.grid_size, self.config.patch_size
         grid = patches.new_zeros(b, g * g, p * p)
-        grid[:, self.patch_rc[:, 0] * g + self.patch_rc[:, 1]] = patches
+        grid[:, self.patch_index] = patches
         return grid.reshape(b, g, g, p, p).permute(0, 1, 3, 2, 4).reshape(b, g * p, g * p)
 
     def prepare(self, maps: torch.Tensor) -> torch.Tensor:

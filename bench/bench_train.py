@@ -116,16 +116,21 @@ class RefMAE(nn.Module):
 
 
 # --------------------------------------------------------------------------- timing
-def time_steps(step, warmup: int, steps: int, device: str) -> float:
-    """Seconds per step, after ``warmup`` untimed steps."""
-    for _ in range(warmup):
-        step()
-    sync(device)
-    t0 = time.perf_counter()
+def time_interleaved(steps_fns: dict, warmup: int, steps: int, device: str) -> dict[str, float]:
+    """Median seconds per step of each function, timed in alternation (so a shared machine's
+    load hits both alike), after ``warmup`` untimed steps of each."""
+    for fn in steps_fns.values():
+        for _ in range(warmup):
+            fn()
+    times: dict[str, list[float]] = {k: [] for k in steps_fns}
     for _ in range(steps):
-        step()
-    sync(device)
-    return (time.perf_counter() - t0) / steps
+        for name, fn in steps_fns.items():
+            sync(device)
+            t0 = time.perf_counter()
+            fn()
+            sync(device)
+            times[name].append(time.perf_counter() - t0)
+    return {k: float(np.median(v)) for k, v in times.items()}
 
 
 def counted_flops(fn) -> float:
@@ -140,8 +145,9 @@ def throughput(args, device: str) -> tuple[list[dict], dict]:
     cuda = device.startswith("cuda")
     c = preset_config("paper")
     b = args.batch_size or (512 if cuda else 8)
-    rows, figs = [], {"batch": b}
+    figs = {"batch": b}
     x16 = (torch.rand(b, 256, 256, device=device) * -18.4).to(torch.float16)  # stored log maps
+    x32 = torch.rand(b, 1, 256, 256, device=device)
     noise_gen = torch.Generator(device=device).manual_seed(0)
 
     torch.manual_seed(0)
@@ -149,6 +155,8 @@ def throughput(args, device: str) -> tuple[list[dict], dict]:
     opt = torch.optim.AdamW([p for p in ours.parameters() if p.requires_grad], lr=1e-4,
                             weight_decay=0.05, **({"fused": True} if cuda else {}))
     net = torch.compile(ours) if args.compile else ours
+    ref = RefMAE(c).to(device).train()
+    ropt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.05)
 
     def ours_step():
         with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
@@ -157,48 +165,33 @@ def throughput(args, device: str) -> tuple[list[dict], dict]:
         loss.backward()
         opt.step()
 
-    def ours_fwd_bwd():
-        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
-            loss, _, _ = ours(x16[:2])
-        loss.backward()
-
-    figs["ours_params"] = parameter_counts(ours)
-    figs["flops_per_map_analytic"] = train_flops_per_map(c)
-    figs["flops_per_map_counted"] = counted_flops(ours_fwd_bwd) / 2
-    s = time_steps(ours_step, args.warmup, args.steps, device)
-    ours_rate = b / s
-    rows.append({"model": "apmae_gpu" + (" compiled" if args.compile else ""),
-                 "precision": "bf16 autocast" if cuda else "fp32", "batch": b,
-                 "s_per_step": s, "maps_per_s": ours_rate,
-                 "gflop_per_map": figs["flops_per_map_analytic"] / 1e9,
-                 "achieved_tflops": ours_rate * figs["flops_per_map_analytic"] / 1e12})
-    del ours, net, opt
-    if cuda:
-        torch.cuda.empty_cache()
-
-    torch.manual_seed(0)
-    ref = RefMAE(c).to(device).train()
-    ropt = torch.optim.AdamW(ref.parameters(), lr=1e-4, weight_decay=0.05)
-    x32 = torch.rand(b, 1, 256, 256, device=device)
-
     def ref_step():
         loss = ref(x32)
         ropt.zero_grad(set_to_none=True)
         loss.backward()
         ropt.step()
 
-    def ref_fwd_bwd():
-        ref(x32[:2]).backward()
+    def ours_fwd_bwd():
+        with torch.autocast("cuda", dtype=torch.bfloat16, enabled=cuda):
+            loss, _, _ = ours(x16[:2])
+        loss.backward()
 
+    figs["ours_params"] = parameter_counts(ours)
     figs["ref_params"] = sum(p.numel() for p in ref.parameters())
-    figs["ref_flops_per_map_counted"] = counted_flops(ref_fwd_bwd) / 2
-    s = time_steps(ref_step, args.warmup, args.steps, device)
-    ref_rate = b / s
-    rows.append({"model": "reference-style baseline", "precision": "fp32", "batch": b,
-                 "s_per_step": s, "maps_per_s": ref_rate,
-                 "gflop_per_map": figs["ref_flops_per_map_counted"] / 1e9,
-                 "achieved_tflops": ref_rate * figs["ref_flops_per_map_counted"] / 1e12})
-    figs["speedup_vs_reference"] = ours_rate / ref_rate
+    figs["flops_per_map_analytic"] = train_flops_per_map(c)
+    figs["flops_per_map_counted"] = counted_flops(ours_fwd_bwd) / 2
+    figs["ref_flops_per_map_counted"] = counted_flops(lambda: ref(x32[:2]).backward()) / 2
+    sec = time_interleaved({"ours": ours_step, "ref": ref_step}, args.warmup, args.steps, device)
+    rows = []
+    for key, name, prec, flops in (
+            ("ours", "apmae_gpu" + (" compiled" if args.compile else ""),
+             "bf16 autocast" if cuda else "fp32", figs["flops_per_map_analytic"]),
+            ("ref", "reference-style baseline", "fp32", figs["ref_flops_per_map_counted"])):
+        rate = b / sec[key]
+        rows.append({"model": name, "precision": prec, "batch": b, "s_per_step": sec[key],
+                     "maps_per_s": rate, "gflop_per_map": flops / 1e9,
+                     "achieved_tflops": rate * flops / 1e12})
+    figs["speedup_vs_reference"] = sec["ref"] / sec["ours"]
     peak = args.peak_tflops if args.peak_tflops else (989.0 if cuda else None)
     figs["peak_tflops"] = peak
     for r in rows:

@@ -252,3 +252,19 @@ def test_save_pretrained_round_trip(tmp_path, maps):
         with torch.inference_mode():
             assert torch.equal(loaded.eval()(maps, noise=noise)[1], m(maps, noise=noise)[1])
             assert torch.equal(loaded.encode(maps), m.encode(maps))
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_autocast_matches_cpu_fp32(maps):
+    m = micro()
+    noise = torch.rand(6, 36, generator=torch.Generator().manual_seed(5))
+    with torch.inference_mode():
+        loss, pred, _ = m(maps, noise=noise)
+        emb = m.encode(maps)
+        g = m.to("cuda")
+        with torch.autocast("cuda", dtype=torch.bfloat16):
+            gloss, gpred, _ = g(maps.cuda(), noise=noise.cuda())
+            gemb = g.encode(maps.cuda())
+    assert abs(float(gloss) - float(loss)) < 0.02 * float(loss) + 1e-3
+    assert F.cosine_similarity(gemb.float().cpu(), emb).min() > 0.99
+    assert (gpred.float().cpu() - pred).abs().max() < 0.1

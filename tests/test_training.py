@@ -245,3 +245,10 @@ def test_cli_train_prints_a_summary_and_reports_bad_input(run, tmp_path, capsys)
         main(["train", str(run), "--preset", "paper", "--steps", "2", "--out", str(tmp_path / "x")])
     assert exc.value.code == 2
     assert "error: " in capsys.readouterr().err
+
+
+@pytest.mark.gpu
+def test_train_on_cuda_in_bf16(run):
+    summary = _train(run, device="cuda", steps=6)
+    assert summary["precision"] == "bf16-autocast" and summary["device"].startswith("cuda")
+    assert np.isfinite(summary["final_loss"])
