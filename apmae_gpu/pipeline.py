@@ -191,7 +191,7 @@ def _intervene(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
 def _report(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
     from apmae_gpu.report import report
 
-    report(run)
+    report(run, notebook=cfg.report.notebook)
 
 
 RUNNERS = {"mine": _mine, "capture_train": _capture("train"),
