@@ -175,23 +175,32 @@ class MapLoader:
         return order[:self.steps_per_epoch(epoch) * self.batch_size]
 
     def _read_window(self, ids: np.ndarray, pool) -> np.ndarray:
-        """Maps of ``ids`` (in that order), reading each touched chunk once, whole."""
-        cm, n = self.store.info.chunk_maps, self.store.n_maps
-        chunks = np.unique(ids // cm)
+        """Maps of ``ids`` (in that order) [len(ids), W, W] float16, reading each touched chunk
+        once, whole, and copying every map once, straight to its place (in ``pool``'s threads
+        when given)."""
+        cm, n, w = self.store.info.chunk_maps, self.store.n_maps, self.store.info.window
+        chunk_of = ids // cm
+        order = np.argsort(chunk_of, kind="stable")
+        chunks, starts = np.unique(chunk_of[order], return_index=True)
+        groups = np.split(order, starts[1:])  # positions (in ids and out) of each chunk's maps
+        out = np.empty((ids.size, w, w), np.float16)
 
-        def read(c):
+        def read(k: int) -> None:
+            c = int(chunks[k])
             block = self.store.array[c * cm:min((c + 1) * cm, n)]
-            if ((block.view(np.uint16) & 0x7C00) == 0x7C00).any():
-                bad = np.nonzero(~np.isfinite(block).all(axis=(1, 2)))[0] + c * cm
-                raise ApmaeError(f"{self.store.maps_path}: NaN or infinite values in map(s) "
-                                 f"{bad[:5].tolist()}; refusing to train on them")
-            return block
+            for pos in groups[k]:
+                m = block[ids[pos] - c * cm]
+                if ((m.view(np.uint16) & 0x7C00) == 0x7C00).any():
+                    raise ApmaeError(f"{self.store.maps_path}: NaN or infinite values in map "
+                                     f"{int(ids[pos])}; refusing to train on it")
+                out[pos] = m
 
-        blocks = list(pool.map(read, chunks)) if pool else [read(c) for c in chunks]
-        data = np.concatenate(blocks) if len(blocks) > 1 else blocks[0]
-        offsets = np.zeros(int(chunks.max()) + 1, np.int64)
-        offsets[chunks] = np.cumsum([0] + [len(b) for b in blocks[:-1]])
-        return data[offsets[ids // cm] + ids % cm]
+        if pool:
+            list(pool.map(read, range(len(chunks))))
+        else:
+            for k in range(len(chunks)):
+                read(k)
+        return out
 
     def _produce(self, start_step: int, out: queue.Queue, stop: threading.Event) -> None:
         """Background thread: put (epoch, first_position, maps) windows on ``out``."""
