@@ -256,8 +256,9 @@ def cluster(
                                                  "sample) or L:H,L:H.")] = None,
     retries: Annotated[int, typer.Option("--retries", min=0, help="Retries of a failing head "
                                          "(with the next seed) before it is recorded failed.")] = 1,
-    knn: Annotated[str, typer.Option("--knn", help="cpu backend: auto (exact torch kNN on a GPU "
-                                     "for big heads), nndescent or torch.")] = "auto",
+    knn: Annotated[str, typer.Option("--knn", help="cpu backend's neighbour search: auto "
+                                     "(exact torch kNN below 4096 points, and at any size on a "
+                                     "GPU; NN-descent otherwise), nndescent or torch.")] = "auto",
     filter_max_distance: Annotated[Optional[float], typer.Option(
         "--filter-max-distance", help="Earlier paper's filter: drop clusters whose mean "
         "intra-cluster UMAP distance exceeds this (e.g. 1.0).")] = None,
