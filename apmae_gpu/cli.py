@@ -142,7 +142,7 @@ def train(
     batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Maps per step (per rank).")] = 64,
     lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: base "
                                                 "x global batch / 50; base 1.5e-4 for paper as "
-                                                "in the paper, 1e-3 small, 1.5e-3 tiny).")] = None,
+                                                "in the paper, 1.5e-3 small, 3e-3 tiny).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint directory (default "
                                                 "RUN/apmae).")] = None,
