@@ -401,6 +401,8 @@ def train(run, preset: str = "small", steps: int = 1000, batch_size: int = 64,
     else:
         device = resolve_device(device)
     is_main = rank == 0
+    if not is_main:  # one process per rank under torchrun: only rank 0 reports progress
+        log.setLevel(logging.WARNING)
     cuda = device.startswith("cuda")
 
     # ---- validate everything before the first step
