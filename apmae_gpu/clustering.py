@@ -1047,7 +1047,7 @@ def stability(run: str | os.PathLike, seeds: tuple[int, ...] = (1, 2, 3), heads:
         t.add_column(col, justify="right")
     for (l, h), r in per_head.iterrows():
         c = clusters_df[(clusters_df["layer"] == l) & (clusters_df["head"] == h)]
-        t.add_row(str(l), str(h), str(r.n_clusters_ref), f"{r.ari:.3f}", f"{r.ari_min:.3f}",
+        t.add_row(str(l), str(h), str(int(r.n_clusters_ref)), f"{r.ari:.3f}", f"{r.ari_min:.3f}",
                   f"{int(c['stable'].sum())}/{len(c)}")
     console = Console()
     console.print(t)
