@@ -379,3 +379,12 @@ def test_job_dying_outside_the_head_guard_is_recorded(embedded_run, tmp_path, mo
     assert heads["error"].str.contains("worker failed: MemoryError: worker killed").all()
     assert (heads["attempts"] == 2).all()
     assert len(pd.read_parquet(run / "clusters.parquet")) == 0
+
+
+@pytest.mark.gpu
+def test_torch_knn_on_cuda_matches_cpu():
+    X, _ = blobs(400, 3, 64, seed=4)
+    idx_c, dist_c = cb.torch_knn(X, 20, "cosine", "cpu")
+    idx_g, dist_g = cb.torch_knn(X, 20, "cosine", "cuda", batch=256)
+    np.testing.assert_allclose(dist_g, dist_c, atol=1e-4)
+    assert np.mean(idx_g == idx_c) > 0.99

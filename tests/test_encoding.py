@@ -211,3 +211,13 @@ def test_encode_errors(run_copy, tiny_checkpoint, tmp_path):
         encoding.encode(run_copy, checkpoint=tiny_checkpoint, pool="max", device="cpu")
     with pytest.raises(ApmaeError, match="no maps.zarr"):
         encoding.encode(tmp_path / "empty", checkpoint=tiny_checkpoint, device="cpu")
+
+
+@pytest.mark.gpu
+def test_cuda_bf16_encode_matches_cpu(run_copy, tiny_checkpoint):
+    store, ids, idx = _analysis(run_copy)
+    maps = torch.as_tensor(store.read(idx["map_id"].to_numpy()[:64]))
+    cpu = encoding.encode_maps(encoding.load_encoder(tiny_checkpoint, "cpu"), maps).cpu()
+    gpu = encoding.encode_maps(encoding.load_encoder(tiny_checkpoint, "cuda"), maps).cpu()
+    cos = torch.nn.functional.cosine_similarity(cpu, gpu, dim=1)
+    assert cos.min() > 0.99                                    # bf16 autocast vs fp32
