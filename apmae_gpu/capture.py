@@ -400,8 +400,14 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
             heads: str | None = None, scaler: str = "log", batch_size: int = 8,
             device: str = "auto", seed: int = 0, max_attempts: int | None = None,
             shard: str | None = None, device_map: str | None = None, chunk_maps: int = 32,
-            trust_remote_code: bool = False) -> dict:
-    """Capture one split of RUN (see module docstring); returns the split's summary."""
+            trust_remote_code: bool = False, encode_with: Path | None = None,
+            pool: str = "cls") -> dict:
+    """Capture one split of RUN (see module docstring); returns the split's summary.
+
+    ``encode_with`` (an AP-MAE checkpoint, analysis split only) encodes the kept maps in the
+    same pass and stores only their embeddings (``embeddings.zarr``), not the maps: the way to
+    run at paper scale.  Inference rows are still written (``has_maps`` marks the kept ones).
+    """
     import torch
 
     from apmae_gpu import llm
@@ -413,6 +419,9 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
         raise ApmaeError(f"--split {split}: expected train or analysis")
     if scaler not in SCALERS:
         raise ApmaeError(f"--scaler {scaler}: expected one of {', '.join(SCALERS)}")
+    if encode_with is not None and split != "analysis":
+        raise ApmaeError("--encode-with applies to the analysis split (AP-MAE trains on the "
+                         "stored maps of the train split)")
     frac = parse_heads(heads, split)
     shard_kn = _parse_shard(shard)
     if not run.is_dir():
@@ -447,6 +456,15 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
     store = MapStore.create_or_open(out_run, window=window, scaler=scaler,
                                     fill_value=FILL_VALUES[scaler], floor=FLOOR if scaler == "log" else None,
                                     chunk_maps=chunk_maps)
+    encoder = None
+    if encode_with is not None:
+        from apmae_gpu.encoding import StreamingEncoder
+
+        encoder = StreamingEncoder(out_run, encode_with, fam.n_layers, fam.n_heads, pool=pool,
+                                   device=device)
+        _roll_back_unencoded(store, split, encoder.committed_ids)
+    encoded_upto = (int(encoder.committed_ids[-1]) if encoder is not None
+                    and len(encoder.committed_ids) else -1)
     done_all = store.inferences()
     used_elsewhere: set = set()
     if shard_kn is not None and (run / "maps.zarr").exists():
@@ -482,7 +500,7 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
             head_sel = choose_heads(ids, fam.n_layers, fam.n_heads, frac, seed)
             logits, maps = forward_with_maps(lm, fam, input_ids, head_sel, scaler)
             verdict = llm.judge(logits, targets.to(logits.device))
-            maps_host = maps.cpu()
+            maps_host = maps.cpu() if encoder is None else None
             rows, keep_idx, index_parts = [], [], []
             for b, (task, task_id, attempt) in enumerate(batch):
                 has_target = int(targets[b]) >= 0
@@ -513,7 +531,15 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
                 stats["attempts"] += 1
                 stats["kept"] += int(keep)
             kept_maps = None
-            if keep_idx:
+            if keep_idx and encoder is not None:
+                fresh = [b for b in keep_idx if ids[b] > encoded_upto]
+                if fresh:
+                    encoder.add(ids[fresh], maps[fresh])
+                stats["maps"] += len(keep_idx) * maps.shape[1] * maps.shape[2]
+                for r in rows:
+                    r["n_maps"] = 0
+                index_parts = []
+            elif keep_idx:
                 kept_maps = maps_host[keep_idx].numpy().reshape(-1, window, window)
                 stats["maps"] += kept_maps.shape[0]
             index = pd.concat(index_parts, ignore_index=True) if index_parts else None
@@ -523,6 +549,8 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
             bar.update(len(batch))
             bar.set_postfix(kept=stats["kept"], maps=stats["maps"])
         writer.close()
+        if encoder is not None:
+            encoder.close()
     except BaseException:
         bar.close()
         try:
@@ -545,6 +573,8 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
         "fill_value": FILL_VALUES[scaler], "window": window, "chunk_maps": store.info.chunk_maps,
         "codec": store.info.codec,
     })
+    if encoder is not None:
+        section["encoded_with"] = str(encode_with)
     splits = section.setdefault("splits", {})
     splits[split] = {
         "per_task": per_task, "quota": quota, "heads": heads or ("layerwise:0.25" if split == "train" else "all"),
@@ -562,6 +592,26 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
              stats["attempts"], stats["kept"], stats["maps"], seconds, rate,
              stats["maps"] / max(seconds, 1e-9))
     return splits[split]
+
+
+def _roll_back_unencoded(store, split: str, committed_ids) -> None:
+    """Drop this split's commits from the first batch with a kept inference whose embedding
+    a crash lost (embeddings commit in blocks, inference rows per batch); the rerun recomputes
+    those batches exactly and skips the inferences already encoded."""
+    import pyarrow.parquet as pq
+
+    upto = int(committed_ids[-1]) if len(committed_ids) else -1
+    parts = {seq: pq.read_table(p, columns=["inference_id", "split", "batch", "has_maps"]).to_pandas()
+             for seq, p in store.parts().items()}
+    lost = [df[(df.split == split) & df.has_maps & (df.inference_id > upto)].batch.min()
+            for df in parts.values()]
+    lost = [b for b in lost if pd.notna(b)]
+    if not lost:
+        return
+    first = min(lost)
+    drop = [seq for seq, df in parts.items() if (df.split == split).all() and (df.batch >= first).all()]
+    log.warning("re-capturing %d batches whose embeddings were not committed", len(drop))
+    store.drop_commits(drop)
 
 
 def merge_shards(run: Path) -> dict:

@@ -114,6 +114,11 @@ def capture(
                                                       "model larger than one GPU.")] = None,
     chunk_maps: Annotated[int, typer.Option("--chunk-maps", min=1, help="Maps per Zarr chunk.")] = 32,
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    encode_with: Annotated[Optional[Path], typer.Option("--encode-with", help="AP-MAE checkpoint: "
+                                                        "encode the analysis maps in the same "
+                                                        "pass and keep only their embeddings "
+                                                        "(paper scale).")] = None,
+    pool: Annotated[str, typer.Option("--pool", help="With --encode-with: cls or mean.")] = "cls",
 ) -> None:
     """Prompt the LLM on mined tasks, judge its next token and store every head's scaled
     attention map in RUN/maps.zarr."""
@@ -122,7 +127,8 @@ def capture(
     capture_mod.capture(run=run, model=model, split=split, per_task=per_task, heads=heads,
                         scaler=scaler, batch_size=batch_size, device=device, seed=seed,
                         max_attempts=max_attempts, shard=shard, device_map=device_map,
-                        chunk_maps=chunk_maps, trust_remote_code=trust_remote_code)
+                        chunk_maps=chunk_maps, trust_remote_code=trust_remote_code,
+                        encode_with=encode_with, pool=pool)
 
 
 @app.command("merge-shards")

@@ -805,9 +805,13 @@ def write_figures(run: Path, heads_df: pd.DataFrame, summary: pd.DataFrame) -> l
         out.append(plot_heads_heatmap(heads_df, _dirs(run)["base"] / "heads_heatmap.png"))
     kept = summary[summary["kept"]] if len(summary) else summary
     if len(kept):
-        out.append(plot_gallery(run, summary))
-        top = kept.sort_values("size", ascending=False).iloc[0]
-        out.append(plot_cluster_maps(run, int(top["layer"]), int(top["head"]), int(top["cluster"])))
+        try:
+            out.append(plot_gallery(run, summary))
+            top = kept.sort_values("size", ascending=False).iloc[0]
+            out.append(plot_cluster_maps(run, int(top["layer"]), int(top["head"]),
+                                         int(top["cluster"])))
+        except ApmaeError as exc:  # e.g. captured with --encode-with: no analysis maps kept
+            log.warning("cluster gallery skipped: %s", exc)
     return out
 
 

@@ -47,6 +47,9 @@ class CaptureConfig(_Strict):
     batch_size: int = Field(8, ge=1)
     chunk_maps: int = Field(32, ge=1)
     device_map: Optional[str] = None
+    encode_analysis: bool = Field(False, description="capture the analysis split after AP-MAE "
+                                  "training and keep only its embeddings (paper scale)")
+    pool: Literal["cls", "mean"] = "cls"
     train: CaptureSplitConfig = CaptureSplitConfig(per_task=400_000, heads="layerwise:0.25")
     analysis: CaptureSplitConfig = CaptureSplitConfig(per_task=5000, heads="all")
 
@@ -98,6 +101,8 @@ class ClusterConfig(_Strict):
     filter_max_distance: Optional[float] = None
     filter_min_size: Optional[int] = None
     figures: bool = True
+    umap_epochs: Optional[int] = Field(None, ge=1)
+    heads: Optional[str] = None
 
 
 class ClassifyConfig(_Strict):

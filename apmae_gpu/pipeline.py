@@ -47,11 +47,22 @@ SECTIONS = {
 }
 
 
+def stage_order(cfg: PipelineConfig) -> list[str]:
+    """The stages in the order they run: with ``capture.encode_analysis`` the analysis split
+    is captured after AP-MAE training, encoded in the same pass, and ``encode`` is not run."""
+    order = list(STAGES)
+    if cfg.capture.encode_analysis:
+        order.remove("capture_analysis")
+        order.remove("encode")
+        order.insert(order.index("train") + 1, "capture_analysis")
+    return order
+
+
 def stage_keys(cfg: PipelineConfig) -> dict[str, str]:
     """A key per stage that changes when its settings, or any earlier stage's, change."""
     keys, prev = {}, json.dumps({"model": cfg.model, "seed": cfg.seed}, sort_keys=True)
     dump = cfg.model_dump(mode="json")
-    for stage in STAGES:
+    for stage in stage_order(cfg):
         part = {s: dump[s] for s in SECTIONS[stage]}
         prev = hashlib.sha256((prev + json.dumps(part, sort_keys=True)).encode()).hexdigest()[:16]
         keys[stage] = prev
@@ -99,10 +110,11 @@ def _capture(split: str):
 
         c = cfg.capture
         s = getattr(c, split)
+        encode_with = (run / "apmae" / "final") if split == "analysis" and c.encode_analysis else None
         capture(run=run, model=cfg.model, split=split, per_task=s.per_task, heads=s.heads,
                 scaler=c.scaler, batch_size=c.batch_size, device=cfg.device, seed=cfg.seed,
                 max_attempts=s.max_attempts, device_map=c.device_map, chunk_maps=c.chunk_maps,
-                trust_remote_code=cfg.trust_remote_code)
+                trust_remote_code=cfg.trust_remote_code, encode_with=encode_with, pool=c.pool)
     return run_split
 
 
@@ -166,7 +178,7 @@ def _cluster(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
             min_samples=c.min_samples, min_cluster_size=c.min_cluster_size,
             scheduler=c.scheduler, seed=cfg.seed, retries=c.retries, knn=c.knn,
             filter_max_distance=c.filter_max_distance, filter_min_size=c.filter_min_size,
-            restart=fresh, figures=c.figures)
+            restart=fresh, figures=c.figures, umap_epochs=c.umap_epochs, heads=c.heads)
 
 
 def _classify(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
@@ -265,7 +277,7 @@ def run_pipeline(config: str | Path, out: str | Path | None = None) -> dict:
     keys = stage_keys(cfg)
     state_path = run / STATE
     state = json.loads(state_path.read_text()) if state_path.exists() else {"stages": {}}
-    stages = [s for s in STAGES if s in cfg.stages]
+    stages = [s for s in stage_order(cfg) if s in cfg.stages]
     console = Console(stderr=True)
     os.environ.setdefault("APMAE_PROGRESS", "0")  # one display: the pipeline's own
     t_start = time.perf_counter()

@@ -226,6 +226,23 @@ class MapStore:
         self.n_maps = start + m
         self.next_seq = seq + 1
 
+    def parts(self) -> dict[int, Path]:
+        """Committed inference parts by commit number."""
+        return _parts(self.inf_dir)
+
+    def drop_commits(self, seqs) -> None:
+        """Remove whole commits that stored no maps (used to roll back inference rows whose
+        embeddings a crash lost); commits with maps cannot be dropped."""
+        index_parts = _parts(self.index_dir)
+        for seq in sorted(seqs, reverse=True):
+            ip = index_parts.get(seq)
+            if ip is not None and pq.ParquetFile(ip).metadata.num_rows:
+                raise ValueError(f"commit {seq} stored maps; it cannot be dropped")
+            self.parts()[seq].unlink()
+            if ip is not None:
+                ip.unlink()
+        self._refresh()
+
     # ------------------------------------------------------------------ reading
     def index(self, columns: list[str] | None = None) -> pd.DataFrame:
         if not _parts(self.index_dir):

@@ -282,3 +282,57 @@ def test_bad_input_is_a_clear_error(problem, message, tmp_path):
         model = str(small)
     with pytest.raises(ApmaeError, match=message):
         capture(run, model, **kwargs)
+
+
+@pytest.fixture(scope="module")
+def tiny_apmae(tmp_path_factory):
+    from apmae_gpu.model import APMAEModel, preset_config
+
+    torch.manual_seed(0)
+    model = APMAEModel(preset_config("tiny", image_size=32, patch_size=4, hidden_size=32,
+                                     num_hidden_layers=1, num_attention_heads=2, head_dim=16,
+                                     intermediate_size=64, decoder_hidden_size=32,
+                                     decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
+                                     decoder_head_dim=16, decoder_intermediate_size=64))
+    path = tmp_path_factory.mktemp("apmae") / "final"
+    model.save_pretrained(path)
+    return path
+
+
+def test_capture_and_encode_in_one_pass_equals_capture_then_encode(tmp_path, tiny_apmae,
+                                                                   monkeypatch, caplog):
+    from apmae_gpu import encoding
+
+    kw = dict(per_task=2, batch_size=2, device="cpu")
+    stored = _task_run(tmp_path / "stored", "random:tiny-llama", n_per_task=8)
+    capture(stored, "random:tiny-llama", **kw)
+    encoding.encode(stored, checkpoint=tiny_apmae, device="cpu")
+
+    # One pass, killed in the middle of an embedding block.
+    one = _task_run(tmp_path / "one", "random:tiny-llama", n_per_task=8)
+    original = encoding.StreamingEncoder.add
+    calls = {"n": 0}
+
+    def crashing(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:  # blocks of 3: inference 3 sits in the uncommitted block
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(encoding.StreamingEncoder, "add", crashing)
+    monkeypatch.setattr(encoding, "default_block", lambda *a, **k: 3)
+    with pytest.raises(KeyboardInterrupt):
+        capture(one, "random:tiny-llama", encode_with=tiny_apmae, **kw)
+    monkeypatch.setattr(encoding.StreamingEncoder, "add", original)
+    capture(one, "random:tiny-llama", encode_with=tiny_apmae, **kw)
+    assert "re-capturing" in caplog.text  # rows whose embeddings were lost were redone
+
+    a, b = MapStore(stored).inferences(), MapStore(one).inferences()
+    pd.testing.assert_frame_equal(a.drop(columns="n_maps"), b.drop(columns="n_maps"))
+    assert MapStore(one).n_maps == 0 and (b.n_maps == 0).all()
+    ids_a, xa = encoding.read_head(stored / "embeddings.zarr", 1, 3)
+    ids_b, xb = encoding.read_head(one / "embeddings.zarr", 1, 3)
+    np.testing.assert_array_equal(ids_a, ids_b)
+    np.testing.assert_allclose(xa.astype(np.float32), xb.astype(np.float32), atol=2e-3)
+    with pytest.raises(ApmaeError, match="analysis split"):
+        capture(one, "random:tiny-llama", split="train", encode_with=tiny_apmae, **kw)

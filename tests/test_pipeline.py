@@ -1,0 +1,97 @@
+"""Pipeline configs are validated with one-line errors; a finished run's rerun skips every
+complete stage; changing one stage's settings reruns that stage and the ones after it."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from apmae_gpu.cli import main
+from apmae_gpu.config import STAGES, load_config
+from apmae_gpu.pipeline import run_pipeline, stage_keys, stage_order
+from apmae_gpu.runs import ApmaeError
+
+CONFIGS = Path(__file__).resolve().parent.parent / "configs"
+
+
+@pytest.mark.parametrize("name", ["demo", "starcoder2-3b", "starcoder2-7b", "starcoder2-15b"])
+def test_shipped_configs_validate(name):
+    cfg = load_config(CONFIGS / f"{name}.yaml")
+    if name == "demo":
+        assert cfg.model == "smollm2" and cfg.mine.corpus == "jdk" and cfg.train.preset == "tiny"
+        assert set(cfg.stages) == set(STAGES)
+    else:
+        size = name.split("-")[1]
+        assert cfg.model == f"bigcode/starcoder2-{size}" and cfg.train.preset == "paper"
+        assert cfg.cluster.backend == "cuml" and cfg.train.nproc == 8
+        assert cfg.mine.corpus == "hf:LaughingLogits/Stackless_Java_V2"
+        # 25% of the heads over ~72M maps, as the paper trained
+        heads = {"3b": 720, "7b": 1152, "15b": 1920}[size]
+        assert 60e6 < cfg.capture.train.per_task * heads * 0.25 < 80e6
+        assert stage_order(cfg).index("capture_analysis") > stage_order(cfg).index("train")
+        assert "encode" not in stage_order(cfg)
+
+
+@pytest.mark.parametrize("text,message", [
+    ("capture:\n  batch_sise: 4\n", "unknown key 'capture.batch_sise'"),
+    ("train:\n  steps: many\n", "train.steps: input should be a valid integer"),
+    ("cluster: {backend: tpu}\n", "cluster.backend"),
+    ("stages: [mine, dance]\n", "stages.1"),
+    ("mine: [1, 2\n", "not valid YAML"),
+])
+def test_bad_configs_are_one_line_errors(text, message, tmp_path, capsys):
+    path = tmp_path / "bad.yaml"
+    path.write_text(text)
+    with pytest.raises(ApmaeError, match=message.replace(".", r"\.").replace("[", r"\[")):
+        load_config(path)
+    with pytest.raises(SystemExit) as exc:
+        main(["pipeline", "--config", str(path)])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and "\n" not in err
+
+
+def test_base_files_are_merged(tmp_path):
+    (tmp_path / "base.yaml").write_text("model: m1\ncluster: {workers: 4, neighbors: 7}\n")
+    (tmp_path / "child.yaml").write_text("base: base.yaml\ncluster: {workers: 2}\n")
+    cfg = load_config(tmp_path / "child.yaml")
+    assert cfg.model == "m1" and cfg.cluster.workers == 2 and cfg.cluster.neighbors == 7
+    (tmp_path / "loop.yaml").write_text("base: loop.yaml\n")
+    with pytest.raises(ApmaeError, match="loops"):
+        load_config(tmp_path / "loop.yaml")
+
+
+def test_stage_keys_chain(tmp_path):
+    a = load_config(CONFIGS / "demo.yaml")
+    b = a.model_copy(deep=True)
+    b.classify.iterations = 7
+    ka, kb = stage_keys(a), stage_keys(b)
+    order = stage_order(a)
+    changed = [s for s in order if ka[s] != kb[s]]
+    assert changed == order[order.index("classify"):]
+
+
+def test_rerun_skips_complete_stages_and_reruns_changed_ones(e2e_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(e2e_run, run)
+    state = json.loads((run / "pipeline.json").read_text())
+    assert all(s["status"] == "done" for s in state["stages"].values())
+    config = tmp_path / "tiny.yaml"
+    from tests.conftest import E2E_CONFIG
+
+    config.write_text(E2E_CONFIG)
+    summary = run_pipeline(config, out=run)
+    assert all(s.get("skipped") for s in summary["stages"].values()), summary["stages"]
+    assert summary["headlines"]["heads clustered (ok / all)"] == "8 / 8"
+
+    config.write_text(E2E_CONFIG.replace("intervene: {k: [1, 2, 4, 8], per_group: 2}",
+                                         "intervene: {k: [1, 8], per_group: 2}"))
+    summary = run_pipeline(config, out=run)
+    ran = [s for s, v in summary["stages"].items() if not v.get("skipped")]
+    assert ran == [s for s in ("intervene", "report") if s in summary["stages"]]
+    import pandas as pd
+
+    assert sorted(pd.read_parquet(run / "intervene" / "results.parquet").k.unique()) == [1, 8]
