@@ -172,22 +172,19 @@ def train(
     eval_every: Annotated[Optional[int], typer.Option("--eval-every", min=1, help="Validation "
                                                       "MSE every N steps (default steps/10).")] = None,
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for "
-                                                   "torch (default: torch's choice).")] = None,
+                                                   "torch (default: torch's choice; 1 on "
+                                                   "machines with at most 2 cores).")] = None,
 ) -> None:
     """Train AP-MAE on RUN/maps.zarr (train split); torchrun for several GPUs."""
     import os
 
     from apmae_gpu import training
 
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
     summary = training.train(run=run, preset=preset, steps=steps, batch_size=batch_size, lr=lr,
                              resume=resume, out=out, raw=raw, device=device, seed=seed,
                              compile=compile, val_fraction=val_fraction, model_config=model_config,
                              warmup_steps=warmup_steps, save_every=save_every,
-                             eval_every=eval_every)
+                             eval_every=eval_every, threads=threads)
     if summary.get("val_loss") is not None and os.environ.get("RANK", "0") == "0":
         typer.echo(f"AP-MAE {summary['preset']}: {summary['steps']} steps, validation MSE "
                    f"{summary['val_loss']:.4g} (mean of visible patches "
