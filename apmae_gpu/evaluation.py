@@ -206,8 +206,8 @@ def reconstruction_figure(model: APMAEModel, maps: torch.Tensor, noise: torch.Te
     for i in range(n):
         for j in range(4):
             img = panels[j][i]
-            if raw:
-                img = np.where(img > 0, img, np.nan)
+            if raw:  # log colour scale (the paper's Fig. 1c); predictions <= 0 at its floor
+                img = np.clip(img, 1e-4, 1.0)
             ax = axes[i, j]
             ax.imshow(np.ma.masked_invalid(img), cmap=cmap,
                       norm=LogNorm(vmin=1e-4, vmax=1.0) if raw else None,
@@ -368,14 +368,19 @@ def _print_tables(table: pd.DataFrame) -> None:
     console.print(t)
     ap = table[table["method"] == "apmae"]
     if ap["checkpoint_name"].nunique() > 1 or ap["dataset_name"].nunique() > 1:
-        cross = Table(title="Cross-evaluation (AP-MAE MSE x1e-3; rows trained on, columns "
-                            "evaluated on)")
+        # checkpoints of different input scalings compare only in the common log space
+        mixed = ap["input_scaling"].nunique() > 1
+        col = "mse_log" if mixed else "mse"
+        cross = Table(title="Cross-evaluation (AP-MAE MSE x1e-3"
+                            + (", log-min-max space" if mixed else "")
+                            + "; rows trained on, columns evaluated on)")
         cross.add_column("checkpoint")
         datasets = list(dict.fromkeys(ap["dataset_name"]))
         for d in datasets:
             cross.add_column(d, justify="right")
         for ck, g in ap.groupby("checkpoint_name", sort=False):
-            cells = {r.dataset_name: f"{r.mse_mean * 1e3:.2f} ± {r.mse_std * 1e3:.2f}"
+            cells = {r.dataset_name: f"{getattr(r, col + '_mean') * 1e3:.2f} ± "
+                                     f"{getattr(r, col + '_std') * 1e3:.2f}"
                      for r in g.itertuples()}
             cross.add_row(ck, *[cells.get(d, "") for d in datasets])
         console.print(cross)

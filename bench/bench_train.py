@@ -244,7 +244,19 @@ def learns(run: Path, args, device: str, tmp: Path) -> dict:
               batch_size=args.learn_batch, out=out, device=device, seed=0,
               eval_every=max(1, args.learn_steps // 4))
     curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    return {"preset": args.learn_preset, "steps": args.learn_steps, "batch": args.learn_batch,
+    result = {}
+    if args.ablation:  # the paper's log-vs-raw ablation, compared in the common log space
+        from apmae_gpu.evaluation import evaluate
+
+        train(run, preset=args.learn_preset, steps=args.learn_steps, batch_size=args.learn_batch,
+              out=tmp / "raw", device=device, seed=0, raw=True,
+              eval_every=max(1, args.learn_steps // 4))
+        table = evaluate([out / "final", tmp / "raw" / "final"], [run], out=tmp / "ev",
+                         device=device, figure_maps=0)
+        result["ablation"] = table[["checkpoint_name", "method", "input_scaling", "mse_mean",
+                                    "mse_log_mean", "n_maps"]].to_dict(orient="records")
+    return {**result, "preset": args.learn_preset, "steps": args.learn_steps,
+            "batch": args.learn_batch,
             "lr": s["lr"], "seconds": time.perf_counter() - t, "maps_per_s": s["maps_per_s"],
             "val_mse": s["val_loss"], "visible_mean_mse": s.get("val_visible_mean"),
             "dataset_mean_mse": s.get("val_dataset_mean"),
@@ -267,6 +279,8 @@ def main() -> None:
     ap.add_argument("--learn-preset", default="tiny")
     ap.add_argument("--learn-steps", type=int, default=300)
     ap.add_argument("--learn-batch", type=int, default=32)
+    ap.add_argument("--ablation", action="store_true", help="also train on raw probabilities "
+                    "(apmae train --raw) and compare both in log-min-max space")
     ap.add_argument("--skip-throughput", action="store_true")
     ap.add_argument("--skip-learn", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
@@ -319,6 +333,11 @@ def main() -> None:
                          f"{ln['visible_mean_mse']:.4g} and dataset mean patch "
                          f"{ln['dataset_mean_mse']:.4g} ({ln['n_val_maps']} maps); curve "
                          + ", ".join(f"{s}: {v:.4g}" for s, v in ln["val_curve"]))
+            if ln.get("ablation"):
+                notes.append("log vs raw ablation (validation MSE x1e-3, own space / common "
+                             "log-min-max space): " + "; ".join(
+                                 f"{r['input_scaling']} {r['method']} {r['mse_mean'] * 1e3:.2f}"
+                                 f" / {r['mse_log_mean'] * 1e3:.2f}" for r in ln["ablation"]))
         notes.append(f"data: {'--data ' + str(args.data) if args.data else 'synthetic store'}; "
                      "the machine is shared with other jobs, so CPU figures are lower bounds")
     finally:
