@@ -243,6 +243,7 @@ def learns(run: Path, args, device: str, tmp: Path) -> dict:
     s = train(run, preset=args.learn_preset, steps=args.learn_steps,
               batch_size=args.learn_batch, out=out, device=device, seed=0,
               eval_every=max(1, args.learn_steps // 4))
+    seconds = time.perf_counter() - t
     curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     result = {}
     if args.ablation:  # the paper's log-vs-raw ablation, compared in the common log space
@@ -257,7 +258,7 @@ def learns(run: Path, args, device: str, tmp: Path) -> dict:
                                     "mse_log_mean", "n_maps"]].to_dict(orient="records")
     return {**result, "preset": args.learn_preset, "steps": args.learn_steps,
             "batch": args.learn_batch,
-            "lr": s["lr"], "seconds": time.perf_counter() - t, "maps_per_s": s["maps_per_s"],
+            "lr": s["lr"], "seconds": seconds, "maps_per_s": s["maps_per_s"],
             "val_mse": s["val_loss"], "visible_mean_mse": s.get("val_visible_mean"),
             "dataset_mean_mse": s.get("val_dataset_mean"),
             "val_curve": [(r["step"], r["val_loss"]) for r in curve if r["kind"] == "val"],
