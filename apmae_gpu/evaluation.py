@@ -34,10 +34,17 @@ import pandas as pd
 import torch
 
 from apmae_gpu.model import APMAEModel, lower_mask
-from apmae_gpu.runs import (ApmaeError, atomic_path, progress, read_manifest, resolve_device,
-                            update_manifest, write_parquet)
+from apmae_gpu.runs import (
+    ApmaeError,
+    atomic_path,
+    progress,
+    read_manifest,
+    resolve_device,
+    update_manifest,
+    write_parquet,
+)
 from apmae_gpu.store import MapStore
-from apmae_gpu.training import ARGS, FINAL, validation_mask
+from apmae_gpu.training import FINAL, validation_mask
 
 log = logging.getLogger("apmae_gpu.evaluation")
 
@@ -255,7 +262,7 @@ def evaluate(checkpoints, data, out=None, split: str = "validation", max_maps: i
         with _quiet_hf():
             try:
                 m = APMAEModel.from_pretrained(p)
-            except Exception as exc:
+            except (OSError, ValueError, KeyError, RuntimeError) as exc:
                 raise ApmaeError(f"{p}: cannot load the AP-MAE checkpoint "
                                  f"({str(exc).splitlines()[0]})") from None
         models.append(m.to(device).eval())

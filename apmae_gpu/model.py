@@ -30,6 +30,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from huggingface_hub.dataclasses import strict
+from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
@@ -135,7 +136,7 @@ def preset_config(name: str, **overrides) -> APMAEConfig:
                          f"(known: {', '.join(sorted(config_fields()))})")
     try:
         return APMAEConfig(**{**_PRESETS[name], "preset": name, **overrides})
-    except Exception as exc:  # strict-dataclass type/validation errors
+    except (StrictDataclassError, TypeError, ValueError) as exc:  # type/validation errors
         raise ApmaeError(f"invalid AP-MAE config: {str(exc).splitlines()[-1].strip()}") from None
 
 
@@ -332,7 +333,7 @@ class APMAEModel(APMAEPreTrainedModel):
     # ------------------------------------------------------------------ MAE steps
     def num_masked(self, mask_ratio: float | None = None) -> int:
         ratio = self.config.mask_ratio if mask_ratio is None else mask_ratio
-        return int(round(ratio * self.config.num_patches))
+        return round(ratio * self.config.num_patches)
 
     def random_masking(self, x: torch.Tensor, mask_ratio: float,
                        noise: torch.Tensor | None = None):
@@ -447,7 +448,7 @@ def train_flops_per_map(config: APMAEConfig, mask_ratio: float | None = None) ->
     multiplies of the linear layers and of attention; elementwise work not counted."""
     c = config
     n = c.num_patches
-    k = n - int(round((c.mask_ratio if mask_ratio is None else mask_ratio) * n))
+    k = n - round((c.mask_ratio if mask_ratio is None else mask_ratio) * n)
     pp = c.patch_size ** 2
 
     def block(t, d, h, hd, mlp):
@@ -480,5 +481,15 @@ def describe(config: APMAEConfig) -> str:
 AutoConfig.register("apmae", APMAEConfig)
 AutoModel.register(APMAEConfig, APMAEModel)
 
-__all__ = ["APMAEConfig", "APMAEModel", "PRESETS", "preset_config", "parameter_counts",
-           "train_flops_per_map", "tril_patch_grid", "pixel_valid_mask", "sincos_2d", "describe"]
+__all__ = [
+    "PRESETS",
+    "APMAEConfig",
+    "APMAEModel",
+    "describe",
+    "parameter_counts",
+    "pixel_valid_mask",
+    "preset_config",
+    "sincos_2d",
+    "train_flops_per_map",
+    "tril_patch_grid",
+]

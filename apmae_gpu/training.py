@@ -47,8 +47,16 @@ import numpy as np
 import torch
 
 from apmae_gpu.model import APMAEModel, config_fields, describe, parameter_counts, preset_config
-from apmae_gpu.runs import (ApmaeError, atomic_path, describe_machine, progress, read_manifest,
-                            resolve_device, update_manifest, write_json)
+from apmae_gpu.runs import (
+    ApmaeError,
+    atomic_path,
+    describe_machine,
+    progress,
+    read_manifest,
+    resolve_device,
+    update_manifest,
+    write_json,
+)
 from apmae_gpu.store import MapStore
 
 log = logging.getLogger("apmae_gpu.training")
@@ -229,7 +237,7 @@ class MapLoader:
                                 continue
                     pos += ids.size
                 epoch, skip = epoch + 1, 0
-        except BaseException as exc:  # handed to the consumer, which re-raises it
+        except Exception as exc:  # handed to the consumer, which re-raises it
             while not stop.is_set():
                 try:
                     out.put(("error", exc), timeout=0.1)
@@ -271,8 +279,8 @@ class MapLoader:
 # --------------------------------------------------------------------------- helpers
 def _dist_env() -> tuple[int, int, int]:
     """(rank, world size, local rank) from torchrun's environment."""
-    return (int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1)),
-            int(os.environ.get("LOCAL_RANK", 0)))
+    return (int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")),
+            int(os.environ.get("LOCAL_RANK", "0")))
 
 
 def _load_overrides(model_config) -> dict:
@@ -284,10 +292,12 @@ def _load_overrides(model_config) -> dict:
     path = Path(model_config)
     if not path.exists():
         raise ApmaeError(f"--model-config {path}: no such file")
+    import yaml
+
     text = path.read_text()
     try:
-        data = json.loads(text) if path.suffix == ".json" else __import__("yaml").safe_load(text)
-    except Exception as exc:
+        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
+    except (json.JSONDecodeError, yaml.YAMLError) as exc:
         raise ApmaeError(f"--model-config {path}: cannot parse ({exc})") from None
     if not isinstance(data, dict):
         raise ApmaeError(f"--model-config {path}: expected a mapping of config keys")

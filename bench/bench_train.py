@@ -36,9 +36,9 @@ from einops import rearrange, repeat
 from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import save, sync  # noqa: E402
+from common import save, sync
 
-from apmae_gpu.model import APMAEModel, parameter_counts, preset_config, train_flops_per_map  # noqa: E402
+from apmae_gpu.model import APMAEModel, parameter_counts, preset_config, train_flops_per_map
 
 
 # --------------------------------------------------------------------------- reference-style baseline
@@ -81,7 +81,7 @@ class RefMAE(nn.Module):
         super().__init__()
         self.p, self.g = c.patch_size, c.image_size // c.patch_size
         n, pp, d = self.g ** 2, c.patch_size ** 2, c.hidden_size
-        self.num_masked = int(round(c.mask_ratio * c.num_patches))
+        self.num_masked = round(c.mask_ratio * c.num_patches)
         self.embed = nn.Sequential(nn.LayerNorm(pp), nn.Linear(pp, d), nn.LayerNorm(d))
         self.pos = nn.Parameter(torch.randn(1, n + 1, d))
         self.cls = nn.Parameter(torch.zeros(1, 1, d))

@@ -9,8 +9,15 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apmae_gpu.model import (APMAEConfig, APMAEModel, parameter_counts, pixel_valid_mask,
-                             preset_config, train_flops_per_map, tril_patch_grid)
+from apmae_gpu.model import (
+    APMAEConfig,
+    APMAEModel,
+    parameter_counts,
+    pixel_valid_mask,
+    preset_config,
+    train_flops_per_map,
+    tril_patch_grid,
+)
 from apmae_gpu.runs import ApmaeError
 from apmae_gpu.synthetic import synthetic_maps
 
