@@ -721,15 +721,25 @@ def _spread(coords: np.ndarray, k: int) -> list[int]:
     return chosen
 
 
+def _showcase(summary: pd.DataFrame, n: int, max_share: float = 0.5) -> pd.DataFrame:
+    """The clusters worth showing: the largest kept cluster per head, largest first, among
+    those holding at most ``max_share`` of their head's maps (a cluster of a whole head shows
+    no pattern that tells inferences apart); the others fill up when too few qualify."""
+    kept = summary[summary["kept"]].sort_values(["size", "layer", "head", "cluster"],
+                                                ascending=[False, True, True, True])
+    kept = kept.drop_duplicates(["layer", "head"])
+    narrow = kept["share"] <= max_share if "share" in kept else pd.Series(True, kept.index)
+    return pd.concat([kept[narrow], kept[~narrow]]).head(n)
+
+
 def plot_gallery(run: str | os.PathLike, summary: pd.DataFrame, path: Path | None = None,
                  n_clusters: int = 12, per_side: int = 3) -> Path:
-    """A gallery: one row per cluster (the largest kept cluster of the heads with the
-    largest clusters, one per head first), ``per_side`` most central members (closest to
+    """A gallery: one row per cluster (:func:`_showcase`: the largest kept cluster of a head,
+    one per head, preferring clusters of at most half the head's maps), ``per_side`` most central members (closest to
     the cluster's UMAP centroid) then ``per_side`` most distant ones."""
     run = Path(run)
     plt = _plt()
-    kept = summary[summary["kept"]].sort_values("size", ascending=False)
-    pick = kept.drop_duplicates(["layer", "head"]).head(n_clusters)
+    pick = _showcase(summary, n_clusters)
     if pick.empty:
         raise ApmaeError("no clusters to show")
     ncol = 2 * per_side
@@ -807,7 +817,7 @@ def write_figures(run: Path, heads_df: pd.DataFrame, summary: pd.DataFrame) -> l
     if len(kept):
         try:
             out.append(plot_gallery(run, summary))
-            top = kept.sort_values("size", ascending=False).iloc[0]
+            top = _showcase(summary, 1).iloc[0]
             out.append(plot_cluster_maps(run, int(top["layer"]), int(top["head"]),
                                          int(top["cluster"])))
         except ApmaeError as exc:  # e.g. captured with --encode-with: no analysis maps kept

@@ -692,7 +692,8 @@ def plot_net_change(results: pd.DataFrame, path: Path) -> str:
         ax.set_ylabel("net change", fontsize=8)
     axes.flat[0].legend(fontsize=7)
     mode = results["mode"].iloc[0].replace("_", " ")
-    fig.suptitle(f"net change in correct generations ({mode}); filled: p<0.05 vs random")
+    fig.suptitle(f"net change in correct generations ({mode})\nfilled: p<0.05 vs random",
+                 fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

@@ -188,8 +188,11 @@ def _timings(run: Path, man: dict) -> pd.DataFrame:
     rows = []
     if state.exists():
         for stage, info in json.loads(state.read_text()).get("stages", {}).items():
+            status = info.get("status")
+            if stage == "report" and status == "running":
+                status = "writing this page"
             rows.append({"stage": stage, "status": ("complete, skipped on the last run"
-                                                    if info.get("skipped") else info.get("status")),
+                                                    if info.get("skipped") else status),
                          "seconds": info.get("seconds")})
     else:
         for stage, sec in man.items():
@@ -379,10 +382,11 @@ def cluster_section(run: Path, man: dict) -> Section:
         s.blocks.append(table(failed[["layer", "head", "status", "error"]], "heads not clustered"))
     base = run / "cluster"
     for name, caption in (("heads_heatmap.png", "clusters per head and share of maps clustered"),
-                          ("gallery.png", "largest clusters: most central | most distant members")):
+                          ("gallery.png", "one cluster per head (its largest holding at most half of its "
+                           "maps, where there is one): most central | most distant members")):
         if (base / name).exists():
             s.blocks.append(image(base / name, caption))
-    for png in sorted(base.glob("cluster_L*_C*.png"))[:2]:
+    for png in sorted(base.glob("cluster_L*_C*.png"), key=lambda p: -p.stat().st_mtime)[:2]:
         s.blocks.append(image(png, f"maps within one cluster ({png.stem})"))
     summ = base / "clusters_summary.parquet"
     if summ.exists():

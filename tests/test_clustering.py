@@ -388,3 +388,23 @@ def test_torch_knn_on_cuda_matches_cpu():
     idx_g, dist_g = cb.torch_knn(X, 20, "cosine", "cuda", batch=256)
     np.testing.assert_allclose(dist_g, dist_c, atol=1e-4)
     assert np.mean(idx_g == idx_c) > 0.99
+
+
+def test_showcase_prefers_clusters_that_split_a_head():
+    import pandas as pd
+
+    summary = pd.DataFrame([
+        # head (0, 0): one cluster holding every map, the largest of all
+        dict(layer=0, head=0, cluster=0, size=100, share=1.0, kept=True),
+        # head (0, 1): two clusters; its largest holds 60% of the maps
+        dict(layer=0, head=1, cluster=0, size=60, share=0.6, kept=True),
+        dict(layer=0, head=1, cluster=1, size=40, share=0.4, kept=True),
+        # head (1, 0): its largest cluster holds 45%, one that is filtered out is larger
+        dict(layer=1, head=0, cluster=0, size=45, share=0.45, kept=True),
+        dict(layer=1, head=0, cluster=1, size=50, share=0.5, kept=False),
+    ])
+    pick = clustering._showcase(summary, 3)
+    # one row per head; heads whose largest cluster splits them (share <= 0.5) first
+    assert list(zip(pick.layer, pick["head"], pick.cluster)) == [(1, 0, 0), (0, 0, 0), (0, 1, 0)]
+    assert list(clustering._showcase(summary, 1).cluster) == [0]
+    assert clustering._showcase(summary.assign(kept=False), 3).empty

@@ -95,3 +95,23 @@ def test_rerun_skips_complete_stages_and_reruns_changed_ones(e2e_run, tmp_path):
     import pandas as pd
 
     assert sorted(pd.read_parquet(run / "intervene" / "results.parquet").k.unique()) == [1, 8]
+
+
+def test_headline_classifier_is_the_largest_gain_over_majority(tmp_path):
+    import pandas as pd
+
+    from apmae_gpu.pipeline import headlines
+
+    (tmp_path / "classify").mkdir()
+    rows = []
+    for task, cb, maj in (("closing_brackets", 0.90, 0.90), ("identifiers", 0.70, 0.50),
+                          ("end_of_line", 0.55, 0.50)):
+        rows += [dict(task=task, method="catboost", accuracy_mean=cb, ci_low=cb - 0.1,
+                      ci_high=cb + 0.1),
+                 dict(task=task, method="majority", accuracy_mean=maj, ci_low=maj,
+                      ci_high=maj)]
+    pd.DataFrame(rows).to_parquet(tmp_path / "classify" / "metrics.parquet")
+    out = headlines(tmp_path)
+    # closing_brackets has the best accuracy but only matches its majority class
+    assert out["best correctness classifier"] == "identifiers: 0.700 [0.600, 0.800]"
+    assert out["  majority baseline there"] == 0.5
