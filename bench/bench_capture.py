@@ -118,6 +118,7 @@ def main() -> None:
     store = MapStore.create_or_open(tmp, window=W, scaler="log", fill_value=math.log(1e-8),
                                     floor=1e-8)
     import pandas as pd
+    import pyarrow as pa
 
     from apmae_gpu.store import INFERENCE_SCHEMA
 
@@ -128,8 +129,8 @@ def main() -> None:
                             "layer": np.tile(np.repeat(np.arange(fam.n_layers), fam.n_heads), B),
                             "head": np.tile(np.arange(fam.n_heads), B * fam.n_layers)})
         rows = pd.DataFrame({"inference_id": np.arange(B), "split": "analysis", "has_maps": True})
-        store.commit(host, idx, rows, inference_schema=INFERENCE_SCHEMA.select(
-            ["inference_id", "split", "has_maps"]))
+        store.commit(host, idx, rows, inference_schema=pa.schema(
+            [INFERENCE_SCHEMA.field(c) for c in ("inference_id", "split", "has_maps")]))
 
     t_e2e = _timed(e2e, device, args.repeat)
     figures["store_bytes_per_map"] = _dir_bytes(tmp / "maps.zarr") / store.n_maps
