@@ -244,7 +244,7 @@ def evaluate(checkpoints, data, out=None, split: str = "validation", max_maps: i
              figure_maps: int = 4) -> pd.DataFrame:
     """Reconstruction MSE of every checkpoint on every dataset, with baselines; prints a
     table and writes ``evaluation.parquet``, ``evaluation_maps.parquet`` and figures."""
-    from apmae_gpu.training import _quiet_hf
+    from apmae_gpu.runs import quiet_hf_progress
 
     t0 = time.perf_counter()
     checkpoints, data = [Path(c) for c in checkpoints], [Path(d) for d in data]
@@ -259,7 +259,7 @@ def evaluate(checkpoints, data, out=None, split: str = "validation", max_maps: i
     ds_names = _unique([_label(d, "dataset") for d in data])
     models = []
     for p in paths:
-        with _quiet_hf():
+        with quiet_hf_progress():
             try:
                 m = APMAEModel.from_pretrained(p)
             except (OSError, ValueError, KeyError, RuntimeError) as exc:

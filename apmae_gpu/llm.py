@@ -21,7 +21,6 @@ MODEL specs
 
 from __future__ import annotations
 
-import contextlib
 
 import hashlib
 import importlib.util
@@ -31,7 +30,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from apmae_gpu.runs import ApmaeError
+from apmae_gpu.runs import ApmaeError, quiet_hf_progress
 
 log = logging.getLogger("apmae_gpu.llm")
 
@@ -203,20 +202,6 @@ def default_dtype(device: str):
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
-@contextlib.contextmanager
-def _quiet_loading():
-    """Hide transformers' per-tensor "Loading weights" bar (it breaks the pipeline's display)."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
-
-
 def load_model(spec: str | ModelSpec, device: str = "cpu", dtype=None, attn_implementation: str = "sdpa",
                device_map: str | None = None, trust_remote_code: bool = False, seed: int = 0):
     """Load MODEL for inference (eval mode): bf16 on GPU, float32 on CPU by default.
@@ -240,10 +225,10 @@ def load_model(spec: str | ModelSpec, device: str = "cpu", dtype=None, attn_impl
             return model.eval()
         if ms.kind == "embedded":
             path = _embedded_checkpoint()
-            with _quiet_loading():   # a local 0.5 GB file loads in a second: no bar
+            with quiet_hf_progress():   # a local 0.5 GB file loads in a second: no bar
                 model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, **kwargs)
         elif ms.kind == "gguf":
-            with _quiet_loading():
+            with quiet_hf_progress():
                 model = AutoModelForCausalLM.from_pretrained(ms.path, gguf_file=ms.gguf_file,
                                                              device_map=device_map, **kwargs)
         else:

@@ -253,3 +253,18 @@ def progress(iterable=None, total=None, desc: str = "", unit: str = "it", disabl
         disable = env == "0" or not (sys.stderr.isatty() or env == "1")
     return tqdm(iterable, total=total, desc=desc, unit=unit, disable=disable, dynamic_ncols=True,
                 **kwargs)
+
+
+@contextlib.contextmanager
+def quiet_hf_progress():
+    """Hide transformers' progress bars (per-tensor "Loading weights", per-file saves) for the
+    duration: they break the pipeline's single display.  The previous state is restored."""
+    from transformers.utils import logging as hf_logging
+
+    was = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was:
+            hf_logging.enable_progress_bar()

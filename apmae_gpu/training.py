@@ -52,6 +52,7 @@ from apmae_gpu.runs import (
     atomic_path,
     describe_machine,
     progress,
+    quiet_hf_progress,
     read_manifest,
     resolve_device,
     update_manifest,
@@ -351,25 +352,11 @@ def _save_dir(final: Path, write) -> None:
 
 def _save_final(out: Path, model: APMAEModel, args: dict) -> None:
     def write(tmp: Path):
-        with _quiet_hf():
+        with quiet_hf_progress():
             model.save_pretrained(tmp)
         write_json(tmp / ARGS, args)
 
     _save_dir(out / FINAL, write)
-
-
-@contextlib.contextmanager
-def _quiet_hf():
-    """Silence transformers' per-file progress bars around save/load."""
-    from transformers.utils import logging as hf_logging
-
-    was = hf_logging.is_progress_bar_enabled()
-    hf_logging.disable_progress_bar()
-    try:
-        yield
-    finally:
-        if was:
-            hf_logging.enable_progress_bar()
 
 
 def _masked_mse(model: APMAEModel, maps: torch.Tensor, noise: torch.Tensor, batch: int,
@@ -615,7 +602,7 @@ def _train(run, preset, steps, batch_size, lr, resume, out, raw, device, seed, c
             st["cuda_rng"] = torch.cuda.get_rng_state(device)
 
         def write(tmp: Path):
-            with _quiet_hf():
+            with quiet_hf_progress():
                 model.save_pretrained(tmp)
             torch.save(st, tmp / STATE)
             write_json(tmp / ARGS, args)
