@@ -500,7 +500,6 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
             head_sel = choose_heads(ids, fam.n_layers, fam.n_heads, frac, seed)
             logits, maps = forward_with_maps(lm, fam, input_ids, head_sel, scaler)
             verdict = llm.judge(logits, targets.to(logits.device))
-            maps_host = maps.cpu() if encoder is None else None
             rows, keep_idx, index_parts = [], [], []
             for b, (task, task_id, attempt) in enumerate(batch):
                 has_target = int(targets[b]) >= 0
@@ -540,7 +539,9 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
                     r["n_maps"] = 0
                 index_parts = []
             elif keep_idx:
-                kept_maps = maps_host[keep_idx].numpy().reshape(-1, window, window)
+                # only the kept prompts' maps leave the device (a third of the analysis split's
+                # prompts are surplus to their class quota)
+                kept_maps = maps[keep_idx].cpu().numpy().reshape(-1, window, window)
                 stats["maps"] += kept_maps.shape[0]
             index = pd.concat(index_parts, ignore_index=True) if index_parts else None
             writer.put((kept_maps, index, pd.DataFrame(rows)))
