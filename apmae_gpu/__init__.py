@@ -21,3 +21,12 @@ TASKS = (
     "random_masking",
     "noise",
 )
+
+
+def task_rank(col):
+    """Sort key for a pandas column: tasks in the order of ``TASKS`` (unknown names last);
+    any other column unchanged.  ``df.sort_values("task", key=task_rank)``."""
+    if getattr(col, "name", None) != "task":
+        return col
+    rank = {t: i for i, t in enumerate(TASKS)}
+    return col.map(lambda t: rank.get(t, len(TASKS)))

@@ -43,7 +43,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from apmae_gpu import TASKS
+from apmae_gpu import TASKS, task_rank
 from apmae_gpu.runs import (ApmaeError, load_frame, update_manifest, write_json,
                             write_parquet)
 
@@ -483,7 +483,7 @@ def classify(run: str | os.PathLike, folds: int = 10, gpu: str = "auto", seed: i
                                           seconds=0.0)]))
     metrics_df = pd.concat(metrics, ignore_index=True)
     metrics_df["method"] = pd.Categorical(metrics_df["method"], METHODS)
-    metrics_df = metrics_df.sort_values(["task", "method"], key=_task_order).reset_index(drop=True)
+    metrics_df = metrics_df.sort_values(["task", "method"], key=task_rank).reset_index(drop=True)
     metrics_df["method"] = metrics_df["method"].astype(str)
     importance_df = pd.concat(importance, ignore_index=True)
     importance_df = importance_df[["task"] + [c for c in importance_df if c != "task"]]
@@ -506,13 +506,6 @@ def classify(run: str | os.PathLike, folds: int = 10, gpu: str = "auto", seed: i
     })
     _echo_table(metrics_df)
     return metrics_df
-
-
-def _task_order(col: pd.Series) -> pd.Series:
-    if col.name == "task":
-        rank = {t: i for i, t in enumerate(TASKS)}
-        return col.map(lambda t: rank.get(t, len(TASKS)))
-    return col
 
 
 def _echo_table(metrics: pd.DataFrame) -> None:

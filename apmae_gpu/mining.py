@@ -46,7 +46,7 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from apmae_gpu import TASKS
+from apmae_gpu import TASKS, task_rank
 from apmae_gpu.runs import ApmaeError, progress, update_manifest, write_parquet
 
 log = logging.getLogger("apmae_gpu.mining")
@@ -443,10 +443,7 @@ def mine(corpus: str, model: str, out: Path, tasks: str = "all", per_task: int =
     if not rows:
         raise ApmaeError(f"no task could be mined from {corpus} (files read: {n_files}, "
                          f"skipped: {dict(skips)})")
-    order = {t: i for i, t in enumerate(TASKS)}
-    df = pd.DataFrame(rows)
-    df["_order"] = df["task"].map(order)
-    df = df.sort_values("_order", kind="stable").drop(columns="_order").reset_index(drop=True)
+    df = pd.DataFrame(rows).sort_values("task", kind="stable", key=task_rank).reset_index(drop=True)
     df.insert(0, "task_id", np.arange(len(df), dtype=np.int64))
     df = df[[f.name for f in TASKS_SCHEMA]]
     write_parquet(df, out / "tasks.parquet", schema=TASKS_SCHEMA)

@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from apmae_gpu import TASKS, __version__
+from apmae_gpu import TASKS, __version__, task_rank
 from apmae_gpu.runs import ApmaeError, atomic_path, read_manifest, update_manifest
 
 log = logging.getLogger("apmae_gpu.report")
@@ -409,8 +409,7 @@ def locations_section(run: Path, man: dict) -> Section:
     if s.missing:
         return s
     df = pd.read_parquet(run / "cluster" / "pattern_locations.parquet")
-    order = {t: i for i, t in enumerate(TASKS)}
-    df = df.sort_values("task", key=lambda c: c.map(order))
+    df = df.sort_values("task", kind="stable", key=task_rank)
     s.blocks.append(table(df.rename(columns=lambda c: c.replace("_", " "))))
     return s
 
@@ -455,9 +454,8 @@ def shap_section(run: Path, man: dict) -> Section:
     if s.missing:
         return s
     imp = pd.read_parquet(run / "classify" / "head_importance.parquet")
-    order = {t: i for i, t in enumerate(TASKS)}
     top = (imp.sort_values("importance", ascending=False).groupby("task", sort=False).head(3)
-           .sort_values("task", kind="stable", key=lambda c: c.map(order)))
+           .sort_values("task", kind="stable", key=task_rank))
     cols = [c for c in ("task", "layer", "head", "importance", "mean_shap") if c in top]
     s.blocks.append(table(top[cols], "three most important heads per task"))
     base = run / "classify"

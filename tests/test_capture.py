@@ -24,6 +24,7 @@ from apmae_gpu.capture import (FLOOR, capture, choose_heads, forward_with_maps, 
 from apmae_gpu.runs import ApmaeError
 from apmae_gpu.store import MapStore
 from apmae_gpu.synthetic import synthetic_tasks
+from tests.tiny_models import save_tiny_apmae
 
 FAMILIES = ["random:tiny-llama", "random:tiny-starcoder2", "random:tiny-gpt2"]
 
@@ -286,17 +287,8 @@ def test_bad_input_is_a_clear_error(problem, message, tmp_path):
 
 @pytest.fixture(scope="module")
 def tiny_apmae(tmp_path_factory):
-    from apmae_gpu.model import APMAEModel, preset_config
-
-    torch.manual_seed(0)
-    model = APMAEModel(preset_config("tiny", image_size=32, patch_size=4, hidden_size=32,
-                                     num_hidden_layers=1, num_attention_heads=2, head_dim=16,
-                                     intermediate_size=64, decoder_hidden_size=32,
-                                     decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
-                                     decoder_head_dim=16, decoder_intermediate_size=64))
-    path = tmp_path_factory.mktemp("apmae") / "final"
-    model.save_pretrained(path)
-    return path
+    return save_tiny_apmae(tmp_path_factory.mktemp("apmae") / "final", image_size=32,
+                           patch_size=4)
 
 
 def test_capture_and_encode_in_one_pass_equals_capture_then_encode(tmp_path, tiny_apmae,

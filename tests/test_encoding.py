@@ -15,6 +15,7 @@ import zarr
 from apmae_gpu import encoding
 from apmae_gpu.encoding import EmbeddingWriter
 from apmae_gpu.runs import ApmaeError
+from tests.tiny_models import save_tiny_apmae
 
 
 def _emb(ids, L=2, H=3, D=8):
@@ -80,17 +81,8 @@ def test_writer_validates(tmp_path):
 # --------------------------------------------------------------------------- encode
 @pytest.fixture(scope="module")
 def tiny_checkpoint(tmp_path_factory):
-    from apmae_gpu.model import APMAEModel, preset_config
-
-    torch.manual_seed(0)
-    model = APMAEModel(preset_config("tiny", image_size=64, patch_size=16, hidden_size=32,
-                                     num_hidden_layers=1, num_attention_heads=2, head_dim=16,
-                                     intermediate_size=64, decoder_hidden_size=32,
-                                     decoder_num_hidden_layers=1, decoder_num_attention_heads=2,
-                                     decoder_head_dim=16, decoder_intermediate_size=64))
-    path = tmp_path_factory.mktemp("ckpt") / "final"
-    model.save_pretrained(path)
-    return path
+    return save_tiny_apmae(tmp_path_factory.mktemp("ckpt") / "final", image_size=64,
+                           patch_size=16)
 
 
 @pytest.fixture()
