@@ -728,15 +728,16 @@ def _showcase(summary: pd.DataFrame, n: int, max_share: float = 0.5) -> pd.DataF
     kept = summary[summary["kept"]].sort_values(["size", "layer", "head", "cluster"],
                                                 ascending=[False, True, True, True])
     kept = kept.drop_duplicates(["layer", "head"])
-    narrow = kept["share"] <= max_share if "share" in kept else pd.Series(True, kept.index)
+    narrow = kept["share"] <= max_share
     return pd.concat([kept[narrow], kept[~narrow]]).head(n)
 
 
 def plot_gallery(run: str | os.PathLike, summary: pd.DataFrame, path: Path | None = None,
                  n_clusters: int = 12, per_side: int = 3) -> Path:
     """A gallery: one row per cluster (:func:`_showcase`: the largest kept cluster of a head,
-    one per head, preferring clusters of at most half the head's maps), ``per_side`` most central members (closest to
-    the cluster's UMAP centroid) then ``per_side`` most distant ones."""
+    one per head, preferring clusters of at most half the head's maps), ``per_side`` most
+    central members (closest to the cluster's UMAP centroid) then ``per_side`` most distant
+    ones."""
     run = Path(run)
     plt = _plt()
     pick = _showcase(summary, n_clusters)

@@ -115,7 +115,8 @@ class ClassifyConfig(_Strict):
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     tasks: Optional[list[str]] = None
     shap_on: str = "oof"
-    # None: CatBoost's defaults (the reference); 16 one-hot encodes cluster ids (~30x faster on CPU)
+    # None: CatBoost's defaults (the reference); 16 one-hot encodes cluster ids: 15.7x faster
+    # per task on 2 CPU cores (bench/results/classify.md)
     one_hot_max_size: Optional[int] = Field(None, ge=0)
     max_ctr_complexity: Optional[int] = Field(None, ge=0)
 

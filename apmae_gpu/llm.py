@@ -21,7 +21,6 @@ MODEL specs
 
 from __future__ import annotations
 
-
 import hashlib
 import importlib.util
 import logging
