@@ -12,19 +12,21 @@ How maps are taken
     the host once.  ``tests/test_capture.py`` proves the maps equal eager attention.
 
 Scalers (applied on the device, float32, then stored as float16; nothing NaN or infinite):
-    ``log``            ln(max(p, FLOOR)), FLOOR = 1e-8; upper triangle = ln(FLOOR) = -18.42
-    ``log_normalize``  as the reference package: ln(p), then per map min-max of the finite
-                       lower-triangle values to [0, 1]; -inf (p = 0) and the upper triangle
-                       are 0
-    ``none``           p itself; upper triangle 0
+    see :mod:`apmae_gpu.scaling`.  ``log`` (default) stores ln p unfloored (p = 0 and the upper
+    triangle at -104), from which the model computes the reference package's
+    ``log_normalize`` exactly; ``log_normalize`` stores that input itself; ``none`` stores p.
 
 Splits
     ``train``     random_masking prompts, correct predictions only, a random 25% of the heads
                   of each layer per inference (``--heads layerwise:0.25``).
     ``analysis``  every mined task, all heads; per task N correct and N incorrect inferences
-                  (noise: N), prompting until both quotas are met or the candidates run out.
+                  (noise: 2N, a task's total, as in the paper), prompting until both quotas are
+                  met or the candidates run out.
 
-A task row is prompted at most once per run (a split skips rows another split used).  Every
+A split prompts only the rows mined for it (``tasks.parquet``'s ``split``: training and analysis
+rows never share a source file); a task row is prompted at most once per run, and a split skips
+any row from a source file another split already prompted (this also holds for tasks mined
+before the ``split`` column, whose rows either split may take).  Every
 attempt gets a row in ``inferences.parquet``; only kept ones have maps.  Batches are composed
 from the committed state only and each batch is one commit, so a killed capture rerun with
 the same command gives exactly the uninterrupted result.
@@ -33,7 +35,6 @@ the same command gives exactly the uninterrupted result.
 from __future__ import annotations
 
 import logging
-import math
 import queue
 import threading
 import time
@@ -47,38 +48,11 @@ import pandas as pd
 
 from apmae_gpu import TASKS
 from apmae_gpu.runs import ApmaeError, progress, read_manifest, update_manifest
+from apmae_gpu.scaling import FILL_VALUES, FLOOR, SCALERS, scale_maps
 
 log = logging.getLogger("apmae_gpu.capture")
 
 CAPTURE_IMPL = "apmae_capture"
-FLOOR = 1e-8
-LOG_FILL = math.log(FLOOR)
-SCALERS = ("log", "log_normalize", "none")
-FILL_VALUES = {"log": LOG_FILL, "log_normalize": 0.0, "none": 0.0}
-
-
-# --------------------------------------------------------------------------- scaling
-def scale_maps(p, scaler: str):
-    """Scale probabilities ``p`` [..., T, T] (float32, causal) as documented above."""
-    import torch
-
-    T = p.shape[-1]
-    upper = torch.ones(T, T, dtype=torch.bool, device=p.device).triu(1)
-    if scaler == "log":
-        out = torch.log(p.clamp_min(FLOOR))
-        return out.masked_fill(upper, LOG_FILL)
-    if scaler == "log_normalize":
-        lp = torch.log(p)
-        finite = torch.isfinite(lp) & ~upper
-        big = torch.finfo(lp.dtype).max
-        lo = torch.where(finite, lp, big).amin(dim=(-2, -1), keepdim=True)
-        hi = torch.where(finite, lp, -big).amax(dim=(-2, -1), keepdim=True)
-        span = (hi - lo)
-        out = torch.where(span > 0, (lp - lo) / span.clamp_min(1e-30), torch.zeros_like(lp))
-        return out.masked_fill(~finite, 0.0)
-    if scaler == "none":
-        return p.masked_fill(upper, 0.0)
-    raise ApmaeError(f"unknown scaler {scaler!r}; choose from {', '.join(SCALERS)}")
 
 
 # --------------------------------------------------------------------------- the hook
@@ -233,6 +207,12 @@ def choose_heads(inference_ids, n_layers: int, n_heads: int, frac: float | None,
 
 
 # --------------------------------------------------------------------------- planning
+def kept_target(split: str, task: str, per_task: int) -> int:
+    """Inferences a split keeps of one task: ``train`` per_task correct ones; ``analysis``
+    per_task correct + per_task incorrect, and for noise (no correctness) the same total."""
+    return per_task if split == "train" else 2 * per_task
+
+
 @dataclass
 class _TaskState:
     order: np.ndarray               # task_ids in prompting order
@@ -245,7 +225,7 @@ class _TaskState:
         if split == "train":
             return self.kept < quota
         if task == "noise":
-            return self.kept < quota
+            return self.kept < kept_target(split, task, quota)
         return self.correct < quota or self.incorrect < quota
 
     def wants(self, task: str, split: str, quota: int, correct) -> bool:
@@ -253,8 +233,23 @@ class _TaskState:
         if split == "train":
             return bool(correct) and self.kept < quota
         if task == "noise":
-            return self.kept < quota
+            return self.kept < kept_target(split, task, quota)
         return (self.correct < quota) if correct else (self.incorrect < quota)
+
+
+def split_rows(tasks: pd.DataFrame, split: str, used_elsewhere: set) -> pd.DataFrame:
+    """The rows of ``tasks`` that ``split`` may prompt: mined for it (or for no split, in
+    tables mined before the ``split`` column), not prompted by another split, and not from a
+    source file another split prompted (``used_elsewhere``: task ids)."""
+    keep = np.ones(len(tasks), bool)
+    if "split" in tasks.columns:
+        keep &= (tasks["split"].isna() | (tasks["split"] == split)).to_numpy()
+    if used_elsewhere:
+        used = tasks["task_id"].isin(list(used_elsewhere)).to_numpy()
+        files = tasks["task"].ne("noise").to_numpy()
+        sources = set(tasks.loc[used & files, "source"])
+        keep &= ~used & ~(tasks["source"].isin(sources).to_numpy() & files)
+    return tasks[keep]
 
 
 class Planner:
@@ -267,9 +262,9 @@ class Planner:
         names = ["random_masking"] if split == "train" else [t for t in TASKS
                                                              if t in set(tasks.task)]
         self.states: dict[str, _TaskState] = {}
+        tasks = split_rows(tasks, split, used_elsewhere)
         for task in names:
             ids = tasks.loc[tasks.task == task, "task_id"].to_numpy()
-            ids = ids[~np.isin(ids, list(used_elsewhere))] if used_elsewhere else ids
             ids = np.sort(ids)
             order = np.random.default_rng([seed, 11, TASKS.index(task)]).permutation(ids)
             if shard is not None:
@@ -401,7 +396,7 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
             device: str = "auto", seed: int = 0, max_attempts: int | None = None,
             shard: str | None = None, device_map: str | None = None, chunk_maps: int = 32,
             trust_remote_code: bool = False, encode_with: Path | None = None,
-            pool: str = "cls") -> dict:
+            pool: str = "cls", dtype: str = "auto") -> dict:
     """Capture one split of RUN (see module docstring); returns the split's summary.
 
     ``encode_with`` (an AP-MAE checkpoint, analysis split only) encodes the kept maps in the
@@ -439,7 +434,7 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
 
     device = resolve_device(device)
     spec = llm.resolve(model)
-    lm = llm.load_model(spec, device=device, device_map=device_map,
+    lm = llm.load_model(spec, device=device, dtype=llm.parse_dtype(dtype, device), device_map=device_map,
                         trust_remote_code=trust_remote_code, seed=seed)
     fam = llm.family(lm)
     ctx = llm.context_length(lm)

@@ -312,8 +312,10 @@ def head_importance(shap: np.ndarray, X: np.ndarray, n_layers: int, n_heads: int
 
     Returns ``(heads, categories)``: ``heads`` has one row per head with ``importance`` (max
     minus min of the mean SHAP of its categories), ``mean_shap`` (signed mean over samples),
-    ``extreme_shap`` (signed mean of the category with the largest |mean|), ``mean_abs_shap``
-    and ``n_categories``; ``categories`` has ``layer, head, cluster, n, mean_shap``.
+    ``extreme_shap`` (signed mean of the category with the largest |mean|), ``mean_abs_shap``,
+    ``mean_shap_pos`` / ``mean_shap_neg`` (mean over samples of the positive / negative part
+    of the SHAP values: the reference ranks the positive and negative intervention groups by
+    them) and ``n_categories``; ``categories`` has ``layer, head, cluster, n, mean_shap``.
     """
     X = np.asarray(X)
     rows, cats = [], []
@@ -323,11 +325,14 @@ def head_importance(shap: np.ndarray, X: np.ndarray, n_layers: int, n_heads: int
         counts = np.bincount(inverse, minlength=values.size)
         means = np.bincount(inverse, weights=shap[:, col], minlength=values.size) / counts
         extreme = float(means[np.argmax(np.abs(means))])
-        rows.append((layer, head, float(means.max() - means.min()), float(shap[:, col].mean()),
-                     extreme, float(np.abs(shap[:, col]).mean()), int(values.size)))
+        sv = shap[:, col]
+        rows.append((layer, head, float(means.max() - means.min()), float(sv.mean()),
+                     extreme, float(np.abs(sv).mean()), float(np.maximum(sv, 0).mean()),
+                     float(np.minimum(sv, 0).mean()), int(values.size)))
         cats += [(layer, head, int(v), int(c), float(m)) for v, c, m in zip(values, counts, means)]
     heads = pd.DataFrame(rows, columns=["layer", "head", "importance", "mean_shap", "extreme_shap",
-                                        "mean_abs_shap", "n_categories"])
+                                        "mean_abs_shap", "mean_shap_pos", "mean_shap_neg",
+                                        "n_categories"])
     categories = pd.DataFrame(cats, columns=["layer", "head", "cluster", "n", "mean_shap"])
     for frame in (heads, categories):
         frame["layer"] = frame["layer"].astype(np.int16)

@@ -33,6 +33,9 @@ log = logging.getLogger("apmae_gpu")
 RunArg = Annotated[Path, typer.Argument(help="The run directory.", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+DtypeOpt = Annotated[str, typer.Option("--dtype", help="The target LLM's weights: auto (bfloat16 "
+                                       "on CUDA, float32 elsewhere), float32 (the reference's "
+                                       "choice for StarCoder2), bfloat16 or float16.")]
 
 
 def _version(value: bool) -> None:
@@ -64,7 +67,17 @@ def mine(
                                        "id or directory, a .gguf file, or random:<shape>.")],
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
     tasks: Annotated[str, typer.Option("--tasks", help="all, or a comma list of: " + ", ".join(TASKS))] = "all",
-    per_task: Annotated[int, typer.Option("--per-task", min=1, help="Rows to mine per task.")] = 100,
+    per_task: Annotated[int, typer.Option("--per-task", min=1, help="Analysis rows to mine per task.")] = 100,
+    train_per_task: Annotated[int, typer.Option("--train-per-task", min=0, help="Random-masking rows "
+                                                "for AP-MAE training, from files the analysis rows "
+                                                "never come from.")] = 100,
+    train_corpus: Annotated[Optional[str], typer.Option("--train-corpus", help="Mine the training "
+                                                        "rows from this corpus instead (e.g. a "
+                                                        "dataset's train split while --corpus is "
+                                                        "its test split).")] = None,
+    type_identifiers: Annotated[bool, typer.Option("--type-identifiers", help="Also mask type "
+                                                   "identifiers in the identifiers task (the "
+                                                   "reference takes identifier nodes only).")] = False,
     window: Annotated[int, typer.Option("--window", min=16, help="Prompt length in tokens.")] = 256,
     seed: SeedOpt = 0,
     per_file: Annotated[int, typer.Option("--per-file", min=1, help="At most this many rows per task "
@@ -84,7 +97,8 @@ def mine(
     mining.mine(corpus=corpus, model=model, out=out, tasks=tasks, per_task=per_task, window=window,
                 seed=seed, per_file=per_file, dedup=dedup, max_files=max_files,
                 max_file_bytes=max_file_bytes, content_column=content_column,
-                trust_remote_code=trust_remote_code)
+                trust_remote_code=trust_remote_code, train_per_task=train_per_task,
+                train_corpus=train_corpus, type_identifiers=type_identifiers)
 
 
 # --------------------------------------------------------------------------- capture
@@ -96,8 +110,8 @@ def capture(
                                        "the heads of each layer) or analysis (every task, all "
                                        "heads, balanced correct/incorrect).")] = "analysis",
     per_task: Annotated[int, typer.Option("--per-task", min=1, help="train: inferences to keep; "
-                                          "analysis: N correct and N incorrect per task (N for "
-                                          "noise).")] = 10,
+                                          "analysis: N correct and N incorrect per task (2N "
+                                          "for noise).")] = 10,
     heads: Annotated[Optional[str], typer.Option("--heads", help="all, or layerwise:FRACTION "
                                                  "(default: layerwise:0.25 for train, all for "
                                                  "analysis).")] = None,
@@ -119,6 +133,7 @@ def capture(
                                                         "pass and keep only their embeddings "
                                                         "(paper scale).")] = None,
     pool: Annotated[str, typer.Option("--pool", help="With --encode-with: cls or mean.")] = "cls",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Prompt the LLM on mined tasks, judge its next token and store every head's scaled
     attention map in RUN/maps.zarr."""
@@ -128,7 +143,7 @@ def capture(
                         scaler=scaler, batch_size=batch_size, device=device, seed=seed,
                         max_attempts=max_attempts, shard=shard, device_map=device_map,
                         chunk_maps=chunk_maps, trust_remote_code=trust_remote_code,
-                        encode_with=encode_with, pool=pool)
+                        encode_with=encode_with, pool=pool, dtype=dtype)
 
 
 @app.command("merge-shards")
@@ -344,9 +359,11 @@ def intervene(
     multi_token: Annotated[bool, typer.Option("--multi-token", help="Judge greedy completion of "
                                               "the whole target (KV cache), exact match, "
                                               "instead of the first token.")] = False,
-    rank_by: Annotated[str, typer.Option("--rank-by", help="Signed SHAP summary that ranks the "
-                                         "positive/negative/zero groups: mean_shap or "
-                                         "extreme_shap.")] = "mean_shap",
+    rank_by: Annotated[str, typer.Option("--rank-by", help="What ranks the positive/negative "
+                                         "groups: shap_parts (the reference: mean of the "
+                                         "positive / negative parts of the SHAP values), "
+                                         "mean_shap (signed mean) or extreme_shap.")] = "shap_parts",
+    dtype: DtypeOpt = "auto",
 ) -> None:
     """Zero the heads SHAP selects while generating, and count what flips."""
     from apmae_gpu import intervention
@@ -357,7 +374,8 @@ def intervene(
         raise ApmaeError(f"--k {k}: expected a comma list of integers") from None
     intervention.intervene(run=run, task=task, k=ks, per_group=per_group, model=model,
                            device=device, batch_size=batch_size, seed=seed,
-                           groups=_split_csv(groups), multi_token=multi_token, rank_by=rank_by)
+                           groups=_split_csv(groups), multi_token=multi_token, rank_by=rank_by,
+                           dtype=dtype)
 
 
 # --------------------------------------------------------------------------- report / pipeline

@@ -26,8 +26,14 @@ class _Strict(BaseModel):
 class MineConfig(_Strict):
     corpus: str = "jdk"   # "jdk" = the JDK's src.zip from Debian's openjdk-17-source
     tasks: str = "all"
-    per_task: int = Field(1000, ge=1)
+    per_task: int = Field(1000, ge=1, description="analysis candidates per task")
     per_task_overrides: dict[str, int] = Field(default_factory=dict)
+    train_per_task: int = Field(800_000, ge=0, description="random-masking candidates for "
+                                "AP-MAE training, from files the analysis never uses")
+    train_corpus: Optional[str] = Field(None, description="mine the training candidates from "
+                                        "this corpus (the reference: StackLessV2 `train`, "
+                                        "analysis on `test`)")
+    type_identifiers: bool = False
     window: int = Field(256, ge=16)
     per_file: int = Field(1, ge=1)
     dedup: bool = True
@@ -42,8 +48,13 @@ class CaptureSplitConfig(_Strict):
     max_attempts: Optional[int] = Field(None, ge=1)
 
 
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
 class CaptureConfig(_Strict):
     scaler: Literal["log", "log_normalize", "none"] = "log"
+    dtype: Dtype = Field("auto", description="the target LLM's weights: auto = bfloat16 on "
+                         "CUDA, float32 elsewhere; the reference runs StarCoder2 in float32")
     batch_size: int = Field(8, ge=1)
     chunk_maps: int = Field(32, ge=1)
     device_map: Optional[str] = None
@@ -122,13 +133,14 @@ class ClassifyConfig(_Strict):
 
 
 class InterveneConfig(_Strict):
-    task: Optional[str] = None
+    task: Optional[str] = Field(None, description="None: every classified task (the paper)")
     k: list[int] = Field(default_factory=lambda: list(PAPER_K))
     per_group: int = Field(1000, ge=1)
     batch_size: int = Field(8, ge=1)
     groups: Optional[list[str]] = None
     multi_token: bool = False
-    rank_by: str = "mean_shap"
+    rank_by: Literal["shap_parts", "mean_shap", "extreme_shap"] = "shap_parts"
+    dtype: Dtype = "auto"
 
 
 class ReportConfig(_Strict):

@@ -34,6 +34,17 @@ log = logging.getLogger("apmae_gpu.corpus")
 
 ID_COLUMNS = ("path", "file_path", "max_stars_repo_path", "file_name", "filename", "id", "sha")
 JAVA_SUFFIX = ".java"
+# The Heap flags files that are exact or near duplicates of other corpora (The Stack v1/v2,
+# RedPajama, GitHub Code) in boolean columns named like these; flagged rows are dropped.
+DUPLICATE_FLAG_PREFIXES = ("exact_duplicates", "near_duplicates")
+
+
+def duplicate_flag_columns(names) -> list[str]:
+    return [c for c in names if str(c).startswith(DUPLICATE_FLAG_PREFIXES)]
+
+
+def is_flagged_duplicate(row, flags: list[str]) -> bool:
+    return any(bool(row.get(c)) for c in flags)
 
 
 class TooLarge(bytes):
@@ -51,9 +62,13 @@ class Corpus:
 
     def __init__(self, spec: str):
         self.spec = spec
+        self.duplicates_filtered = 0     # rows flagged as duplicates of other corpora
 
     def describe(self) -> dict:
-        return {"spec": self.spec, "kind": self.kind}
+        out = {"spec": self.spec, "kind": self.kind}
+        if self.duplicates_filtered:
+            out["duplicates_filtered"] = self.duplicates_filtered
+        return out
 
     def iter_files(self, seed: int = 0, max_bytes: int | None = None) -> Iterator[tuple[str, bytes]]:
         raise NotImplementedError
@@ -153,6 +168,11 @@ class JsonlCorpus(_RandomAccess):
                         obj = json.loads(line)
                         source = next((str(obj[c]) for c in ID_COLUMNS
                                        if isinstance(obj, dict) and obj.get(c)), source)
+                        if isinstance(obj, dict) and is_flagged_duplicate(
+                                obj, duplicate_flag_columns(obj)):
+                            self.duplicates_filtered += 1
+                            pos += len(line)
+                            continue
                     except (json.JSONDecodeError, UnicodeDecodeError):
                         pass
                     if source in offsets:
@@ -205,10 +225,11 @@ class ParquetCorpus(Corpus):
                              f"{', '.join(names)})")
         self.content_column = content_column
         self.id_column = next((c for c in ID_COLUMNS if c in names), None)
+        self.flags = duplicate_flag_columns(names)
 
     def iter_files(self, seed: int = 0, max_bytes: int | None = None):
         rng = np.random.default_rng(seed)
-        cols = [self.content_column] + ([self.id_column] if self.id_column else [])
+        cols = [self.content_column] + ([self.id_column] if self.id_column else []) + self.flags
         base = 0
         starts = []
         for g in range(self.pf.num_row_groups):
@@ -218,7 +239,13 @@ class ParquetCorpus(Corpus):
             table = self.pf.read_row_group(int(g), columns=cols)
             contents = table.column(self.content_column).to_pylist()
             ids = table.column(self.id_column).to_pylist() if self.id_column else None
+            flagged = np.zeros(len(contents), bool)
+            for c in self.flags:
+                flagged |= np.asarray(table.column(c).fill_null(False).to_pylist(), bool)
             for r in rng.permutation(len(contents)):
+                if flagged[r]:
+                    self.duplicates_filtered += 1
+                    continue
                 source = str(ids[r]) if ids and ids[r] else f"row:{starts[int(g)] + int(r)}"
                 data = _content_bytes(contents[r])
                 if max_bytes is not None and len(data) > max_bytes:
@@ -247,6 +274,13 @@ class HFCorpus(_RandomAccess):
             raise ApmaeError(f"corpus {spec}: no column {content_column!r} (columns: "
                              f"{', '.join(cols)})")
         self.id_column = next((c for c in ID_COLUMNS if c in cols), None)
+        self.flags = duplicate_flag_columns(cols)
+        self.rows = None          # row numbers kept after the duplicate filter (non-streamed)
+        if self.flags and not self.streaming:
+            flags = self.ds.select_columns(self.flags).to_pandas().fillna(False).astype(bool)
+            keep = ~flags.any(axis=1).to_numpy()
+            self.rows = np.flatnonzero(keep)
+            self.duplicates_filtered = int((~keep).sum())
 
     def _load(self, name: str, opts: dict):
         import datasets
@@ -270,16 +304,20 @@ class HFCorpus(_RandomAccess):
     def describe(self) -> dict:
         return {**super().describe(), "split": self.split, "streaming": self.streaming}
 
+    def _row_numbers(self) -> np.ndarray:
+        return self.rows if self.rows is not None else np.arange(len(self.ds))
+
     def ids(self) -> list[str]:
+        rows = self._row_numbers()
         if self.id_column:
-            col = self.ds[self.id_column]
-            return [str(v) if v else f"row:{i}" for i, v in enumerate(col)]
-        return [f"row:{i}" for i in range(len(self.ds))]
+            col = list(self.ds[self.id_column])
+            return [str(col[i]) if col[i] else f"row:{i}" for i in rows]
+        return [f"row:{i}" for i in rows]
 
     def iter_files(self, seed: int = 0, max_bytes: int | None = None):
         if not self.streaming:
             ids = self.ids()
-            rows = {s: i for i, s in enumerate(ids)}
+            rows = {s: int(i) for s, i in zip(ids, self._row_numbers())}
             for source in sorted(ids, key=lambda s: order_key(seed, s)):
                 data = _content_bytes(self.ds[rows[source]][self.content_column])
                 if max_bytes is not None and len(data) > max_bytes:
@@ -288,6 +326,9 @@ class HFCorpus(_RandomAccess):
                     yield source, data
             return
         for i, row in enumerate(self.ds.shuffle(seed=seed, buffer_size=10_000)):
+            if is_flagged_duplicate(row, self.flags):
+                self.duplicates_filtered += 1
+                continue
             source = str(row.get(self.id_column) or f"row:{i}") if self.id_column else f"row:{i}"
             data = _content_bytes(row.get(self.content_column))
             if max_bytes is not None and len(data) > max_bytes:

@@ -34,6 +34,7 @@ import pandas as pd
 import torch
 
 from apmae_gpu.model import APMAEModel, lower_mask
+from apmae_gpu.scaling import FLOOR, log_minmax, stored_logs
 from apmae_gpu.runs import (
     ApmaeError,
     atomic_path,
@@ -100,17 +101,20 @@ def baseline_mse(model: APMAEModel, maps: torch.Tensor, noise: torch.Tensor,
 def log_space_mse(model: APMAEModel, maps: torch.Tensor, pred: torch.Tensor,
                   mask: torch.Tensor) -> torch.Tensor:
     """Per-map masked MSE [B] of ``pred`` (in ``model``'s input space) re-measured in the
-    log-min-max space, using each original map's log range."""
+    log-min-max space, using each original map's log range (a raw prediction below the map's
+    smallest non-zero probability counts as that probability, i.e. 0 in this space)."""
     c = model.config
     valid = model.pixel_valid
-    logs = model.patchify(maps).float()
-    logs = logs.clamp_min(c.log_floor).log() if c.stored_scaler == "none" else logs
-    big = torch.finfo(torch.float32).max
-    lo = torch.where(valid, logs, big).amin(dim=(1, 2), keepdim=True)
-    span = (torch.where(valid, logs, -big).amax(dim=(1, 2), keepdim=True) - lo).clamp_min(1e-6)
-    target = (logs - lo) / span * valid
+    x = model.patchify(maps).float()
+    if c.stored_scaler == "log_normalize":
+        return model.forward_loss(x * valid, pred, mask, per_map=True)
+    logs, keep = stored_logs(x, c.stored_scaler, c.log_floor, valid)
+    target = log_minmax(logs, keep, dims=(1, 2))
     if c.input_scaling == "raw":
-        pred = (pred.float().clamp(c.log_floor, 1.0).log() - lo) / span
+        big = torch.finfo(torch.float32).max
+        lo = torch.where(keep, logs, big).amin(dim=(1, 2), keepdim=True)
+        pred_logs = pred.float().clamp(FLOOR, 1.0).log()
+        pred = ((pred_logs - lo) / (-lo).clamp_min(1e-6)).clamp_min(0.0)
     return model.forward_loss(target, pred, mask, per_map=True)
 
 

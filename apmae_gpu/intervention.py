@@ -8,13 +8,16 @@ Ablation
     forward pre-hooks installed by :func:`ablate_heads` / :func:`scale_heads`, context managers
     that always remove them; a mask can differ per sample, so many conditions run in one batch.
 
-Head groups (per task, from ``classify/head_importance.parquet``)
-    ``positive``: largest ``mean_shap`` first; ``negative``: smallest first; ``zero``: smallest
-    ``|mean_shap|`` first (the paper's "near zero", ``|mean| <= 1e-5``; ``n_in_group`` counts
-    how many chosen heads really are that close); ``random``: a seeded permutation of all
-    heads (the baseline); ``importance`` (optional): largest ``importance`` first.  The k heads
-    of a group are the first k of its ranking (ties broken by a seeded permutation), so the
-    sets grow with k; ``n_in_group`` says how many of them have the group's sign.
+Head groups (per task, from ``classify/head_importance.parquet``), as the reference forms them
+    ``positive``: largest mean of the positive parts of the head's SHAP values
+    (``mean_shap_pos``) first; ``negative``: most negative mean of the negative parts
+    (``mean_shap_neg``) first (``--rank-by mean_shap``: the signed mean for both, an option);
+    ``zero``: the paper's "near zero" heads, ``|mean_shap| <= 1e-5``, k of them drawn with
+    replacement for every inference; ``random``: k distinct heads drawn anew for every
+    inference and every k (the baseline); ``importance`` (optional): largest ``importance``
+    first.  The k heads of a ranked group are the first k of its ranking (ties broken by a
+    seeded permutation), so those sets grow with k; ``n_in_group`` says how many of them have
+    the group's sign.
 
 Held-out inferences
     N originally correct and N originally incorrect per task that the classifier never saw:
@@ -183,34 +186,66 @@ def _rng(seed: int, task: str) -> np.random.Generator:
     return np.random.default_rng([seed, zlib.crc32(task.encode())])
 
 
+RANKINGS = {"shap_parts": ("mean_shap_pos", "mean_shap_neg"), "mean_shap": ("mean_shap",) * 2,
+            "extreme_shap": ("extreme_shap",) * 2}
+SAMPLED = ("zero", "random")      # groups drawn anew for every inference
+
+
 def head_groups(importance: pd.DataFrame, n_layers: int, n_heads: int, ks: list[int],
-                groups: Iterable[str], seed: int, task: str, rank_by: str = "mean_shap"
+                groups: Iterable[str], seed: int, task: str, rank_by: str = "shap_parts"
                 ) -> dict[tuple[str, int], dict]:
-    """The heads to ablate for every (group, k): ``{(group, k): {"heads": [(l, h), ...],
-    "n_in_group": int}}``.  ``importance``: one task's rows of ``head_importance.parquet``
-    (heads without a row count as 0)."""
-    key = np.zeros((n_layers, n_heads))
-    imp = np.zeros((n_layers, n_heads))
-    key[importance["layer"].to_numpy(int), importance["head"].to_numpy(int)] = importance[rank_by]
-    imp[importance["layer"].to_numpy(int), importance["head"].to_numpy(int)] = importance["importance"]
-    key, imp = key.ravel(), imp.ravel()
-    rng = _rng(seed, task)
-    tie = rng.random(key.size)
+    """The heads to ablate for every (group, k).  Ranked groups: ``{"heads": [(l, h), ...],
+    "n_in_group": int}``; sampled groups (:data:`SAMPLED`): ``{"heads": None, "pool": flat
+    head indices to draw from, "replace": bool, "n_in_group": k}``, drawn per inference by
+    :func:`sampled_mask`.  ``importance``: one task's rows of ``head_importance.parquet``
+    (heads without a row count as 0).  A ``zero`` group with an empty pool is left out."""
+    cols = RANKINGS[rank_by]
+    missing = sorted({*cols, "mean_shap"} - set(importance.columns))
+    if missing:
+        raise ApmaeError(f"head importance has no {', '.join(missing)} column (written by an "
+                         f"older `apmae classify`): rerun classify, or pass --rank-by mean_shap")
+    layer, head = importance["layer"].to_numpy(int), importance["head"].to_numpy(int)
+
+    def flat(col: str) -> np.ndarray:
+        out = np.zeros((n_layers, n_heads))
+        out[layer, head] = importance[col]
+        return out.ravel()
+
+    pos, neg, mean, imp = flat(cols[0]), flat(cols[1]), flat("mean_shap"), flat("importance")
+    tie = _rng(seed, task).random(pos.size)
     order = {
-        "positive": (np.lexsort((tie, -key)), key > 0),
-        "negative": (np.lexsort((tie, key)), key < 0),
-        "zero": (np.lexsort((tie, np.abs(key))), np.abs(key) <= ZERO_TOL),
+        "positive": (np.lexsort((tie, -pos)), pos > 0),
+        "negative": (np.lexsort((tie, neg)), neg < 0),
         "importance": (np.lexsort((tie, -imp)), imp > 0),
-        "random": (rng.permutation(key.size), np.ones(key.size, bool)),
     }
+    pools = {"zero": (np.flatnonzero(np.abs(mean) <= ZERO_TOL), True),
+             "random": (np.arange(pos.size), False)}
     out = {}
     for g in groups:
-        ranking, member = order[g]
         for k in ks:
+            if g in pools:
+                pool, replace = pools[g]
+                if pool.size:
+                    out[(g, k)] = {"heads": None, "pool": pool, "replace": replace,
+                                   "n_in_group": k}
+                continue
+            ranking, member = order[g]
             chosen = ranking[:k]
             out[(g, k)] = {"heads": [divmod(int(i), n_heads) for i in chosen],
                            "n_in_group": int(member[chosen].sum())}
     return out
+
+
+def sampled_mask(cond: dict, k: int, sample_ids: np.ndarray, n_layers: int, n_heads: int,
+                 seed: int, task: str, group: str) -> np.ndarray:
+    """Bool ``[n, L, H]``: for each sample its own draw of ``k`` heads from ``cond["pool"]``
+    (seeded by seed, task, group, k and the sample, so reruns draw the same heads)."""
+    out = np.zeros((len(sample_ids), n_layers * n_heads), bool)
+    pool = cond["pool"]
+    for i, sid in enumerate(sample_ids):
+        rng = np.random.default_rng([seed, zlib.crc32(f"{task}/{group}".encode()), int(k), int(sid)])
+        out[i, rng.choice(pool, size=k, replace=cond["replace"])] = True
+    return out.reshape(len(sample_ids), n_layers, n_heads)
 
 
 # --------------------------------------------------------------------------- held-out data
@@ -384,18 +419,23 @@ def summarize(task: str, samples: pd.DataFrame, outcomes: pd.DataFrame, conditio
         c2i, i2c = int((cb & ~ca).sum()), int((~cb & ca).sum())
         other = int((changed & (cb == ca)).sum())
         rand = after_by.get(("random", k))
-        p_rand = float("nan")
+        p_rand, better, worse = float("nan"), -1, -1
         if rand is not None and g != "random":
-            p_rand = mcnemar_exact(int((ca & ~rand).sum()), int((~ca & rand).sum()))
+            better, worse = int((ca & ~rand).sum()), int((~ca & rand).sum())
+            p_rand = mcnemar_exact(better, worse)
         cond = conditions[(g, k)]
-        rows.append(dict(task=task, mode=mode, group=g, k=int(k), n_heads=len(cond["heads"]),
+        heads = (" ".join(f"L{a}H{b}" for a, b in cond["heads"]) if cond["heads"] is not None
+                 else f"{k} drawn per inference from {len(cond['pool'])} heads"
+                      + (" (with replacement)" if cond["replace"] else ""))
+        rows.append(dict(task=task, mode=mode, group=g, k=int(k),
+                         n_heads=len(cond["heads"]) if cond["heads"] is not None else int(k),
                          n_in_group=cond["n_in_group"], n=int(len(cb)),
                          n_correct_before=int(cb.sum()), n_correct_to_incorrect=c2i,
                          n_incorrect_to_correct=i2c, n_other_changes=other,
                          n_unchanged=int((~changed).sum()), net_change=i2c - c2i,
                          accuracy_before=float(cb.mean()), accuracy_after=float(ca.mean()),
                          p_vs_baseline=mcnemar_exact(i2c, c2i), p_vs_random=p_rand,
-                         heads=" ".join(f"L{a}H{b}" for a, b in cond["heads"])))
+                         n_better_than_random=better, n_worse_than_random=worse, heads=heads))
     out = pd.DataFrame(rows)
     if not out.empty:
         rank = {g: i for i, g in enumerate(GROUPS + EXTRA_GROUPS)}
@@ -417,6 +457,49 @@ def _done_conditions(work: Path) -> pd.DataFrame:
     parts = sorted(work.glob("part-*.parquet"))
     return pd.concat([pd.read_parquet(p) for p in parts], ignore_index=True) if parts \
         else pd.DataFrame(columns=["group", "k", "sample_id", "predicted", "correct"])
+
+
+def _condition_mask(cond: dict, key: tuple[str, int], sample_ids, fam, seed: int,
+                    task: str) -> np.ndarray:
+    """Bool ``[n, L, H]``: the heads each sample has zeroed under condition ``key``."""
+    group, k = key
+    if cond["heads"] is None:
+        return sampled_mask(cond, k, np.asarray(sample_ids), fam.n_layers, fam.n_heads, seed,
+                            task, group)
+    one = head_mask(cond["heads"], fam.n_layers, fam.n_heads).numpy()
+    return np.repeat(one[None], len(sample_ids), axis=0)
+
+
+def aggregate(results: pd.DataFrame) -> pd.DataFrame:
+    """Rows ``task == "all"``: every (group, k) summed over the tasks that have it (the
+    paper's figure over tasks); McNemar's exact test on the pooled discordant pairs, Holm over
+    the aggregate rows."""
+    if results.empty:
+        return results
+    sums = ["n", "n_correct_before", "n_correct_to_incorrect", "n_incorrect_to_correct",
+            "n_other_changes", "n_unchanged", "net_change"]
+    rows = []
+    for (g, k), grp in results.groupby(["group", "k"], sort=False):
+        row = {"task": "all", "mode": grp["mode"].iloc[0], "group": g, "k": int(k),
+               "n_heads": int(k), "n_in_group": int(grp["n_in_group"].sum()),
+               "n_tasks": int(len(grp)), **{c: int(grp[c].sum()) for c in sums}}
+        row["accuracy_before"] = row["n_correct_before"] / max(row["n"], 1)
+        row["accuracy_after"] = (row["n_correct_before"] + row["net_change"]) / max(row["n"], 1)
+        row["p_vs_baseline"] = mcnemar_exact(row["n_incorrect_to_correct"],
+                                             row["n_correct_to_incorrect"])
+        paired = grp[grp["n_better_than_random"] >= 0]
+        if len(paired) and g != "random":
+            row["n_better_than_random"] = int(paired["n_better_than_random"].sum())
+            row["n_worse_than_random"] = int(paired["n_worse_than_random"].sum())
+            row["p_vs_random"] = mcnemar_exact(row["n_better_than_random"],
+                                               row["n_worse_than_random"])
+        else:
+            row.update(n_better_than_random=-1, n_worse_than_random=-1, p_vs_random=float("nan"))
+        row["heads"] = f"per task ({len(grp)} tasks)"
+        rows.append(row)
+    out = pd.DataFrame(rows)
+    out["p_vs_random_holm"] = holm(out["p_vs_random"].to_numpy())
+    return out
 
 
 def intervene_task(task: str, model, fam, importance: pd.DataFrame, candidates: pd.DataFrame,
@@ -457,9 +540,8 @@ def intervene_task(task: str, model, fam, importance: pd.DataFrame, candidates: 
     with progress(total=len(todo) * n, desc=f"intervene {task}", unit="inf") as bar:
         for start in range(0, len(todo), per_unit):
             unit = todo[start:start + per_unit]
-            masks = np.concatenate([
-                np.repeat(head_mask(conditions[c]["heads"], fam.n_layers, fam.n_heads)
-                          .numpy()[None], n, axis=0) for c in unit])
+            masks = np.concatenate([_condition_mask(conditions[c], c, samples["sample_id"],
+                                                    fam, seed, task) for c in unit])
             t1 = time.perf_counter()
             preds = predict(model, fam, list(samples["input_ids"]) * len(unit),
                             np.tile(n_tok, len(unit)), masks, batch_size, device, multi_token,
@@ -503,9 +585,12 @@ def _model_spec(run: Path, model: str | None) -> str:
 def intervene(run: str | os.PathLike, task: str | None = None, k: list[int] | None = None,
               per_group: int = 50, model: str | None = None, device: str = "auto",
               batch_size: int = 8, seed: int = 0, groups: list[str] | None = None,
-              multi_token: bool = False, rank_by: str = "mean_shap") -> pd.DataFrame:
-    """Ablate SHAP-selected heads on held-out inferences of each task; write
-    ``RUN/intervene/results.parquet`` and ``net_change.png``.  Returns the results frame."""
+              multi_token: bool = False, rank_by: str = "shap_parts", dtype: str = "auto"
+              ) -> pd.DataFrame:
+    """Ablate SHAP-selected heads on held-out inferences of each task (``task`` None: every
+    classified task, as the paper); write ``RUN/intervene/results.parquet`` (with ``task ==
+    "all"`` rows aggregating the tasks when there are several) and ``net_change.png``.
+    Returns the results frame."""
     import torch
 
     from apmae_gpu import llm
@@ -521,8 +606,8 @@ def intervene(run: str | os.PathLike, task: str | None = None, k: list[int] | No
         raise ApmaeError(f"--k {','.join(map(str, ks))}: head counts must be at least 1")
     if per_group < 1 or batch_size < 1:
         raise ApmaeError("--per-group and --batch-size must be at least 1")
-    if rank_by not in ("mean_shap", "extreme_shap"):
-        raise ApmaeError(f"--rank-by {rank_by}: expected mean_shap or extreme_shap")
+    if rank_by not in RANKINGS:
+        raise ApmaeError(f"--rank-by {rank_by}: expected one of {', '.join(RANKINGS)}")
     imp_path = run / "classify" / "head_importance.parquet"
     if not imp_path.exists():
         raise ApmaeError(f"{run}: no classify/head_importance.parquet (run `apmae classify` first)")
@@ -546,7 +631,7 @@ def intervene(run: str | os.PathLike, task: str | None = None, k: list[int] | No
     spec = _model_spec(run, model)
     device = resolve_device(device)
     t_load = time.perf_counter()
-    lm = llm.load_model(spec, device=device)
+    lm = llm.load_model(spec, device=device, dtype=llm.parse_dtype(dtype, device))
     fam = llm.family(lm)   # ApmaeError for a family without a known output projection
     total_heads = fam.n_layers * fam.n_heads
     log.info("loaded %s (%s, %d layers x %d heads) in %.1f s", spec, fam.name, fam.n_layers,
@@ -565,7 +650,7 @@ def intervene(run: str | os.PathLike, task: str | None = None, k: list[int] | No
 
     config = dict(model=spec, revision=llm.model_revision(spec), device=device.split(":")[0],
                   dtype=str(next(lm.parameters()).dtype), per_group=per_group, seed=seed,
-                  multi_token=multi_token, rank_by=rank_by)
+                  multi_token=multi_token, rank_by=rank_by, sampled_groups="per inference")
     out = run / "intervene"
     all_results, records, skipped = [], {}, {}
     t0 = time.perf_counter()
@@ -596,6 +681,8 @@ def intervene(run: str | os.PathLike, task: str | None = None, k: list[int] | No
         raise ApmaeError("no task could be intervened on: " +
                          "; ".join(f"{t}: {r}" for t, r in skipped.items()))
     results = pd.concat(all_results, ignore_index=True)
+    if len(all_results) > 1:
+        results = pd.concat([results, aggregate(results)], ignore_index=True)
     write_parquet(results, out / "results.parquet")
     figure = plot_net_change(results, out / "net_change.png")
     n_inf = sum(r["inferences"] for r in records.values())
@@ -605,7 +692,10 @@ def intervene(run: str | os.PathLike, task: str | None = None, k: list[int] | No
         "k_skipped": too_big, "groups": groups, "rank_by": rank_by, "per_group": per_group,
         "batch_size": batch_size, "zero_tolerance": ZERO_TOL,
         "test": "exact McNemar (paired, same samples): vs the random group at the same k and "
-                "vs the unablated model; Holm-adjusted per task",
+                "vs the unablated model; Holm-adjusted per task; task 'all' pools the tasks' "
+                "discordant pairs (Holm over its rows)",
+        "sampled_groups": "zero and random drawn anew for every inference and every k",
+        "dtype": config["dtype"],
         "tasks": records, "skipped": skipped, "inferences": n_inf,
         "seconds": round(time.perf_counter() - t0, 2),
         "files": ["intervene/results.parquet", figure],
@@ -659,9 +749,9 @@ def plot_net_change(results: pd.DataFrame, path: Path) -> str:
 
     from matplotlib.ticker import NullLocator
 
-    tasks = list(results["task"].unique())
+    tasks = [t for t in results["task"].unique() if t != "all"]
     ks = sorted(int(k) for k in results["k"].unique())
-    panels = (["all tasks"] if len(tasks) > 1 else []) + tasks
+    panels = (["all"] if (results["task"] == "all").any() else []) + tasks
     cols = min(3, len(panels))
     rows = math.ceil(len(panels) / cols)
     fig, axes = plt.subplots(rows, cols, figsize=(4.2 * cols, 3.2 * rows), squeeze=False)
@@ -670,12 +760,6 @@ def plot_net_change(results: pd.DataFrame, path: Path) -> str:
     for ax, panel in zip(axes.flat, panels):
         for group in results["group"].unique():
             color = COLORS.get(group, "k")
-            if panel == "all tasks":
-                g = results[results["group"] == group].groupby("k")["net_change"]
-                m, s = g.mean(), g.std().fillna(0)
-                ax.errorbar(m.index, m.values, yerr=s.values, color=color, marker="o", ms=3,
-                            capsize=2, label=group)
-                continue
             g = results[(results["task"] == panel) & (results["group"] == group)].sort_values("k")
             ax.plot(g["k"], g["net_change"], color=color, label=group, lw=1.2)
             sig = g["p_vs_random"] < 0.05
@@ -687,7 +771,7 @@ def plot_net_change(results: pd.DataFrame, path: Path) -> str:
         ax.xaxis.set_minor_locator(NullLocator())
         ax.set_xticks(ks)
         ax.set_xticklabels([str(k) for k in ks], fontsize=7)
-        ax.set_title(panel, fontsize=9)
+        ax.set_title("all tasks (summed)" if panel == "all" else panel, fontsize=9)
         ax.set_xlabel("heads zeroed (k)", fontsize=8)
         ax.set_ylabel("net change", fontsize=8)
     axes.flat[0].legend(fontsize=7)

@@ -201,6 +201,20 @@ def default_dtype(device: str):
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+def parse_dtype(name: str | None, device: str):
+    """``auto`` (bf16 on CUDA, float32 elsewhere), ``float32``, ``bfloat16`` or ``float16``."""
+    import torch
+
+    if name in (None, "auto"):
+        return default_dtype(device)
+    if name not in DTYPES:
+        raise ApmaeError(f"--dtype {name}: expected one of {', '.join(DTYPES)}")
+    return getattr(torch, name)
+
+
 def load_model(spec: str | ModelSpec, device: str = "cpu", dtype=None, attn_implementation: str = "sdpa",
                device_map: str | None = None, trust_remote_code: bool = False, seed: int = 0):
     """Load MODEL for inference (eval mode): bf16 on GPU, float32 on CPU by default.

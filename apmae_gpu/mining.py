@@ -5,7 +5,8 @@ Targets come from the syntax tree, never from regular expressions over raw text,
 operator or bracket inside a comment or a string literal is never a target:
 
 ==========================  ===============================================================
-identifiers                 ``identifier`` / ``type_identifier`` nodes
+identifiers                 ``identifier`` nodes (``type_identifier`` too with
+                            ``type_identifiers=True``; the reference takes identifiers only)
 boolean_literals            ``true`` / ``false`` nodes
 string_literals             ``string_literal`` (text blocks too) / ``character_literal``
 numeric_literals            decimal, hex, octal, binary integer and floating point literals
@@ -14,9 +15,14 @@ mathematical_operators      ``+ - * / %`` ``< > <= >=`` (binary), ``+ -`` (unary
                             ``++ --`` (update expressions)
 assignment_operators        operator field of assignment expressions, compound ones only
 closing_brackets            ``}`` ``)`` ``]`` tokens
-end_of_line                 a ``;`` token followed by a line break (spaces/tabs allowed between)
+end_of_line                 a ``;`` token and its line break (spaces/tabs allowed between): the
+                            hole is ``;\n`` (``;\r\n``) as the reference mines it, so the
+                            right context starts on the next line
 random_masking              a span of 3-10 tokens at a random place
-noise                       ``window`` tokens drawn uniformly from the vocabulary
+noise                       tokens drawn uniformly from the vocabulary (special tokens
+                            excluded); with FIM tokens the reference's layout: ``<fim_prefix>``
+                            first, ``<fim_suffix>`` at a random inner position,
+                            ``<fim_middle>`` last
 ==========================  ===============================================================
 
 Prompts
@@ -31,6 +37,14 @@ Prompts
     prompt*: for ``left`` the file's own tokenization at the hole (a leading space becomes
     part of the target token, as in the file); for FIM the first token of the middle segment.
     Files too short for a full window are skipped and counted.
+
+Splits (``split`` column)
+    AP-MAE's training prompts (``train``: random masking) and the analysis prompts
+    (``analysis``: every task) never come from the same source file.  With one corpus, each
+    file goes whole to the split that is further from its quota (in the corpus' seeded
+    order); with ``train_corpus`` (e.g. StackLessV2's ``train`` split while ``corpus`` is its
+    ``test`` split, as the reference) the training prompts come from that corpus, and a file
+    whose bytes are already in the analysis split is skipped as a duplicate.
 """
 
 from __future__ import annotations
@@ -55,7 +69,6 @@ SYNTAX_TASKS = TASKS[:9]
 
 _QUERY = """
 (identifier) @identifiers
-(type_identifier) @identifiers
 (true) @boolean_literals
 (false) @boolean_literals
 (string_literal) @string_literals
@@ -88,7 +101,9 @@ TASKS_SCHEMA = pa.schema([
     ("kind", pa.string()), ("input_ids", pa.list_(pa.int32())), ("target_token_id", pa.int64()),
     ("target_token_ids", pa.list_(pa.int32())), ("fim", pa.bool_()), ("window_rule", pa.string()),
     ("n_left", pa.int32()), ("n_right", pa.int32()), ("file_sha256", pa.string()),
+    ("split", pa.string()),
 ])
+SPLITS = ("train", "analysis")
 
 
 @dataclass(frozen=True)
@@ -114,13 +129,14 @@ def parse_tasks(tasks: str) -> list[str]:
 class JavaTargets:
     """tree-sitter parser and query for the nine syntax tasks."""
 
-    def __init__(self):
+    def __init__(self, type_identifiers: bool = False):
         import tree_sitter as ts
         import tree_sitter_java as tsj
 
         self.language = ts.Language(tsj.language())
         self.parser = ts.Parser(self.language)
-        self.query = ts.Query(self.language, _QUERY)
+        query = _QUERY + ("(type_identifier) @identifiers\n" if type_identifiers else "")
+        self.query = ts.Query(self.language, query)
         self.cursor = ts.QueryCursor(self.query)
 
     def parse(self, data: bytes):
@@ -135,9 +151,11 @@ class JavaTargets:
                     continue
                 text = node.text.decode("utf-8", errors="replace") if node.text else ""
                 task = _classify_capture(name, text, node, data)
-                if task is not None:
-                    out[task].append(Target(task, node.start_byte, node.end_byte,
-                                            node.type if name in SYNTAX_TASKS else f"{name}:{text}"))
+                if task is None:
+                    continue
+                end = _line_break_end(node.end_byte, data) if task == "end_of_line" else node.end_byte
+                out[task].append(Target(task, node.start_byte, end,
+                                        node.type if name in SYNTAX_TASKS else f"{name}:{text}"))
         for targets in out.values():
             targets.sort(key=lambda t: (t.start_byte, t.end_byte))
         return out
@@ -148,10 +166,7 @@ def _classify_capture(name: str, text: str, node, data: bytes) -> str | None:
                 "closing_brackets"):
         return name
     if name == "end_of_line":
-        i = node.end_byte
-        while i < len(data) and data[i] in b" \t":
-            i += 1
-        return "end_of_line" if i < len(data) and data[i] in b"\r\n" else None
+        return "end_of_line" if _line_break_end(node.end_byte, data) is not None else None
     if name == "binary_op":
         if text in BOOLEAN_BINARY:
             return "boolean_operators"
@@ -165,6 +180,18 @@ def _classify_capture(name: str, text: str, node, data: bytes) -> str | None:
     if name == "assignment_op":
         return "assignment_operators" if text in COMPOUND_ASSIGNMENT else None
     return None
+
+
+def _line_break_end(i: int, data: bytes) -> int | None:
+    """The byte just past the line break that follows ``data[i:]`` after spaces/tabs
+    (``\n``, ``\r\n`` or ``\r``), or None when the line goes on."""
+    while i < len(data) and data[i] in b" \t":
+        i += 1
+    if i >= len(data) or data[i] not in b"\r\n":
+        return None
+    if data[i:i + 2] == b"\r\n":
+        return i + 2
+    return i + 1
 
 
 # --------------------------------------------------------------------------- prompts
@@ -370,28 +397,78 @@ def _random_spans(text: str, data: bytes, builder: PromptBuilder, rng, n: int) -
 
 
 def noise_rows(tokenizer, window: int, n: int, seed: int) -> list[dict]:
-    """``n`` prompts of tokens drawn uniformly from the vocabulary (special tokens excluded)."""
+    """``n`` prompts of tokens drawn uniformly from the vocabulary (special tokens excluded).
+    With FIM tokens, the reference's layout: ``<fim_prefix>`` at 0, ``<fim_suffix>`` at a
+    random inner position, ``<fim_middle>`` last."""
+    from apmae_gpu.llm import fim_ids
+
     vocab = len(tokenizer)
     special = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
     allowed = np.setdiff1d(np.arange(vocab), special)
+    fim = fim_ids(tokenizer)
     rows = []
     for i in range(n):
-        ids = _rng(seed, "noise", i).choice(allowed, size=window, replace=True)
+        rng = _rng(seed, "noise", i)
+        ids = rng.choice(allowed, size=window, replace=True).astype(int)
+        n_left, n_right = window, 0
+        if fim:
+            pre, suf, mid = fim
+            at = int(rng.integers(1, window - 1))      # an inner position: 1 .. window - 2
+            ids[0], ids[at], ids[-1] = pre, suf, mid
+            n_left, n_right = at - 1, window - 2 - at
         rows.append({"task": "noise", "source": "noise", "start_byte": -1, "end_byte": -1,
                      "target": "", "kind": "uniform", "file_sha256": "",
-                     "input_ids": ids.astype(int).tolist(), "target_token_id": -1,
-                     "target_token_ids": [], "fim": False, "window_rule": "noise",
-                     "n_left": window, "n_right": 0})
+                     "input_ids": ids.tolist(), "target_token_id": -1,
+                     "target_token_ids": [], "fim": bool(fim), "window_rule": "noise",
+                     "n_left": n_left, "n_right": n_right, "split": "analysis"})
     return rows
+
+
+class _Quotas:
+    """Rows still wanted per split: ``train`` (random masking for AP-MAE) and ``analysis``
+    (every mined task), and which split the next file of a corpus goes to."""
+
+    def __init__(self, analysis: dict[str, int], train: int):
+        self.quota = {"analysis": {t: q for t, q in analysis.items() if t != "noise"},
+                      "train": {"random_masking": train} if train > 0 else {}}
+        self.counts = {split: Counter() for split in SPLITS}
+
+    def need(self, split: str) -> set[str]:
+        return {t for t, q in self.quota[split].items() if self.counts[split][t] < q}
+
+    def _fill(self, split: str) -> float:
+        q = self.quota[split]
+        return sum(min(self.counts[split][t], n) for t, n in q.items()) / max(1, sum(q.values()))
+
+    def pick(self, mode: str) -> str | None:
+        """The split of the next file: ``mode`` itself, or with ``both`` the open split that
+        is further from its quota (analysis on a tie); None when nothing is wanted."""
+        open_ = [s for s in (SPLITS if mode == "both" else (mode,)) if self.need(s)]
+        if len(open_) < 2:
+            return open_[0] if open_ else None
+        return "train" if self._fill("train") < self._fill("analysis") else "analysis"
+
+    def take(self, split: str, task: str) -> bool:
+        if self.counts[split][task] >= self.quota[split].get(task, 0):
+            return False
+        self.counts[split][task] += 1
+        return True
+
+    def missing(self, split: str) -> dict[str, int]:
+        return {t: q - self.counts[split][t] for t, q in self.quota[split].items()
+                if self.counts[split][t] < q}
 
 
 def mine(corpus: str, model: str, out: Path, tasks: str = "all", per_task: int = 100,
          window: int = 256, seed: int = 0, per_file: int = 1, dedup: bool = True,
          max_files: int | None = None, max_file_bytes: int = 1_000_000,
          content_column: str = "content", trust_remote_code: bool = False,
-         per_task_overrides: dict[str, int] | None = None) -> pd.DataFrame:
-    """Mine ``per_task`` prompts per task (``per_task_overrides`` for some tasks) into
-    ``out/tasks.parquet`` (+ manifest section)."""
+         per_task_overrides: dict[str, int] | None = None, train_per_task: int = 0,
+         train_corpus: str | None = None, type_identifiers: bool = False) -> pd.DataFrame:
+    """Mine ``per_task`` analysis prompts per task (``per_task_overrides`` for some tasks) and
+    ``train_per_task`` random-masking prompts for AP-MAE from other files (or from
+    ``train_corpus``) into ``out/tasks.parquet`` (+ manifest section).  ``max_files`` bounds
+    the files read from each corpus."""
     from apmae_gpu import llm
     from apmae_gpu.corpus import open_corpus
 
@@ -401,42 +478,50 @@ def mine(corpus: str, model: str, out: Path, tasks: str = "all", per_task: int =
     if unknown:
         raise ApmaeError(f"per-task override for unknown task {', '.join(unknown)}")
     quota = {t: int(overrides.get(t, per_task)) for t in chosen}
+    quotas = _Quotas(quota, int(train_per_task) if "random_masking" in chosen else 0)
     src = open_corpus(corpus, content_column)
+    passes = [(src, "both")]
+    if train_corpus:
+        passes = [(src, "analysis"), (open_corpus(train_corpus, content_column), "train")]
     tokenizer = llm.load_tokenizer(model, trust_remote_code=trust_remote_code)
     builder = PromptBuilder(tokenizer, window)
-    java = JavaTargets()
+    java = JavaTargets(type_identifiers=type_identifiers)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    counts: Counter = Counter()
     skips: Counter = Counter()
+    files: Counter = Counter()
     rows: list[dict] = []
-    need = {t for t in chosen if t != "noise"}
-    seen: set[str] = set()
+    seen: set[bytes] = set()
+    total = sum(sum(q.values()) for q in quotas.quota.values())
+    bar = progress(total=total, desc="mine", unit="task")
     n_files = 0
-    bar = progress(total=sum(quota[t] for t in need), desc="mine", unit="task")
-    for source, data in src.iter_files(seed=seed, max_bytes=max_file_bytes):
-        if not need or (max_files is not None and n_files >= max_files):
-            break
-        n_files += 1
-        reason = _file_skip_reason(data, max_file_bytes)
-        if reason:
-            skips[reason] += 1
-            continue
-        if dedup:
-            digest = hashlib.sha256(data).digest()
-            if digest in seen:
-                skips["duplicate"] += 1
+    for corpus_obj, mode in passes:
+        n_read = 0
+        for source, data in corpus_obj.iter_files(seed=seed, max_bytes=max_file_bytes):
+            split = quotas.pick(mode)
+            if split is None or (max_files is not None and n_read >= max_files):
+                break
+            n_read += 1
+            reason = _file_skip_reason(data, max_file_bytes)
+            if reason:
+                skips[reason] += 1
                 continue
-            seen.add(digest)
-        for row in mine_file(source, data, need, java, builder, seed, per_file, skips):
-            if counts[row["task"]] < quota[row["task"]]:
-                rows.append(row)
-                counts[row["task"]] += 1
-                bar.update(1)
-                if counts[row["task"]] >= quota[row["task"]]:
-                    need.discard(row["task"])
+            if dedup or train_corpus:   # a file in both corpora stays in the analysis split
+                digest = hashlib.sha256(data).digest()
+                if digest in seen:
+                    skips["duplicate"] += 1
+                    continue
+                seen.add(digest)
+            files[split] += 1
+            for row in mine_file(source, data, quotas.need(split), java, builder, seed,
+                                 per_file, skips):
+                if quotas.take(split, row["task"]):
+                    rows.append({**row, "split": split})
+                    bar.update(1)
+        n_files += n_read
     bar.close()
+    counts = Counter(quotas.counts["analysis"])
     if "noise" in chosen:
         rows += noise_rows(tokenizer, window, quota["noise"], seed)
         counts["noise"] = quota["noise"]
@@ -448,20 +533,26 @@ def mine(corpus: str, model: str, out: Path, tasks: str = "all", per_task: int =
     df = df[[f.name for f in TASKS_SCHEMA]]
     write_parquet(df, out / "tasks.parquet", schema=TASKS_SCHEMA)
     seconds = time.perf_counter() - t0
-    short = {t: quota[t] - counts[t] for t in chosen if counts[t] < quota[t]}
-    if short:
-        log.warning("corpus exhausted before these tasks were full (missing rows): %s", short)
+    short = quotas.missing("analysis")
+    short_train = quotas.missing("train")
+    if short or short_train:
+        log.warning("corpus exhausted before these tasks were full (missing rows): %s",
+                    {**short, **{f"train:{t}": n for t, n in short_train.items()}})
     section = {
         "corpus": src.describe(), "model": llm.resolve(model).describe(),
+        "train_corpus": passes[-1][0].describe() if train_corpus else None,
         "tokenizer_vocab": len(tokenizer), "fim": builder.fim is not None,
         "tasks": chosen, "per_task": per_task, "quotas": quota, "per_file": per_file,
-        "window": window,
+        "train_per_task": quotas.quota["train"].get("random_masking", 0),
+        "type_identifiers": type_identifiers, "window": window,
         "seed": seed, "dedup": dedup, "files_read": n_files, "counts": dict(counts),
-        "missing": short, "skipped": dict(skips),
+        "train_counts": dict(quotas.counts["train"]), "files_per_split": dict(files),
+        "missing": short, "missing_train": short_train, "skipped": dict(skips),
         "window_rules": df["window_rule"].value_counts().to_dict(),
         "seconds": round(seconds, 2), "tasks_per_second": round(len(df) / max(seconds, 1e-9), 1),
     }
     update_manifest(out, "mine", section)
-    log.info("mined %d tasks from %d files in %.1fs (%.1f tasks/s) -> %s", len(df), n_files,
-             seconds, len(df) / max(seconds, 1e-9), out / "tasks.parquet")
+    log.info("mined %d tasks (%d for AP-MAE training) from %d files in %.1fs (%.1f tasks/s) -> %s",
+             len(df), int((df["split"] == "train").sum()), n_files, seconds,
+             len(df) / max(seconds, 1e-9), out / "tasks.parquet")
     return df

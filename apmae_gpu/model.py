@@ -14,9 +14,10 @@ Input transform (``config.input_scaling``), applied inside the model to the valu
 in ``maps.zarr`` (``config.stored_scaler`` says how capture scaled them):
 
 ``log_minmax`` (default)
-    ln(max(p, floor)), then min-max over the map's lower triangle to [0, 1]; the upper
-    triangle is 0.  This is the reference package's ``log_normalize``, so MSE values compare
-    with the paper's (Table 2, ~7e-3).
+    The reference package's ``log_normalize`` (:mod:`apmae_gpu.scaling`): ln p, then
+    ``(x - m) / (-m)`` with ``m`` the map's smallest non-zero log-probability; zero
+    probabilities and the upper triangle are 0.  Computed exactly from a ``log`` store (no
+    floor), so MSE values compare with the paper's (Table 2, ~7e-3).
 ``raw``
     The probabilities themselves (``exp`` of a ``log`` store), upper triangle 0: the paper's
     ablation, which does not learn the patterns.
@@ -36,9 +37,10 @@ from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedMode
 from transformers import initialization as init
 
 from apmae_gpu.runs import ApmaeError
+from apmae_gpu.scaling import FLOOR, SCALERS, log_minmax, stored_logs
 
 INPUT_SCALINGS = ("log_minmax", "raw")
-STORED_SCALERS = ("log", "log_normalize", "none")
+STORED_SCALERS = SCALERS
 
 
 # --------------------------------------------------------------------------- config
@@ -73,7 +75,7 @@ class APMAEConfig(PreTrainedConfig):
     initializer_range: float = 0.02
     input_scaling: str = "log_minmax"
     stored_scaler: str = "log"
-    log_floor: float = 1e-8
+    log_floor: float = FLOOR    # the store's floor (1e-8 in stores written before FLOOR)
     preset: str = "custom"
 
     def validate_architecture(self):
@@ -311,14 +313,12 @@ class APMAEModel(APMAEPreTrainedModel):
         c = self.config
         x = self.patchify(self._check(maps)).float()
         valid = self.pixel_valid
-        if c.input_scaling == "raw":
-            x = x.exp() if c.stored_scaler == "log" else x
+        if c.stored_scaler == "log_normalize":   # stored as the model's input already
             return x * valid
-        x = x.clamp_min(c.log_floor).log() if c.stored_scaler == "none" else x
-        big = torch.finfo(torch.float32).max
-        lo = torch.where(valid, x, big).amin(dim=(1, 2), keepdim=True)
-        hi = torch.where(valid, x, -big).amax(dim=(1, 2), keepdim=True)
-        return ((x - lo) / (hi - lo).clamp_min(1e-6)) * valid
+        logs, keep = stored_logs(x, c.stored_scaler, c.log_floor, valid)
+        if c.input_scaling == "raw":
+            return torch.where(keep, logs.exp(), torch.zeros_like(logs))
+        return log_minmax(logs, keep, dims=(1, 2))
 
     def transform(self, maps: torch.Tensor) -> torch.Tensor:
         """Stored maps [B, W, W] -> model input as maps [B, W, W] (0 above the diagonal)."""

@@ -101,7 +101,10 @@ def _mine(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
     mine(corpus=_corpus(m.corpus), model=cfg.model, out=run, tasks=m.tasks, per_task=m.per_task,
          window=m.window, seed=cfg.seed, per_file=m.per_file, dedup=m.dedup,
          max_files=m.max_files, max_file_bytes=m.max_file_bytes, content_column=m.content_column,
-         trust_remote_code=cfg.trust_remote_code, per_task_overrides=m.per_task_overrides)
+         trust_remote_code=cfg.trust_remote_code, per_task_overrides=m.per_task_overrides,
+         train_per_task=m.train_per_task,
+         train_corpus=_corpus(m.train_corpus) if m.train_corpus else None,
+         type_identifiers=m.type_identifiers)
 
 
 def _capture(split: str):
@@ -114,7 +117,8 @@ def _capture(split: str):
         capture(run=run, model=cfg.model, split=split, per_task=s.per_task, heads=s.heads,
                 scaler=c.scaler, batch_size=c.batch_size, device=cfg.device, seed=cfg.seed,
                 max_attempts=s.max_attempts, device_map=c.device_map, chunk_maps=c.chunk_maps,
-                trust_remote_code=cfg.trust_remote_code, encode_with=encode_with, pool=c.pool)
+                trust_remote_code=cfg.trust_remote_code, encode_with=encode_with, pool=c.pool,
+                dtype=c.dtype)
     return run_split
 
 
@@ -198,7 +202,7 @@ def _intervene(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
     i = cfg.intervene
     intervene(run=run, task=i.task, k=i.k, per_group=i.per_group, model=cfg.model,
               device=cfg.device, batch_size=i.batch_size, seed=cfg.seed, groups=i.groups,
-              multi_token=i.multi_token, rank_by=i.rank_by)
+              multi_token=i.multi_token, rank_by=i.rank_by, dtype=i.dtype)
 
 
 def _report(cfg: PipelineConfig, run: Path, fresh: bool) -> None:

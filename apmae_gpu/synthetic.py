@@ -14,9 +14,9 @@ import numpy as np
 import pandas as pd
 
 from apmae_gpu import TASKS
+from apmae_gpu.scaling import FLOOR, LOG_FILL
 
 PATTERNS = ("diagonal", "sink", "local", "uniform", "blocks")
-LOG_FLOOR = 1e-8
 
 
 def pattern_scores(kind: str, window: int, rng: np.random.Generator) -> np.ndarray:
@@ -52,11 +52,14 @@ def causal_softmax(scores: np.ndarray) -> np.ndarray:
     return e / e.sum(axis=-1, keepdims=True)
 
 
-def log_scale(p: np.ndarray, floor: float = LOG_FLOOR) -> np.ndarray:
-    """The ``log`` scaler of capture: ln(max(p, floor)), upper triangle = ln(floor)."""
+def log_scale(p: np.ndarray) -> np.ndarray:
+    """The ``log`` scaler of capture on float32 probabilities: ln p where p > 0, else (and
+    above the diagonal) ``LOG_FILL``."""
     w = p.shape[-1]
-    out = np.log(np.maximum(p, floor))
-    out[..., ~np.tril(np.ones((w, w), dtype=bool))] = np.log(floor)
+    p32 = p.astype(np.float32)
+    with np.errstate(divide="ignore"):
+        out = np.where(p32 > 0, np.log(p32), LOG_FILL)
+    out[..., ~np.tril(np.ones((w, w), dtype=bool))] = LOG_FILL
     return out
 
 
@@ -90,7 +93,7 @@ def synthetic_run(run: str | Path, n_layers: int = 2, n_heads: int = 3, window: 
     run = Path(run)
     rng = np.random.default_rng(seed)
     store = MapStore.create_or_open(run, window=window, scaler="log",
-                                    fill_value=float(np.log(LOG_FLOOR)), floor=LOG_FLOOR,
+                                    fill_value=LOG_FILL, floor=FLOOR,
                                     chunk_maps=chunk_maps)
     rows = []
     inf_id = 0

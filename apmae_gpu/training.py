@@ -431,7 +431,7 @@ def _train(run, preset, steps, batch_size, lr, resume, out, raw, device, seed, c
                          "recovered for --raw (capture with --scaler log)")
     config = preset_config(preset, **{"input_scaling": "raw" if raw else "log_minmax",
                                       "stored_scaler": store.info.scaler,
-                                      "log_floor": float(store.info.floor or 1e-8), **overrides})
+                                      "log_floor": float(store.info.floor or FLOOR), **overrides})
     if config.image_size != store.info.window:
         raise ApmaeError(f"{run}: the store holds {store.info.window}x{store.info.window} maps; "
                          f"preset {preset!r} takes {config.image_size}x{config.image_size} "

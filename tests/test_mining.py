@@ -5,6 +5,7 @@ reproduce, and bad input is counted or refused with one line."""
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pandas as pd
@@ -54,8 +55,9 @@ def _enclosing_types(tree, start, end):
 
 def _check_syntax(row, data: bytes):
     tree = PARSER.parse(data)
-    node = tree.root_node.descendant_for_byte_range(row.start_byte, row.end_byte)
-    assert (node.start_byte, node.end_byte) == (row.start_byte, row.end_byte), row.task
+    end = row.start_byte + 1 if row.task == "end_of_line" else row.end_byte
+    node = tree.root_node.descendant_for_byte_range(row.start_byte, end)
+    assert (node.start_byte, node.end_byte) == (row.start_byte, end), row.task
     ancestors = []
     p = node.parent
     while p is not None:
@@ -67,7 +69,7 @@ def _check_syntax(row, data: bytes):
         assert "string_literal" not in ancestors and "character_literal" not in ancestors
     t = row.task
     if t == "identifiers":
-        assert node.type in ("identifier", "type_identifier")
+        assert node.type == "identifier"      # the reference: identifier nodes only
     elif t == "boolean_literals":
         assert node.type in ("true", "false")
     elif t == "string_literals":
@@ -85,8 +87,9 @@ def _check_syntax(row, data: bytes):
     elif t == "closing_brackets":
         assert row.target in ("}", ")", "]") and not node.is_named
     elif t == "end_of_line":
-        assert row.target == ";"
-        assert data[row.end_byte:].lstrip(b" \t")[:1] in (b"\n", b"\r")
+        # the hole is `;` with its line break, so the right context starts on the next line
+        assert node.type == ";" and re.fullmatch(r";[ \t]*(\r\n|\n|\r)", row.target), row.target
+        assert data[row.end_byte - 1:row.end_byte] in (b"\n", b"\r")
 
 
 @pytest.mark.parametrize("which", ["mined_left", "mined_fim"])
