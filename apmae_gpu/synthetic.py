@@ -168,7 +168,8 @@ def synthetic_tasks(run: str | Path, model: str, n_per_task: int = 6, window: in
                          "input_ids": ids[i].tolist(), "target_token_id": target,
                          "target_token_ids": [] if target < 0 else [target], "fim": False,
                          "window_rule": "left" if task != "noise" else "noise",
-                         "n_left": window, "n_right": 0, "file_sha256": ""})
+                         "n_left": window, "n_right": 0, "file_sha256": "",
+                         "split": None})   # either split may take a row (each its own file)
     df = pd.DataFrame(rows)
     df.insert(0, "task_id", np.arange(len(df), dtype=np.int64))
     run.mkdir(parents=True, exist_ok=True)

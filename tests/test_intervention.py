@@ -184,24 +184,34 @@ def test_greedy_with_cache_equals_recomputation(shape):
 def test_head_groups():
     imp = pd.DataFrame({"layer": [0, 0, 0, 1, 1, 1], "head": [0, 1, 2, 0, 1, 2],
                         "mean_shap": [0.3, -0.2, 0.0, 1e-6, 0.1, -0.5],
+                        "mean_shap_pos": [0.4, 0.1, 0.0, 0.0, 0.6, 0.2],
+                        "mean_shap_neg": [-0.1, -0.3, 0.0, 0.0, -0.5, -0.7],
                         "extreme_shap": [1, 2, 3, 4, 5, 6],
                         "importance": [0.9, 0.1, 0.0, 0.2, 0.5, 0.3]})
-    g = I.head_groups(imp, 2, 3, [1, 2, 3, 6], ["positive", "negative", "zero", "random",
-                                                "importance"], seed=0, task="t")
-    assert g[("positive", 3)]["heads"] == [(0, 0), (1, 1), (1, 0)]
-    assert g[("positive", 3)]["n_in_group"] == 3 and g[("positive", 6)]["n_in_group"] == 3
-    assert g[("negative", 2)]["heads"] == [(1, 2), (0, 1)]
-    assert set(g[("zero", 2)]["heads"]) == {(0, 2), (1, 0)} and g[("zero", 3)]["n_in_group"] == 2
+    groups = ["positive", "negative", "zero", "random", "importance"]
+    g = I.head_groups(imp, 2, 3, [1, 2, 3, 6], groups, seed=0, task="t")
+    # the reference's ranking: mean of the positive / negative parts of the SHAP values
+    assert g[("positive", 3)]["heads"] == [(1, 1), (0, 0), (1, 2)]
+    assert g[("positive", 3)]["n_in_group"] == 3 and g[("positive", 6)]["n_in_group"] == 4
+    assert g[("negative", 2)]["heads"] == [(1, 2), (1, 1)]
     assert g[("importance", 2)]["heads"] == [(0, 0), (1, 1)]
-    rand = g[("random", 6)]["heads"]
-    assert sorted(rand) == [(a, b) for a in range(2) for b in range(3)]
-    assert g[("random", 2)]["heads"] == rand[:2]                       # nested sets
-    again = I.head_groups(imp, 2, 3, [6], ["random"], seed=0, task="t")
-    assert again[("random", 6)]["heads"] == rand                       # seeded
-    other = I.head_groups(imp, 2, 3, [6], ["random"], seed=1, task="t")
-    assert other[("random", 6)]["heads"] != rand
+    # the signed mean, an option
+    signed = I.head_groups(imp, 2, 3, [2, 3], groups, seed=0, task="t", rank_by="mean_shap")
+    assert signed[("positive", 3)]["heads"] == [(0, 0), (1, 1), (1, 0)]
+    assert signed[("negative", 2)]["heads"] == [(1, 2), (0, 1)]
+    # sampled groups: a pool to draw from per inference
+    assert g[("zero", 2)]["heads"] is None and sorted(g[("zero", 2)]["pool"]) == [2, 3]
+    assert g[("zero", 2)]["replace"] and not g[("random", 6)]["replace"]
+    assert sorted(g[("random", 6)]["pool"]) == list(range(6))
+    ids = np.arange(20)
+    draw = I.sampled_mask(g[("random", 2)], 2, ids, 2, 3, 0, "t", "random")
+    assert (draw.reshape(20, -1).sum(1) == 2).all() and len({d.tobytes() for d in draw}) > 5
+    other = I.sampled_mask(g[("random", 2)], 2, ids, 2, 3, 1, "t", "random")
+    assert (other != draw).any()                                        # seeded by --seed
     by_extreme = I.head_groups(imp, 2, 3, [1], ["positive"], 0, "t", rank_by="extreme_shap")
     assert by_extreme[("positive", 1)]["heads"] == [(1, 2)]
+    no_zero = I.head_groups(imp.assign(mean_shap=1.0), 2, 3, [1], ["zero"], 0, "t")
+    assert no_zero == {}                                                # no neutral head
 
 
 def test_statistics():
@@ -260,7 +270,9 @@ def write_intervention_run(run: Path) -> Path:
         mean[[2, 5]] = 0.0
         imp.append(pd.DataFrame({"task": task, "layer": np.repeat([0, 1], 4),
                                  "head": np.tile(np.arange(4), 2), "importance": np.abs(mean) * 4,
-                                 "mean_shap": mean, "extreme_shap": mean * 3}))
+                                 "mean_shap": mean, "extreme_shap": mean * 3,
+                                 "mean_shap_pos": np.maximum(mean, 0) + 0.01,
+                                 "mean_shap_neg": np.minimum(mean, 0) - 0.01}))
     (run / "classify").mkdir()
     pd.concat(imp).to_parquet(run / "classify" / "head_importance.parquet", index=False)
     update_manifest(run, "capture", {"model": {"spec": "random:tiny-llama"}})
@@ -283,10 +295,20 @@ def _work(run: Path, task: str) -> Path:
 
 def test_intervene_results(intervened):
     run, results = intervened
-    assert set(results["task"]) == {"identifiers", "end_of_line"}
+    assert set(results["task"]) == {"identifiers", "end_of_line", "all"}
     assert set(results["k"]) == {1, 2} and set(results["mode"]) == {"first_token"}
-    assert len(results) == 2 * 4 * 2
-    r = results
+    assert len(results) == 3 * 4 * 2
+    # task "all": each (group, k) summed over the tasks, tested on the pooled pairs
+    agg = results[results.task == "all"].set_index(["group", "k"])
+    per = results[results.task != "all"].groupby(["group", "k"])
+    for col in ("n", "n_correct_to_incorrect", "n_incorrect_to_correct", "net_change"):
+        assert (agg[col] == per[col].sum().loc[agg.index]).all(), col
+    row = agg.loc[("positive", 2)]
+    assert row["n_better_than_random"] == per["n_better_than_random"].sum().loc[("positive", 2)]
+    assert row["p_vs_random"] == pytest.approx(I.mcnemar_exact(row["n_better_than_random"],
+                                                               row["n_worse_than_random"]))
+    assert (agg["n_tasks"] == 2).all()
+    r = results[results.task != "all"]
     assert (r["n_correct_to_incorrect"] + r["n_incorrect_to_correct"] + r["n_other_changes"]
             + r["n_unchanged"] == r["n"]).all()
     assert (r["net_change"] == r["n_incorrect_to_correct"] - r["n_correct_to_incorrect"]).all()
@@ -295,7 +317,10 @@ def test_intervene_results(intervened):
     assert r.loc[r.group != "random", "p_vs_random"].between(0, 1).all()
     assert (r["p_vs_random_holm"].fillna(1) >= r["p_vs_random"].fillna(1)).all()
     assert (r["n_heads"] == r["k"]).all()
-    assert r.set_index(["task", "group", "k"]).loc[("identifiers", "zero", 2), "n_in_group"] == 2
+    zero = r.set_index(["task", "group", "k"]).loc[("identifiers", "zero", 2)]
+    assert zero["heads"] == "2 drawn per inference from 2 heads (with replacement)"
+    rand = r.set_index(["task", "group", "k"]).loc[("identifiers", "random", 2)]
+    assert rand["heads"] == "2 drawn per inference from 8 heads"
 
     section = read_manifest(run)["intervene"]
     assert section["k_skipped"] == [100] and section["k"] == [1, 2]
@@ -335,6 +360,25 @@ def test_one_condition_by_hand(intervened):
     assert row["n_incorrect_to_correct"] == int((~before & ok).sum())
     changed = after != np.array([p[0] for p in held["predicted_before"]])
     assert row["n_unchanged"] == int((~changed).sum())
+
+
+def test_random_condition_by_hand_uses_a_draw_per_inference(intervened):
+    run, _ = intervened
+    work = _work(run, "end_of_line")
+    held = pd.read_parquet(work / "heldout.parquet")
+    parts = pd.concat([pd.read_parquet(p) for p in sorted(work.glob("part-*.parquet"))])
+    got = parts[(parts.group == "random") & (parts.k == 2)].set_index("sample_id")
+    imp = pd.read_parquet(run / "classify" / "head_importance.parquet")
+    conds = I.head_groups(imp[imp.task == "end_of_line"], 2, 4, [2], ["random"], 0, "end_of_line")
+    masks = I.sampled_mask(conds[("random", 2)], 2, held["sample_id"].to_numpy(), 2, 4, 0,
+                           "end_of_line", "random")
+    assert len({m.tobytes() for m in masks}) > 1               # not one set for all
+    model = tiny("tiny-llama")
+    ids = torch.tensor(np.stack(held["input_ids"].to_numpy()).astype(np.int64))
+    with I.ablate_heads(model, masks):                         # a mask per sample
+        after = I.first_tokens(model, ids).numpy()
+    stored = np.array([got.loc[sid, "predicted"][0] for sid in held["sample_id"]])
+    assert (after == stored).all()
 
 
 def test_intervene_rerun_and_multi_token(intervened, tmp_path):
