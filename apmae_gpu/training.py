@@ -189,7 +189,7 @@ class MapLoader:
         """Maps of ``ids`` (in that order) [len(ids), W, W] float16, reading each touched chunk
         once, whole, and copying every map once, straight to its place (in ``pool``'s threads
         when given)."""
-        cm, n, w = self.store.info.chunk_maps, self.store.n_maps, self.store.info.window
+        cm, w = self.store.info.chunk_maps, self.store.info.window
         chunk_of = ids // cm
         order = np.argsort(chunk_of, kind="stable")
         chunks, starts = np.unique(chunk_of[order], return_index=True)
@@ -198,7 +198,7 @@ class MapLoader:
 
         def read(k: int) -> None:
             c = int(chunks[k])
-            block = self.store.array[c * cm:min((c + 1) * cm, n)]
+            block = self.store.read_chunk(c)   # checked: present and intact
             for pos in groups[k]:
                 m = block[ids[pos] - c * cm]
                 if ((m.view(np.uint16) & 0x7C00) == 0x7C00).any():
