@@ -103,6 +103,10 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0][:300] if text else type(exc).__name__
 
 
+def _why(exc: BaseException) -> str:
+    return "checksum mismatch" if "checksum" in str(exc).lower() else _first_line(exc)
+
+
 def part_rows(path: Path) -> int:
     """Rows of one parquet part (from its footer); a damaged part is an ApmaeError."""
     try:
@@ -367,21 +371,25 @@ class MapStore:
     def n_chunks(self) -> int:
         return -(-self.n_maps // self.info.chunk_maps)
 
-    def _maps_of(self, c: int) -> str:
+    def maps_of_chunk(self, c: int) -> str:
         cm = self.info.chunk_maps
         return f"maps {c * cm}-{min((c + 1) * cm, self.n_maps) - 1}"
 
     def _check_chunk(self, c: int) -> None:
         if c < self.n_chunks() and not (self.maps_path / self.chunk_key(c)).is_file():
-            raise ApmaeError(f"{self.maps_path}: chunk {self.chunk_key(c)} ({self._maps_of(c)}) "
+            raise ApmaeError(f"{self.maps_path}: chunk {self.chunk_key(c)} ({self.maps_of_chunk(c)}) "
                              f"is missing; the store is damaged (`apmae check {self.run}`)")
 
     def verify_chunk(self, c: int) -> str | None:
-        """None when chunk ``c`` is present and decodes (checksum included), else why not."""
+        """None when chunk ``c`` is present and decodes (checksum included), else why not
+        (``missing`` or ``damaged (...)``)."""
+        if not (self.maps_path / self.chunk_key(c)).is_file():
+            return "missing"
+        cm = self.info.chunk_maps
         try:
-            self.read_chunk(c)
-        except ApmaeError as exc:
-            return str(exc)
+            self.array[c * cm:min((c + 1) * cm, self.n_maps)]
+        except Exception as exc:  # a decoder's or the checksum's error
+            return f"damaged ({_why(exc)})"
         return None
 
     def _slab(self, lo: int, hi: int) -> np.ndarray:
@@ -401,9 +409,8 @@ class MapStore:
             try:
                 self.array[c * cm:min((c + 1) * cm, self.n_maps)]
             except Exception as one:
-                why = ("checksum mismatch" if "checksum" in str(one).lower()
-                       else _first_line(one))
+                why = _why(one)
                 raise ApmaeError(f"{self.maps_path}: chunk {self.chunk_key(c)} "
-                                 f"({self._maps_of(c)}) is damaged ({why}); "
+                                 f"({self.maps_of_chunk(c)}) is damaged ({why}); "
                                  f"`apmae check {self.run}` says what to rerun") from None
         raise ApmaeError(f"{self.maps_path}: cannot read maps ({_first_line(exc)})") from None
