@@ -288,8 +288,10 @@ def _rng(seed: int, *parts) -> np.random.Generator:
 
 
 def _file_skip_reason(data: bytes, max_file_bytes: int) -> str | None:
-    from apmae_gpu.corpus import TooLarge
+    from apmae_gpu.corpus import TooLarge, Unreadable
 
+    if isinstance(data, Unreadable):   # symlink loop, special file, corrupt zip member, ...
+        return data.reason
     if isinstance(data, TooLarge) or len(data) > max_file_bytes:
         return "huge"
     if not data.strip():
