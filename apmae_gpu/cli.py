@@ -577,7 +577,9 @@ def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     _STATE["argv"] = argv
     try:
-        app(args=_expand_variadic(argv), prog_name="apmae", standalone_mode=False)
+        code = app(args=_expand_variadic(argv), prog_name="apmae", standalone_mode=False)
+        if isinstance(code, int) and code:   # typer.Exit(N) comes back as a return value
+            sys.exit(code)
     except ApmaeError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)

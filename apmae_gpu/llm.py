@@ -135,6 +135,14 @@ def resolve(spec: str) -> ModelSpec:
     return ModelSpec(spec, "hf", name, revision=revision or None)
 
 
+try:  # transformers' configs validate their fields through huggingface_hub
+    from huggingface_hub.errors import StrictDataclassError as _StrictError
+
+    _CONFIG_ERRORS: tuple = (_StrictError,)
+except ImportError:  # pragma: no cover - older huggingface_hub
+    _CONFIG_ERRORS = ()
+
+
 # --------------------------------------------------------------------------- hub names
 _HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
 
@@ -198,7 +206,7 @@ def load_tokenizer(spec: str | ModelSpec, trust_remote_code: bool = False):
                                              trust_remote_code=trust_remote_code)
     except ApmaeError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, *_CONFIG_ERRORS) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ApmaeError(f"model {ms.spec}: no usable tokenizer ({first})") from None
 
@@ -288,8 +296,9 @@ def load_model(spec: str | ModelSpec, device: str = "cpu", dtype=None, attn_impl
                 trust_remote_code=trust_remote_code, **kwargs)
     except ApmaeError:
         raise
-    except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
-        # TypeError/AttributeError: a config.json field of the wrong type
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, *_CONFIG_ERRORS) as exc:
+        # a config.json field of the wrong type: TypeError, or huggingface_hub's strict
+        # dataclass validation error
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ApmaeError(f"model {ms.spec}: cannot load ({first})") from None
     if device_map is None:

@@ -290,7 +290,11 @@ def _run_stages(cfg: PipelineConfig, run: Path, config) -> dict:
 
     keys = stage_keys(cfg)
     state_path = run / STATE
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"stages": {}}
+    try:
+        state = json.loads(state_path.read_text()) if state_path.exists() else {"stages": {}}
+    except (ValueError, OSError) as exc:
+        raise ApmaeError(f"{state_path} is damaged ({exc}); delete it to rerun every stage "
+                         f"(complete ones resume from their outputs)") from None
     stages = [s for s in stage_order(cfg) if s in cfg.stages]
     console = Console(stderr=True)
     os.environ.setdefault("APMAE_PROGRESS", "0")  # one display: the pipeline's own
