@@ -217,12 +217,33 @@ def check_embeddings(run: Path, rep: _Report) -> None:
         rep.ok(f"embeddings.zarr ({n} inferences x {L} layers x {H} heads, {state})")
 
 
+def _note_writer(run: Path, echo: Callable[[str], None]) -> None:
+    """Say so when a writer holds the run now (what it is writing may look damaged)."""
+    import fcntl
+
+    from apmae_gpu.runs import LOCK_FILE, _lock_holder
+
+    lock = run / LOCK_FILE
+    if not lock.exists():
+        return
+    try:
+        with open(lock) as fh:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    except BlockingIOError:
+        echo(f"note: {_lock_holder(lock)} is writing {run} now; what it is writing may show "
+             f"as damaged")
+    except OSError:
+        pass
+
+
 def check_run(run: str | os.PathLike, echo: Callable[[str], None] = print) -> list[str]:
     """Verify ``run``; print one line per finding; return the problems (empty: sound)."""
     run = Path(run)
     if not run.is_dir():
         raise ApmaeError(f"run directory {run} does not exist")
     rep = _Report(echo, run)
+    _note_writer(run, echo)
     manifest = _json(run / "manifest.json", rep, "rewrite it by rerunning the last stage, or "
                      "restore it from a backup") or {}
     _json(run / "pipeline.json", rep, f"delete {run / 'pipeline.json'}; `apmae pipeline` "

@@ -501,3 +501,46 @@ def test_a_mistyped_model_name_fails_in_one_line_without_the_hub(tmp_path, monke
     monkeypatch.setattr(llm, "_hub_reachable", lambda timeout=2.0: False)
     with pytest.raises(ApmaeError, match="the hub cannot be reached"):
         llm.load_model("bigcode/starcoder2-3bb")
+
+
+def test_expected_failures_get_their_own_one_line_messages(tmp_path):
+    import errno as errno_mod
+
+    import pyarrow.parquet as pq
+
+    from apmae_gpu.cli import _describe
+
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    caught = []
+    for action in (lambda: json.loads('{"a": '), lambda: b"caf\xe9".decode("utf-8"),
+                   lambda: pq.read_table(broken), lambda: open(tmp_path / "nope.json"),
+                   lambda: (_ for _ in ()).throw(PermissionError(errno_mod.EACCES,
+                                                                 "Permission denied",
+                                                                 str(tmp_path / "x"))),
+                   lambda: (_ for _ in ()).throw(OSError(errno_mod.ENOSPC, "No space left",
+                                                         str(tmp_path / "y")))):
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001 - the point is what _describe makes of it
+            caught.append(_describe(exc))
+    assert caught[0] == ("a JSON file is damaged (Expecting value, line 1)", 2)
+    assert caught[1] == ("a file is not UTF-8 text (unexpected end of data at byte 3)", 2)
+    assert caught[2][1] == 2 and caught[2][0].startswith("a parquet file is damaged or unreadable (")
+    assert caught[3] == (f"no such file or directory: {tmp_path / 'nope.json'}", 2)
+    assert caught[4] == (f"permission denied: {tmp_path / 'x'}", 2)
+    assert caught[5] == (f"no space left on the device: {tmp_path / 'y'}", 2)
+    assert _describe(RuntimeError("boom")) == ("unexpected RuntimeError: boom", 1)
+
+
+def test_check_notes_a_writer_at_work(run_copy):
+    from apmae_gpu.check import check_run
+
+    holder = _holder(run_copy, "apmae encode run")
+    try:
+        lines: list[str] = []
+        assert check_run(run_copy, echo=lines.append) == []
+        assert lines[0] == (f"note: PID {holder.pid} (apmae encode run) is writing {run_copy} "
+                            f"now; what it is writing may show as damaged")
+    finally:
+        holder.communicate("")
