@@ -377,8 +377,9 @@ class MapStore:
 
     def _check_chunk(self, c: int) -> None:
         if c < self.n_chunks() and not (self.maps_path / self.chunk_key(c)).is_file():
-            raise ApmaeError(f"{self.maps_path}: chunk {self.chunk_key(c)} ({self.maps_of_chunk(c)}) "
-                             f"is missing; the store is damaged (`apmae check {self.run}`)")
+            raise ApmaeError(f"{self.maps_path}: chunk {self.chunk_key(c)} "
+                             f"({self.maps_of_chunk(c)}) is missing; the store is damaged "
+                             f"(`apmae check {self.run}`)")
 
     def verify_chunk(self, c: int) -> str | None:
         """None when chunk ``c`` is present and decodes (checksum included), else why not

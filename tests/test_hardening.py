@@ -335,7 +335,8 @@ def test_encode_refuses_a_nan_map(run_copy, ckpt):
     store = MapStore(run_copy)
     inf = store.inferences()
     first = int(inf.loc[inf.split == "analysis", "inference_id"].min())
-    bad = int(store.index().query("inference_id == @first").map_id.iloc[2])
+    index = store.index()
+    bad = int(index[index.inference_id == first].map_id.iloc[2])
     arr = zarr.open_array(run_copy / "maps.zarr", mode="r+")
     m = arr[bad]
     m[5, 1] = np.nan
@@ -526,7 +527,8 @@ def test_expected_failures_get_their_own_one_line_messages(tmp_path):
             caught.append(_describe(exc))
     assert caught[0] == ("a JSON file is damaged (Expecting value, line 1)", 2)
     assert caught[1] == ("a file is not UTF-8 text (unexpected end of data at byte 3)", 2)
-    assert caught[2][1] == 2 and caught[2][0].startswith("a parquet file is damaged or unreadable (")
+    assert caught[2][1] == 2
+    assert caught[2][0].startswith("a parquet file is damaged or unreadable (")
     assert caught[3] == (f"no such file or directory: {tmp_path / 'nope.json'}", 2)
     assert caught[4] == (f"permission denied: {tmp_path / 'x'}", 2)
     assert caught[5] == (f"no space left on the device: {tmp_path / 'y'}", 2)
