@@ -189,6 +189,9 @@ def check_embeddings(run: Path, rep: _Report) -> None:
             if not set(ids.tolist()) <= valid:
                 rep.bad(f"{path} holds inferences that are not analysis inferences with maps",
                         rerun)
+            elif group.attrs.get("complete") and len(ids) != len(valid):
+                rep.bad(f"{path} is marked complete but holds {len(ids)} of the {len(valid)} "
+                        f"analysis inferences with maps", rerun)
         except ApmaeError:
             pass   # reported by check_maps
     block = int(emb.chunks[2])

@@ -174,6 +174,9 @@ def test_two_capture_processes_on_one_run_one_refuses_and_the_result_is_uninterr
     pd.testing.assert_frame_equal(a[0], b[0])
     pd.testing.assert_frame_equal(a[1], b[1])
     assert np.array_equal(a[2], b[2])
+    from apmae_gpu.check import check_run   # a real capture's manifest counts match
+
+    assert check_run(run, echo=lambda line: None) == []
 
 
 # --------------------------------------------------------------------------- 2. integrity
@@ -482,6 +485,25 @@ def test_corpus_readers_skip_and_count_what_they_cannot_read(tmp_path, java_dir)
     small = dict(open_corpus(str(zpath)).iter_files(seed=0, max_bytes=100))
     assert isinstance(small["Good.java"], TooLarge)
     assert not isinstance(small["Good.java"], Unreadable)
+
+    # the time bound: a read that outlasts it is skipped (here a bound of 0 s and 2 pieces)
+    from apmae_gpu.corpus import read_bounded
+
+    slow = tmp_path / "Slow.java"
+    slow.write_bytes(b"x" * (3 << 20))
+    with open(slow, "rb") as f:
+        got = read_bounded(f, None, seconds=0.0)
+    assert isinstance(got, Unreadable) and got.reason == "slow_read"
+    with open(slow, "rb") as f:
+        assert read_bounded(f, None) == slow.read_bytes()
+    # a truncated JSONL.gz corpus is one line, not a gzip traceback
+    gz = tmp_path / "c.jsonl.gz"
+    import gzip
+
+    whole = gzip.compress(b"".join(b'{"content": "class A%d {}"}\n' % i for i in range(2000)))
+    gz.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ApmaeError, match=f"^corpus {gz}: not readable"):
+        open_corpus(str(gz)).ids()
 
 
 # --------------------------------------------------------------------------- 9. model names
