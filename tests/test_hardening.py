@@ -37,6 +37,21 @@ def _cli(*args, env=None, timeout=300):
     return p.returncode, p.stdout, p.stderr
 
 
+def _main(capsys, *args):
+    """Run ``apmae ARGS`` through the CLI's entry point in this process (no interpreter
+    start-up); (exit code, stdout, stderr)."""
+    from apmae_gpu.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def _one_line(stderr: str) -> str:
     """The error line; asserts there is exactly one and no traceback."""
     lines = [ln for ln in stderr.splitlines() if ln.strip()]
@@ -46,10 +61,20 @@ def _one_line(stderr: str) -> str:
     return errors[0]
 
 
+@pytest.fixture(scope="module")
+def small_run_dir(tmp_path_factory):
+    """84 maps of 64x64 in 6 chunks of 16: 4 train inferences, then 10 analysis ones (2 tasks
+    x 2 correct + 2 incorrect, 2 noise), 2 layers x 3 heads.  Read-only."""
+    from apmae_gpu.synthetic import synthetic_run
+
+    return synthetic_run(tmp_path_factory.mktemp("small") / "run", n_train=4, n_per_task=2,
+                         tasks=("identifiers", "closing_brackets", "noise"))
+
+
 @pytest.fixture()
-def run_copy(synthetic_run_dir, tmp_path):
+def run_copy(small_run_dir, tmp_path):
     run = tmp_path / "run"
-    shutil.copytree(synthetic_run_dir, run)
+    shutil.copytree(small_run_dir, run)
     return run
 
 
@@ -180,7 +205,7 @@ def test_two_capture_processes_on_one_run_one_refuses_and_the_result_is_uninterr
 
 
 # --------------------------------------------------------------------------- 2. integrity
-def test_a_deleted_chunk_is_an_error_in_every_reader_and_check_names_it(run_copy, ckpt):
+def test_a_deleted_chunk_is_an_error_in_every_reader_and_check_names_it(run_copy, ckpt, capsys):
     store = MapStore(run_copy)
     last = store.n_chunks() - 1     # analysis maps, which encode reads
     (run_copy / "maps.zarr" / store.chunk_key(last)).unlink()
@@ -191,9 +216,9 @@ def test_a_deleted_chunk_is_an_error_in_every_reader_and_check_names_it(run_copy
                  lambda: list(store.iter_chunks()), lambda: store.read_chunk(last)):
         with pytest.raises(ApmaeError, match="^" + re.escape(msg)):
             read()
-    code, _, err = _cli("encode", run_copy, "--checkpoint", ckpt, "--device", "cpu")
+    code, _, err = _main(capsys, "encode", run_copy, "--checkpoint", ckpt, "--device", "cpu")
     assert code == 2 and _one_line(err).startswith(f"error: {msg}")
-    code, out, _ = _cli("check", run_copy)
+    code, out, _ = _main(capsys, "check", run_copy)
     assert code == 1
     damaged = [ln for ln in out.splitlines() if ln.startswith("damaged:")]
     assert damaged == [f"damaged: {msg} -> rerun capture: move maps.zarr, maps_index.parquet "
@@ -202,20 +227,22 @@ def test_a_deleted_chunk_is_an_error_in_every_reader_and_check_names_it(run_copy
                        f"into a new run)"]
 
 
-def test_training_refuses_a_missing_chunk(run_copy, tmp_path):
+def test_training_refuses_a_missing_chunk(synthetic_run_dir, tmp_path, capsys):
+    run_copy = tmp_path / "run"
+    shutil.copytree(synthetic_run_dir, run_copy)
     cfg = tmp_path / "cfg.json"
     cfg.write_text(json.dumps({"image_size": 64, "patch_size": 16}))
     store = MapStore(run_copy)
     (run_copy / "maps.zarr" / store.chunk_key(0)).unlink()
-    code, _, err = _cli("train", run_copy, "--preset", "tiny", "--steps", "2", "--batch-size",
-                        "8", "--device", "cpu", "--model-config", cfg)
+    code, _, err = _main(capsys, "train", run_copy, "--preset", "tiny", "--steps", "2",
+                         "--batch-size", "8", "--device", "cpu", "--model-config", cfg)
     assert code == 2
     assert "chunk c/0/0/0 (maps 0-15) is missing" in _one_line(err)
     assert not (run_copy / "apmae" / "final").exists()
 
 
 def test_truncated_chunks_are_one_line_errors_with_and_without_checksums(run_copy, tmp_path,
-                                                                          monkeypatch):
+                                                                          monkeypatch, capsys):
     store = MapStore(run_copy)
     assert store.info.checksum and store.info.codec == "zstd(level=1)+crc32c"
     path = run_copy / "maps.zarr" / store.chunk_key(2)
@@ -241,28 +268,28 @@ def test_truncated_chunks_are_one_line_errors_with_and_without_checksums(run_cop
     p.write_bytes(p.read_bytes()[:100])
     with pytest.raises(ApmaeError, match=r"chunk c/0/0/0 \(maps 0-15\) is damaged \("):
         ostore.read([0, 1])
-    code, out, _ = _cli("check", old)
+    code, out, _ = _main(capsys, "check", old)
     assert code == 1 and "chunk c/0/0/0 (maps 0-15) is damaged" in out
 
 
-def test_damaged_metadata_and_parquet_parts_are_one_line_errors(run_copy, ckpt):
+def test_damaged_metadata_and_parquet_parts_are_one_line_errors(run_copy, ckpt, capsys):
     meta = run_copy / "maps.zarr" / "zarr.json"
     good = meta.read_bytes()
     meta.write_bytes(good[:len(good) // 2])
-    code, _, err = _cli("encode", run_copy, "--checkpoint", ckpt, "--device", "cpu")
+    code, _, err = _main(capsys, "encode", run_copy, "--checkpoint", ckpt, "--device", "cpu")
     assert code == 2
     assert _one_line(err).startswith(f"error: {run_copy / 'maps.zarr'}: its metadata "
                                      f"(zarr.json) is damaged")
     meta.write_bytes(good)
     part = sorted((run_copy / "inferences.parquet").glob("part-*.parquet"))[3]
     part.write_bytes(part.read_bytes()[:50])
-    code, _, err = _cli("encode", run_copy, "--checkpoint", ckpt, "--device", "cpu")
+    code, _, err = _main(capsys, "encode", run_copy, "--checkpoint", ckpt, "--device", "cpu")
     assert code == 2 and _one_line(err).startswith(f"error: {part} is damaged")
-    code, out, _ = _cli("check", run_copy)
+    code, out, _ = _main(capsys, "check", run_copy)
     assert code == 1 and f"damaged: {part} is not readable parquet" in out
 
 
-def test_check_passes_a_sound_run_and_flags_damaged_embeddings(run_copy, ckpt):
+def test_check_passes_a_sound_run_and_flags_damaged_embeddings(run_copy, ckpt, capsys):
     from apmae_gpu import encoding
     from apmae_gpu.check import check_run
 
@@ -275,7 +302,7 @@ def test_check_passes_a_sound_run_and_flags_damaged_embeddings(run_copy, ckpt):
     chunk.unlink()
     with pytest.raises(ApmaeError, match="chunk embeddings/c/1/2/0/0 is missing"):
         encoding.read_head(run_copy / "embeddings.zarr", 1, 2)
-    code, out, _ = _cli("check", run_copy)
+    code, out, _ = _main(capsys, "check", run_copy)
     assert code == 1
     assert [ln for ln in out.splitlines() if ln.startswith("damaged")] == [
         f"damaged: {run_copy / 'embeddings.zarr'}: chunk embeddings/c/1/2/0/0 (layer 1, head 2) "
@@ -291,10 +318,10 @@ def java_dir(tmp_path_factory):
     return root
 
 
-def test_mine_refuses_a_run_with_captures_and_changes_nothing(run_copy, java_dir):
+def test_mine_refuses_a_run_with_captures_and_changes_nothing(run_copy, java_dir, capsys):
     (run_copy / "tasks.parquet").write_bytes(b"stand-in")
     before = {p: p.stat().st_mtime_ns for p in run_copy.rglob("*")}
-    code, _, err = _cli("mine", "--corpus", java_dir, "--model", MODEL, "--out", run_copy,
+    code, _, err = _main(capsys, "mine", "--corpus", java_dir, "--model", MODEL, "--out", run_copy,
                         "--window", "32", "--per-task", "1", "--tasks", "identifiers")
     assert code == 2
     assert _one_line(err) == (f"error: {run_copy} already holds captures (maps.zarr, "
@@ -303,10 +330,10 @@ def test_mine_refuses_a_run_with_captures_and_changes_nothing(run_copy, java_dir
     assert {p: p.stat().st_mtime_ns for p in run_copy.rglob("*")} == before
 
 
-def test_mine_out_that_is_a_file_or_read_only_fails_first(tmp_path, java_dir):
+def test_mine_out_that_is_a_file_or_read_only_fails_first(tmp_path, java_dir, capsys):
     afile = tmp_path / "afile"
     afile.write_text("x")
-    code, _, err = _cli("mine", "--corpus", java_dir, "--model", MODEL, "--out", afile)
+    code, _, err = _main(capsys, "mine", "--corpus", java_dir, "--model", MODEL, "--out", afile)
     assert code == 2 and _one_line(err) == f"error: --out {afile} is a file, not a run directory"
     ro = tmp_path / "ro"
     ro.mkdir()
@@ -314,25 +341,26 @@ def test_mine_out_that_is_a_file_or_read_only_fails_first(tmp_path, java_dir):
     try:
         if os.access(ro, os.W_OK):
             pytest.skip("running as a user who can write anywhere (root)")
-        code, _, err = _cli("mine", "--corpus", java_dir, "--model", MODEL, "--out", ro / "run")
+        code, _, err = _main(capsys, "mine", "--corpus", java_dir, "--model", MODEL, "--out",
+                             ro / "run")
         assert code == 2 and _one_line(err) == f"error: --out {ro / 'run'}: {ro} is not writable"
     finally:
         ro.chmod(0o755)
 
 
-def test_a_failed_mine_leaves_no_run_directory(tmp_path):
+def test_a_failed_mine_leaves_no_run_directory(tmp_path, capsys):
     corpus = tmp_path / "corpus"
     corpus.mkdir()
     (corpus / "Broken.java").write_text("class {{{ not java")
     out = tmp_path / "new" / "run"
-    code, _, err = _cli("mine", "--corpus", corpus, "--model", MODEL, "--out", out,
+    code, _, err = _main(capsys, "mine", "--corpus", corpus, "--model", MODEL, "--out", out,
                         "--window", "32", "--tasks", "identifiers")
     assert code == 2 and "no task could be mined" in _one_line(err)
     assert not out.exists()
 
 
 # --------------------------------------------------------------------------- 4/5. encode
-def test_encode_refuses_a_nan_map(run_copy, ckpt):
+def test_encode_refuses_a_nan_map(run_copy, ckpt, capsys):
     import zarr
 
     store = MapStore(run_copy)
@@ -344,7 +372,7 @@ def test_encode_refuses_a_nan_map(run_copy, ckpt):
     m = arr[bad]
     m[5, 1] = np.nan
     arr[bad] = m
-    code, _, err = _cli("encode", run_copy, "--checkpoint", ckpt, "--device", "cpu")
+    code, _, err = _main(capsys, "encode", run_copy, "--checkpoint", ckpt, "--device", "cpu")
     assert code == 2
     assert _one_line(err) == (f"error: {run_copy / 'maps.zarr'}: NaN or infinite values in map "
                               f"{bad}; refusing to encode it (`apmae check {run_copy}` says what "
@@ -352,7 +380,7 @@ def test_encode_refuses_a_nan_map(run_copy, ckpt):
 
 
 def test_encode_restart_keeps_the_old_embeddings_until_the_new_ones_are_complete(run_copy, ckpt,
-                                                                                 tmp_path):
+                                                                                 tmp_path, capsys):
     from apmae_gpu import encoding
 
     encoding.encode(run_copy, ckpt, device="cpu", block=16)
@@ -363,15 +391,15 @@ def test_encode_restart_keeps_the_old_embeddings_until_the_new_ones_are_complete
     chunk = run_copy / "maps.zarr" / store.chunk_key(last)
     kept = chunk.read_bytes()
     chunk.unlink()
-    code, _, err = _cli("encode", run_copy, "--checkpoint", other, "--device", "cpu", "--restart")
+    code, _, err = _main(capsys, "encode", run_copy, "--checkpoint", other, "--device", "cpu",
+                         "--restart")
     assert code == 2 and "is missing" in _one_line(err)
     after = encoding.read_head(run_copy / "embeddings.zarr", 0, 1)
     assert np.array_equal(before[0], after[0])
     assert np.array_equal(before[1], after[1], equal_nan=True)
     assert encoding.open_embeddings(run_copy).attrs["checkpoint"] == str(ckpt)
     chunk.write_bytes(kept)
-    code, _, err = _cli("encode", run_copy, "--checkpoint", other, "--device", "cpu", "--restart")
-    assert code == 0, err
+    encoding.encode(run_copy, other, device="cpu", restart=True)
     group = encoding.open_embeddings(run_copy)
     assert group.attrs["checkpoint"] == str(other) and group.attrs["complete"]
     assert sorted(p.name for p in run_copy.iterdir() if "embeddings" in p.name) == [
@@ -400,17 +428,17 @@ def test_unexpected_errors_are_one_line_with_a_log_of_the_traceback(run_copy, mo
     assert text.startswith(f"apmae report {run_copy}\n")
 
 
-def test_damaged_tasks_and_pipeline_state_and_model_configs_are_one_line(tmp_path):
+def test_damaged_tasks_and_pipeline_state_and_model_configs_are_one_line(tmp_path, capsys):
     run = tmp_path / "run"
     run.mkdir()
     (run / "tasks.parquet").write_bytes(b"PAR1 truncated")
-    code, _, err = _cli("capture", run, "--model", MODEL, "--device", "cpu")
+    code, _, err = _main(capsys, "capture", run, "--model", MODEL, "--device", "cpu")
     assert code == 2 and _one_line(err).startswith(f"error: {run / 'tasks.parquet'} is damaged "
                                                    f"or not parquet (")
     cfg = tmp_path / "p.yaml"
     cfg.write_text(f"model: {MODEL}\nrun: {run}\nstages: [report]\n")
     (run / "pipeline.json").write_text('{"stages": {')
-    code, _, err = _cli("pipeline", "--config", cfg)
+    code, _, err = _main(capsys, "pipeline", "--config", cfg)
     assert code == 2 and _one_line(err).startswith(f"error: {run / 'pipeline.json'} is damaged (")
     model = tmp_path / "model"
     model.mkdir()
@@ -423,12 +451,12 @@ def test_damaged_tasks_and_pipeline_state_and_model_configs_are_one_line(tmp_pat
         llm.load_model(str(model))
 
 
-def test_non_utf8_configs_and_alias_bombs_are_refused(tmp_path):
+def test_non_utf8_configs_and_alias_bombs_are_refused(tmp_path, capsys):
     from apmae_gpu.config import load_config
 
     latin = tmp_path / "latin.yaml"
     latin.write_bytes("model: caf\xe9\n".encode("latin-1"))
-    code, _, err = _cli("pipeline", "--config", latin)
+    code, _, err = _main(capsys, "pipeline", "--config", latin)
     assert code == 2 and _one_line(err) == f"error: config {latin}: not UTF-8 text (byte 10)"
     levels = ['a: &a ["x","x","x","x","x","x","x","x","x"]'] + [
         f'{c}: &{c} [{",".join(["*" + p] * 9)}]' for p, c in zip("abcdefgh", "bcdefghi")]
