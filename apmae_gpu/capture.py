@@ -47,7 +47,7 @@ import numpy as np
 import pandas as pd
 
 from apmae_gpu import TASKS
-from apmae_gpu.runs import ApmaeError, progress, read_manifest, update_manifest
+from apmae_gpu.runs import ApmaeError, progress, read_manifest, read_parquet, update_manifest
 from apmae_gpu.scaling import FILL_VALUES, FLOOR, SCALERS, scale_maps
 
 log = logging.getLogger("apmae_gpu.capture")
@@ -424,7 +424,7 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
     tasks_path = run / "tasks.parquet"
     if not tasks_path.exists():
         raise ApmaeError(f"{tasks_path} is missing (run `apmae mine` first)")
-    tasks = pd.read_parquet(tasks_path)
+    tasks = read_parquet(tasks_path)   # a damaged file is a one-line error
     if tasks.empty:
         raise ApmaeError(f"{tasks_path} holds no tasks")
     window = len(tasks.input_ids.iloc[0])

@@ -2,20 +2,26 @@
 
 Each command only parses its options and calls the stage's function; the work lives in the
 stage modules.  Errors a user can act on (:class:`ApmaeError`) print as one line on stderr
-with exit code 2.
+with exit code 2; so do expected failures of the system (I/O, permissions, damaged files).
+Anything else prints one line with the path of a log file holding the traceback (exit 1).
+Every command that writes into a run holds the run's writer lock (``runs.writer_lock``).
 """
 
 from __future__ import annotations
 
+import contextlib
+import errno
+import json
 import logging
 import sys
+import traceback
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
 from apmae_gpu import TASKS, __version__
-from apmae_gpu.runs import ApmaeError, setup_logging
+from apmae_gpu.runs import ApmaeError, crash_log, setup_logging, writer_lock
 
 app = typer.Typer(
     name="apmae",
@@ -51,6 +57,26 @@ def _root(
                                                     help="Print the version and exit.")] = None,
 ) -> None:
     setup_logging(verbose)
+
+
+_STATE: dict = {"run": None, "argv": []}   # the run a command works on (for the crash log)
+
+
+def _uses(run) -> None:
+    _STATE["run"] = Path(run)
+
+
+@contextlib.contextmanager
+def _writing(run, shard=None):
+    """Hold RUN's writer lock for this command (none when RUN does not exist yet: the stage
+    reports that itself)."""
+    _uses(run)
+    if not Path(run).is_dir():
+        yield
+        return
+    command = " ".join(["apmae", *_STATE["argv"]])
+    with writer_lock(run, command, shard=shard):
+        yield
 
 
 def _split_csv(value: str) -> list[str]:
@@ -93,12 +119,16 @@ def mine(
 ) -> None:
     """Mine Java completion tasks with tree-sitter into RUN/tasks.parquet."""
     from apmae_gpu import mining
+    from apmae_gpu.runs import check_mine_out, new_run_dir
 
-    mining.mine(corpus=corpus, model=model, out=out, tasks=tasks, per_task=per_task, window=window,
-                seed=seed, per_file=per_file, dedup=dedup, max_files=max_files,
-                max_file_bytes=max_file_bytes, content_column=content_column,
-                trust_remote_code=trust_remote_code, train_per_task=train_per_task,
-                train_corpus=train_corpus, type_identifiers=type_identifiers)
+    check_mine_out(out)
+    with new_run_dir(out), _writing(out):
+        mining.mine(corpus=corpus, model=model, out=out, tasks=tasks, per_task=per_task,
+                    window=window, seed=seed, per_file=per_file, dedup=dedup,
+                    max_files=max_files, max_file_bytes=max_file_bytes,
+                    content_column=content_column, trust_remote_code=trust_remote_code,
+                    train_per_task=train_per_task, train_corpus=train_corpus,
+                    type_identifiers=type_identifiers)
 
 
 # --------------------------------------------------------------------------- capture
@@ -139,11 +169,14 @@ def capture(
     attention map in RUN/maps.zarr."""
     from apmae_gpu import capture as capture_mod
 
-    capture_mod.capture(run=run, model=model, split=split, per_task=per_task, heads=heads,
-                        scaler=scaler, batch_size=batch_size, device=device, seed=seed,
-                        max_attempts=max_attempts, shard=shard, device_map=device_map,
-                        chunk_maps=chunk_maps, trust_remote_code=trust_remote_code,
-                        encode_with=encode_with, pool=pool, dtype=dtype)
+    kn = capture_mod._parse_shard(shard)
+    shard_dir = None if kn is None else Path(run) / "shards" / f"{kn[0]}-of-{kn[1]}"
+    with _writing(run, shard=shard_dir):
+        capture_mod.capture(run=run, model=model, split=split, per_task=per_task, heads=heads,
+                            scaler=scaler, batch_size=batch_size, device=device, seed=seed,
+                            max_attempts=max_attempts, shard=shard, device_map=device_map,
+                            chunk_maps=chunk_maps, trust_remote_code=trust_remote_code,
+                            encode_with=encode_with, pool=pool, dtype=dtype)
 
 
 @app.command("merge-shards")
@@ -151,7 +184,8 @@ def merge_shards(run: RunArg) -> None:
     """Merge the shards written by `apmae capture --shard K/N` into RUN's own store."""
     from apmae_gpu import capture as capture_mod
 
-    capture_mod.merge_shards(run)
+    with _writing(run):
+        capture_mod.merge_shards(run)
 
 
 # --------------------------------------------------------------------------- train
@@ -195,11 +229,15 @@ def train(
 
     from apmae_gpu import training
 
-    summary = training.train(run=run, preset=preset, steps=steps, batch_size=batch_size, lr=lr,
-                             resume=resume, out=out, raw=raw, device=device, seed=seed,
-                             compile=compile, val_fraction=val_fraction, model_config=model_config,
-                             warmup_steps=warmup_steps, save_every=save_every,
-                             eval_every=eval_every, threads=threads)
+    # under torchrun, rank 0 holds the lock for the job
+    lock = _writing(run) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    _uses(run)
+    with lock:
+        summary = training.train(run=run, preset=preset, steps=steps, batch_size=batch_size,
+                                 lr=lr, resume=resume, out=out, raw=raw, device=device, seed=seed,
+                                 compile=compile, val_fraction=val_fraction,
+                                 model_config=model_config, warmup_steps=warmup_steps,
+                                 save_every=save_every, eval_every=eval_every, threads=threads)
     if summary.get("val_loss") is not None and os.environ.get("RANK", "0") == "0":
         typer.echo(f"AP-MAE {summary['preset']}: {summary['steps']} steps, validation MSE "
                    f"{summary['val_loss']:.4g} (mean of visible patches "
@@ -228,9 +266,11 @@ def evaluate(
     """Reconstruction MSE of every checkpoint on every dataset, with baselines."""
     from apmae_gpu import evaluation
 
-    evaluation.evaluate(checkpoints=checkpoint, data=data, out=out, split=split,
-                        max_maps=max_maps, batch_size=batch_size, device=device, seed=seed,
-                        figure_maps=figure_maps)
+    lock = _writing(data[0]) if data and out is None else contextlib.nullcontext()
+    with lock:
+        evaluation.evaluate(checkpoints=checkpoint, data=data, out=out, split=split,
+                            max_maps=max_maps, batch_size=batch_size, device=device, seed=seed,
+                            figure_maps=figure_maps)
 
 
 # --------------------------------------------------------------------------- encode
@@ -250,8 +290,9 @@ def encode(
     """Encode every analysis map into RUN/embeddings.zarr [layers, heads, inferences, dim]."""
     from apmae_gpu import encoding
 
-    encoding.encode(run=run, checkpoint=checkpoint, batch_size=batch_size, pool=pool, device=device,
-                    block=block, restart=restart)
+    with _writing(run):
+        encoding.encode(run=run, checkpoint=checkpoint, batch_size=batch_size, pool=pool,
+                        device=device, block=block, restart=restart)
 
 
 # --------------------------------------------------------------------------- cluster
@@ -292,12 +333,14 @@ def cluster(
     """UMAP + HDBSCAN per head into RUN/clusters.parquet, heads spread over dask workers."""
     from apmae_gpu import clustering
 
-    clustering.cluster(run=run, backend=backend, workers=workers, umap_dims=umap_dims,
-                       neighbors=neighbors, min_dist=min_dist, metric=metric,
-                       min_samples=min_samples, min_cluster_size=min_cluster_size,
-                       scheduler=scheduler, seed=seed, heads=heads, retries=retries, knn=knn,
-                       filter_max_distance=filter_max_distance, filter_min_size=filter_min_size,
-                       restart=restart, figures=figures, umap_epochs=umap_epochs)
+    with _writing(run):
+        clustering.cluster(run=run, backend=backend, workers=workers, umap_dims=umap_dims,
+                           neighbors=neighbors, min_dist=min_dist, metric=metric,
+                           min_samples=min_samples, min_cluster_size=min_cluster_size,
+                           scheduler=scheduler, seed=seed, heads=heads, retries=retries,
+                           knn=knn, filter_max_distance=filter_max_distance,
+                           filter_min_size=filter_min_size, restart=restart, figures=figures,
+                           umap_epochs=umap_epochs)
 
 
 # --------------------------------------------------------------------------- classify
@@ -330,12 +373,13 @@ def classify(
     """CatBoost per task on per-head cluster ids; SHAP head importance."""
     from apmae_gpu import classification
 
-    classification.classify(run=run, folds=folds, gpu=gpu, seed=seed, iterations=iterations,
-                            depth=depth, learning_rate=learning_rate,
-                            early_stopping_rounds=early_stopping, eval_fraction=eval_fraction,
-                            tasks=_split_csv(tasks) if tasks else None, shap_on=shap_on,
-                            one_hot_max_size=one_hot_max_size,
-                            max_ctr_complexity=max_ctr_complexity)
+    with _writing(run):
+        classification.classify(run=run, folds=folds, gpu=gpu, seed=seed, iterations=iterations,
+                                depth=depth, learning_rate=learning_rate,
+                                early_stopping_rounds=early_stopping, eval_fraction=eval_fraction,
+                                tasks=_split_csv(tasks) if tasks else None, shap_on=shap_on,
+                                one_hot_max_size=one_hot_max_size,
+                                max_ctr_complexity=max_ctr_complexity)
 
 
 # --------------------------------------------------------------------------- intervene
@@ -372,10 +416,11 @@ def intervene(
         ks = [int(x) for x in _split_csv(k)]
     except ValueError:
         raise ApmaeError(f"--k {k}: expected a comma list of integers") from None
-    intervention.intervene(run=run, task=task, k=ks, per_group=per_group, model=model,
-                           device=device, batch_size=batch_size, seed=seed,
-                           groups=_split_csv(groups), multi_token=multi_token, rank_by=rank_by,
-                           dtype=dtype)
+    with _writing(run):
+        intervention.intervene(run=run, task=task, k=ks, per_group=per_group, model=model,
+                               device=device, batch_size=batch_size, seed=seed,
+                               groups=_split_csv(groups), multi_token=multi_token,
+                               rank_by=rank_by, dtype=dtype)
 
 
 # --------------------------------------------------------------------------- report / pipeline
@@ -389,7 +434,20 @@ def report(
     """Write RUN/report/index.html: one self-contained page over the whole run."""
     from apmae_gpu import report as report_mod
 
-    report_mod.report(run, notebook=notebook)
+    with _writing(run):
+        report_mod.report(run, notebook=notebook)
+
+
+@app.command()
+def check(run: RunArg) -> None:
+    """Verify RUN: stores (every chunk present and intact), parquet files, manifest counts.
+    Prints what is damaged and which stage to rerun; exit 1 when something is."""
+    from apmae_gpu import check as check_mod
+
+    _uses(run)
+    problems = check_mod.check_run(run, echo=typer.echo)
+    if problems:
+        raise typer.Exit(1)
 
 
 @app.command()
@@ -433,10 +491,11 @@ def trust(
         dims_list = tuple(int(d) for d in _split_csv(dims))
     except ValueError:
         raise ApmaeError(f"--dims {dims}: expected a comma list of integers") from None
-    clustering.trust(run=run, dims=dims_list, heads=heads, trials=trials, max_points=max_points,
-                     neighbors=neighbors, min_dist=min_dist, metric=metric,
-                     trust_neighbors=trust_neighbors, backend=backend, workers=workers,
-                     scheduler=scheduler, seed=seed)
+    with _writing(run):
+        clustering.trust(run=run, dims=dims_list, heads=heads, trials=trials, max_points=max_points,
+                         neighbors=neighbors, min_dist=min_dist, metric=metric,
+                         trust_neighbors=trust_neighbors, backend=backend, workers=workers,
+                         scheduler=scheduler, seed=seed)
 
 
 @app.command()
@@ -458,8 +517,9 @@ def stability(
         seed_list = tuple(int(s) for s in _split_csv(seeds))
     except ValueError:
         raise ApmaeError(f"--seeds {seeds}: expected a comma list of integers") from None
-    clustering.stability(run=run, seeds=seed_list, heads=heads, backend=backend,
-                         workers=workers, scheduler=scheduler, stable_at=stable_at)
+    with _writing(run):
+        clustering.stability(run=run, seeds=seed_list, heads=heads, backend=backend,
+                             workers=workers, scheduler=scheduler, stable_at=stable_at)
 
 
 @app.command("cluster-maps")
@@ -474,7 +534,9 @@ def cluster_maps(
     """PNG of the maps within a head's clusters (spread over each cluster) under RUN/cluster/."""
     from apmae_gpu import clustering
 
-    for path in clustering.cluster_maps(run=run, layer=layer, head=head, cluster=cluster_id, n=n):
+    with _writing(run):
+        paths = clustering.cluster_maps(run=run, layer=layer, head=head, cluster=cluster_id, n=n)
+    for path in paths:
         typer.echo(str(path))
 
 
@@ -504,10 +566,38 @@ def _expand_variadic(argv: list[str]) -> list[str]:
     return out
 
 
+def _describe(exc: BaseException) -> tuple[str, int]:
+    """One line for an exception that is not an ApmaeError, and the exit code: 2 for the
+    expected failures (I/O, permissions, damaged files, bad model configs), 1 otherwise."""
+    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
+    name = type(exc).__name__
+    where = f": {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
+    if isinstance(exc, PermissionError):
+        return f"permission denied{where}", 2
+    if isinstance(exc, FileNotFoundError):
+        return f"no such file or directory{where}", 2
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        return f"no space left on the device{where}", 2
+    if isinstance(exc, UnicodeDecodeError):
+        return f"a file is not UTF-8 text ({exc.reason} at byte {exc.start})", 2
+    if isinstance(exc, json.JSONDecodeError):
+        return f"a JSON file is damaged ({exc.msg}, line {exc.lineno})", 2
+    if "arrow" in type(exc).__module__.lower() or "parquet" in first.lower():
+        return f"a parquet file is damaged or unreadable ({first or name})", 2
+    if isinstance(exc, OSError):
+        return f"{exc.strerror or first or name}{where}", 2
+    if isinstance(exc, MemoryError):
+        return "out of memory", 2
+    return f"unexpected {name}" + (f": {first}" if first else ""), 1
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
+    _STATE["argv"] = argv
     try:
-        app(args=_expand_variadic(argv), prog_name="apmae", standalone_mode=False)
+        code = app(args=_expand_variadic(argv), prog_name="apmae", standalone_mode=False)
+        if isinstance(code, int) and code:   # typer.Exit(N) comes back as a return value
+            sys.exit(code)
     except ApmaeError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
@@ -523,7 +613,11 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(exc.exit_code)
         if type(exc).__name__ == "Abort":
             sys.exit(1)
-        raise
+        # the last resort: one line, and the traceback in a log file
+        message, code = _describe(exc)
+        path = crash_log(_STATE["run"], argv, traceback.format_exc())
+        typer.echo(f"error: {message} (traceback: {path})", err=True)
+        sys.exit(code)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -4,19 +4,92 @@ Defaults are the paper's reference settings; a config file holds only what diffe
 may name a ``base`` file (a path relative to itself) whose values it overrides, so the three
 StarCoder2 configs share ``starcoder2.yaml``.  An unknown key or a wrong type is a one-line
 error naming it.
+
+Config files are bounded: UTF-8 text of at most ``MAX_CONFIG_BYTES``, YAML whose alias
+expansion stays under ``MAX_YAML_NODES`` nodes (an alias bomb or a recursive alias is
+refused before anything is built from it), and free-form fields
+(``train.model_config_overrides``) of at most ``MAX_FREEFORM_BYTES`` as JSON.
 """
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Any, Literal, Optional
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from apmae_gpu.runs import ApmaeError
 
 PAPER_K = [1, 2, 5, 10, 20, 50, 100, 200, 400, 600, 800]
+
+MAX_CONFIG_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000
+MAX_FREEFORM_BYTES = 16_384
+
+
+def read_text_file(path: Path, what: str, limit: int = MAX_CONFIG_BYTES) -> str:
+    """A small UTF-8 text file, or a one-line ApmaeError."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise ApmaeError(f"{what} {path}: cannot read it ({exc.strerror})") from None
+    if len(data) > limit:
+        raise ApmaeError(f"{what} {path}: larger than {limit} bytes")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ApmaeError(f"{what} {path}: not UTF-8 text (byte {exc.start})") from None
+
+
+def _children(node) -> list:
+    if isinstance(node, yaml.MappingNode):
+        return [n for pair in node.value for n in pair]
+    if isinstance(node, yaml.SequenceNode):
+        return list(node.value)
+    return []
+
+
+def _check_expansion(root, where: str, limit: int = MAX_YAML_NODES) -> None:
+    """Refuse a composed YAML graph whose aliases expand to more than ``limit`` nodes, or
+    that refers to itself (counted on the node graph, shared nodes once per use)."""
+    size: dict[int, int] = {}
+    on_path: set[int] = set()
+    stack = [(root, False)]
+    while stack:
+        node, done = stack.pop()
+        key = id(node)
+        if done:
+            on_path.discard(key)
+            size[key] = 1 + sum(size[id(c)] for c in _children(node))
+            if size[key] > limit:
+                raise ApmaeError(f"{where}: its aliases expand to more than {limit} YAML nodes "
+                                 f"(an alias bomb?)")
+            continue
+        if key in size:
+            continue
+        if key in on_path:
+            raise ApmaeError(f"{where}: a YAML alias refers to itself")
+        on_path.add(key)
+        stack.append((node, True))
+        stack.extend((c, False) for c in _children(node) if id(c) not in size)
+
+
+def load_yaml(text: str, where: str):
+    """``yaml.safe_load`` with a bound on alias expansion and nesting (one-line errors)."""
+    loader = yaml.SafeLoader(text)
+    try:
+        node = loader.get_single_node()
+        if node is None:
+            return None
+        _check_expansion(node, where)
+        return loader.construct_document(node)
+    except RecursionError:
+        raise ApmaeError(f"{where}: nested too deeply") from None
+    finally:
+        loader.dispose()
 
 
 class _Strict(BaseModel):
@@ -79,6 +152,24 @@ class TrainConfig(_Strict):
     nproc: int = Field(1, ge=1, description="processes (GPUs) for torchrun")
     model_config_overrides: Optional[dict[str, Any]] = Field(
         None, description="AP-MAE config keys that differ from the preset (e.g. image_size)")
+
+    @field_validator("model_config_overrides")
+    @classmethod
+    def _bounded(cls, value):
+        return bounded_freeform(value, "model_config_overrides")
+
+
+def bounded_freeform(value, what: str, limit: int = MAX_FREEFORM_BYTES):
+    """A free-form mapping must be JSON of at most ``limit`` bytes."""
+    if value is None:
+        return value
+    try:
+        size = len(json.dumps(value))
+    except (TypeError, ValueError, RecursionError):
+        raise ValueError(f"{what} must be plain JSON values") from None
+    if size > limit:
+        raise ValueError(f"{what} is {size} bytes as JSON; at most {limit} allowed")
+    return value
 
 
 class EvaluateConfig(_Strict):
@@ -185,7 +276,7 @@ def _read(path: Path, seen: tuple = ()) -> dict:
     if not path.is_file():
         raise ApmaeError(f"config {path} does not exist")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
+        data = load_yaml(read_text_file(path, "config"), str(path)) or {}
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" (line {mark.line + 1})" if mark else ""

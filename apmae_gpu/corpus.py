@@ -16,12 +16,16 @@ where DATASET is a hub id or a local parquet/jsonl file or directory.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import json
 import logging
 import os
+import stat
+import time
 import zipfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -49,6 +53,40 @@ def is_flagged_duplicate(row, flags: list[str]) -> bool:
 
 class TooLarge(bytes):
     """Marker payload for a file skipped unread because it is larger than the limit."""
+
+
+class Unreadable(bytes):
+    """Marker payload for a file that cannot be read; ``reason`` is what mining counts it
+    as: ``symlink_loop``, ``dangling_symlink``, ``special_file`` (a FIFO, device or socket
+    named ``*.java``: never opened for a blocking read), ``corrupt_member`` (bad CRC or
+    deflate data in a zip), ``slow_read`` (over the time bound) or ``unreadable``."""
+
+    def __new__(cls, reason: str):
+        obj = super().__new__(cls, b"")
+        obj.reason = reason
+        return obj
+
+
+# Bound on the time spent reading one file (seconds); the size bound is max_bytes.
+READ_SECONDS = 30.0
+_PIECE = 1 << 20
+
+
+def read_bounded(f, max_bytes: int | None, seconds: float = READ_SECONDS) -> bytes:
+    """Read a binary stream in pieces, giving up past ``max_bytes`` (TooLarge) or past
+    ``seconds`` (Unreadable ``slow_read``)."""
+    start = time.monotonic()
+    pieces, total = [], 0
+    while True:
+        piece = f.read(_PIECE)
+        if not piece:
+            return b"".join(pieces)
+        total += len(piece)
+        if max_bytes is not None and total > max_bytes:
+            return TooLarge()
+        if time.monotonic() - start > seconds:
+            return Unreadable("slow_read")
+        pieces.append(piece)
 
 
 def order_key(seed: int, source: str) -> bytes:
@@ -86,14 +124,22 @@ class _RandomAccess(Corpus):
     def read(self, source: str) -> bytes:
         raise NotImplementedError
 
+    def read_bounded(self, source: str, max_bytes: int | None) -> bytes:
+        """``read`` within the size and time bounds (subclasses stream; this one reads)."""
+        data = self.read(source)
+        return TooLarge() if max_bytes is not None and len(data) > max_bytes else data
+
     def iter_files(self, seed: int = 0, max_bytes: int | None = None):
         ids = self.ids()
         for source in sorted(ids, key=lambda s: order_key(seed, s)):
-            size = self.size(source)
+            try:
+                size = self.size(source)
+            except OSError:
+                size = None   # read_bounded says why
             if max_bytes is not None and size is not None and size > max_bytes:
                 yield source, TooLarge()
                 continue
-            yield source, self.read(source)
+            yield source, self.read_bounded(source, max_bytes)
 
 
 class DirCorpus(_RandomAccess):
@@ -116,7 +162,30 @@ class DirCorpus(_RandomAccess):
         return (self.root / source).stat().st_size
 
     def read(self, source: str) -> bytes:
-        return (self.root / source).read_bytes()
+        return self.read_bounded(source, None)
+
+    def read_bounded(self, source: str, max_bytes: int | None) -> bytes:
+        """Open without blocking (a FIFO named *.java must not hang), read regular files
+        only; symlink loops, dangling symlinks and special files are Unreadable."""
+        path = self.root / source
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                return Unreadable("symlink_loop")
+            if path.is_symlink():
+                return Unreadable("dangling_symlink")
+            return Unreadable("unreadable")
+        with os.fdopen(fd, "rb") as f:
+            try:
+                st = os.fstat(fd)
+                if not stat.S_ISREG(st.st_mode):
+                    return Unreadable("special_file")
+                if max_bytes is not None and st.st_size > max_bytes:
+                    return TooLarge()
+                return read_bounded(f, max_bytes)
+            except OSError:
+                return Unreadable("unreadable")
 
 
 class ZipCorpus(_RandomAccess):
@@ -126,7 +195,7 @@ class ZipCorpus(_RandomAccess):
         super().__init__(spec)
         try:
             self.zf = zipfile.ZipFile(spec)
-        except zipfile.BadZipFile:
+        except (zipfile.BadZipFile, OSError, EOFError):
             raise ApmaeError(f"corpus {spec}: not a readable zip/jar file") from None
         self.infos = {i.filename: i for i in self.zf.infolist()
                       if not i.is_dir() and i.filename.endswith(JAVA_SUFFIX)}
@@ -138,7 +207,17 @@ class ZipCorpus(_RandomAccess):
         return self.infos[source].file_size
 
     def read(self, source: str) -> bytes:
-        return self.zf.read(self.infos[source])
+        return self.read_bounded(source, None)
+
+    def read_bounded(self, source: str, max_bytes: int | None) -> bytes:
+        """A member within the bounds; a corrupt one (bad CRC, bad deflate data, truncated,
+        encrypted, unsupported compression) is Unreadable."""
+        try:
+            with self.zf.open(self.infos[source]) as f:
+                return read_bounded(f, max_bytes)
+        except (zipfile.BadZipFile, zlib.error, EOFError, OSError, RuntimeError,
+                NotImplementedError):
+            return Unreadable("corrupt_member")
 
 
 class JsonlCorpus(_RandomAccess):
@@ -159,28 +238,34 @@ class JsonlCorpus(_RandomAccess):
 
     def _index(self) -> dict[str, tuple[int, int]]:
         if self._offsets is None:
-            offsets: dict[str, tuple[int, int]] = {}
-            with self._open() as f:
-                pos = 0
-                for n, line in enumerate(f):
-                    source = f"line:{n}"
-                    try:
-                        obj = json.loads(line)
-                        source = next((str(obj[c]) for c in ID_COLUMNS
-                                       if isinstance(obj, dict) and obj.get(c)), source)
-                        if isinstance(obj, dict) and is_flagged_duplicate(
-                                obj, duplicate_flag_columns(obj)):
-                            self.duplicates_filtered += 1
-                            pos += len(line)
-                            continue
-                    except (json.JSONDecodeError, UnicodeDecodeError):
-                        pass
-                    if source in offsets:
-                        source = f"{source}#line:{n}"
-                    offsets[source] = (pos, len(line))
-                    pos += len(line)
-            self._offsets = offsets
+            try:
+                self._offsets = self._scan()
+            except (OSError, EOFError, zlib.error) as exc:
+                raise ApmaeError(f"corpus {self.spec}: not readable ({exc})") from None
         return self._offsets
+
+    def _scan(self) -> dict[str, tuple[int, int]]:
+        offsets: dict[str, tuple[int, int]] = {}
+        with self._open() as f:
+            pos = 0
+            for n, line in enumerate(f):
+                source = f"line:{n}"
+                try:
+                    obj = json.loads(line)
+                    source = next((str(obj[c]) for c in ID_COLUMNS
+                                   if isinstance(obj, dict) and obj.get(c)), source)
+                    if isinstance(obj, dict) and is_flagged_duplicate(
+                            obj, duplicate_flag_columns(obj)):
+                        self.duplicates_filtered += 1
+                        pos += len(line)
+                        continue
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    pass
+                if source in offsets:
+                    source = f"{source}#line:{n}"
+                offsets[source] = (pos, len(line))
+                pos += len(line)
+        return offsets
 
     def ids(self) -> list[str]:
         return list(self._index())
@@ -370,4 +455,5 @@ def default_jdk_src() -> str | None:
     return None
 
 
-__all__ = ["Corpus", "open_corpus", "default_jdk_src", "TooLarge", "order_key"]
+__all__ = ["Corpus", "open_corpus", "default_jdk_src", "TooLarge", "Unreadable", "order_key",
+           "read_bounded"]

@@ -79,15 +79,23 @@ class EmbeddingWriter:
                  block: int | None = None, attrs: dict | None = None, restart: bool = False):
         import zarr
 
-        self.path = Path(run) / EMBEDDINGS
+        self.final_path = Path(run) / EMBEDDINGS
+        self.path = self.final_path
         self.shape_lhd = (int(n_layers), int(n_heads), int(dim))
+        _finish_swap(self.final_path)
         if restart and self.path.exists():
-            log.info("discarding %s (--restart)", self.path)
-            shutil.rmtree(self.path)
+            # never destroy good embeddings before their replacement is complete: encode
+            # beside them and swap in close()
+            self.path = self.final_path.with_name(f".{EMBEDDINGS}.restart")
+            log.info("re-encoding into %s; %s stays until it is complete", self.path.name,
+                     self.final_path.name)
+            shutil.rmtree(self.path, ignore_errors=True)
         if not self.path.exists():
             self._create(block or default_block(n_layers, n_heads, dim), attrs or {})
         self.group = zarr.open_group(self.path, mode="r+")
-        self.emb = self.group["embeddings"]
+        # every chunk is written, even an all-NaN one: a missing chunk always means damage
+        self.emb = zarr.open_array(self.path / "embeddings", mode="r+",
+                                   config={"write_empty_chunks": True})
         self.ids = self.group["inference_id"]
         L, H, _, D = self.emb.shape
         if (L, H, D) != self.shape_lhd:
@@ -102,7 +110,8 @@ class EmbeddingWriter:
 
     def _create(self, block: int, attrs: dict) -> None:
         import zarr
-        from zarr.codecs import ZstdCodec
+
+        from apmae_gpu.store import chunk_codecs
 
         L, H, D = self.shape_lhd
         tmp = self.path.with_name(f".{self.path.name}.creating")
@@ -111,7 +120,7 @@ class EmbeddingWriter:
                                 attributes={**attrs, "block": block, "n_committed": 0,
                                             "complete": False})
         group.create_array("embeddings", shape=(L, H, 0, D), chunks=(1, 1, block, D),
-                           dtype="float16", fill_value=np.nan, compressors=ZstdCodec(level=1),
+                           dtype="float16", fill_value=np.nan, compressors=chunk_codecs(1),
                            dimension_names=("layer", "head", "inference", "dim"))
         group.create_array("inference_id", shape=(0,), chunks=(max(block, 4096),), dtype="int64",
                            fill_value=-1, dimension_names=("inference",))
@@ -193,6 +202,29 @@ class EmbeddingWriter:
             self._write(n)
         if complete:
             self.group.attrs.update({"complete": True})
+            if self.path != self.final_path:
+                _swap_in(self.path, self.final_path)
+                self.path = self.final_path
+
+
+def _swap_in(new: Path, final: Path) -> None:
+    """Replace ``final`` by the complete ``new`` (two renames; :func:`_finish_swap` completes
+    a swap a crash interrupted)."""
+    old = final.with_name(f".{final.name}.old")
+    shutil.rmtree(old, ignore_errors=True)
+    os.replace(final, old)
+    os.replace(new, final)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def _finish_swap(final: Path) -> None:
+    old = final.with_name(f".{final.name}.old")
+    if not old.exists():
+        return
+    if not final.exists():
+        new = final.with_name(f".{final.name}.restart")
+        os.replace(new if new.exists() else old, final)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # --------------------------------------------------------------------------- reading
@@ -217,8 +249,22 @@ def read_head(path: str | os.PathLike, layer: int, head: int) -> tuple[np.ndarra
 
     group = zarr.open_group(path, mode="r")
     n = int(group.attrs.get("n_committed", group["inference_id"].shape[0]))
-    ids = np.asarray(group["inference_id"][:n], dtype=np.int64)
-    X = np.asarray(group["embeddings"][layer, head, :n], dtype=np.float32)
+    emb = group["embeddings"]
+    from apmae_gpu.store import has_checksum
+
+    # a lost chunk must not read as NaN embeddings (stores with checksums write every chunk)
+    for k in range(-(-n // emb.chunks[2]) if has_checksum(emb) else 0):
+        key = emb.metadata.encode_chunk_key((layer, head, k, 0))
+        if not (Path(path) / "embeddings" / key).is_file():
+            raise ApmaeError(f"{path}: chunk embeddings/{key} is missing; rerun `apmae encode "
+                             f"--restart` (`apmae check` lists the damage)")
+    try:
+        ids = np.asarray(group["inference_id"][:n], dtype=np.int64)
+        X = np.asarray(emb[layer, head, :n], dtype=np.float32)
+    except Exception as exc:  # a decoder's or the checksum's error
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ApmaeError(f"{path}: layer {layer} head {head} cannot be read ({first}); rerun "
+                         f"`apmae encode --restart`") from None
     return ids, X
 
 
@@ -345,6 +391,16 @@ class StreamingEncoder:
 
 
 # --------------------------------------------------------------------------- the stage
+def _refuse_non_finite(maps: np.ndarray, map_ids: np.ndarray, store) -> None:
+    """A NaN/inf map would become an all-NaN embedding that clustering drops as missing:
+    refuse it, as training does."""
+    finite = np.isfinite(maps).reshape(len(maps), -1).all(axis=1)
+    if not finite.all():
+        bad = int(map_ids[np.argmin(finite)])
+        raise ApmaeError(f"{store.maps_path}: NaN or infinite values in map {bad}; refusing to "
+                         f"encode it (`apmae check {store.run}` says what to rerun)")
+
+
 def _prefetch(reader, spans) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
     """Read span i+1 in a thread while span i is being encoded."""
     with concurrent.futures.ThreadPoolExecutor(1) as pool:
@@ -431,6 +487,7 @@ def encode(run: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
 
         for (s, e), maps in _prefetch(reader, spans):
             rows = sel[s:e]
+            _refuse_non_finite(maps, map_ids[rows], store)
             emb = encode_maps(model, maps, pool=pool, batch_size=batch_size)
             buf[pos[rows] - lo, layers[rows], heads[rows]] = emb.cpu().numpy().astype(np.float16)
             n_maps += len(rows)

@@ -25,6 +25,7 @@ import hashlib
 import importlib.util
 import logging
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -134,6 +135,61 @@ def resolve(spec: str) -> ModelSpec:
     return ModelSpec(spec, "hf", name, revision=revision or None)
 
 
+try:  # transformers' configs validate their fields through huggingface_hub
+    from huggingface_hub.errors import StrictDataclassError as _StrictError
+
+    _CONFIG_ERRORS: tuple = (_StrictError,)
+except ImportError:  # pragma: no cover - older huggingface_hub
+    _CONFIG_ERRORS = ()
+
+
+# --------------------------------------------------------------------------- hub names
+_HUB_ID = re.compile(r"^(?:[A-Za-z0-9][\w.-]{0,95}/)?[A-Za-z0-9][\w.-]{0,95}$")
+
+
+def _offline() -> bool:
+    return any(os.environ.get(v, "").strip().lower() in ("1", "true", "yes", "on")
+               for v in ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE"))
+
+
+def _hub_reachable(timeout: float = 2.0) -> bool:
+    import socket
+    from urllib.parse import urlparse
+
+    host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
+    try:
+        with socket.create_connection((host or "huggingface.co", 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def check_hub_model(ms: ModelSpec) -> None:
+    """Fail fast (one line, no hub retries) on a hub id that cannot exist or cannot be
+    fetched: a name that is not a hub id, or one not in the local cache while offline
+    (HF_HUB_OFFLINE/TRANSFORMERS_OFFLINE, or huggingface.co unreachable)."""
+    if ms.kind != "hf" or Path(ms.path).exists():
+        return
+    name = ms.path
+    if not _HUB_ID.match(name) or "--" in name or ".." in name or name.endswith((".", "-")):
+        raise ApmaeError(f"model {ms.spec}: not a local directory, a .gguf file, "
+                         f"{EMBEDDED} or random:<shape>, and not a valid hub id")
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(name, "config.json", revision=ms.revision)
+    except Exception:  # an invalid id or revision for the hub client: let loading say why
+        cached = None
+    if isinstance(cached, str):
+        return
+    if _offline():
+        raise ApmaeError(f"model {ms.spec}: not a local directory and not in the local Hugging "
+                         f"Face cache, and HF_HUB_OFFLINE is set (check the name)")
+    if not _hub_reachable():
+        raise ApmaeError(f"model {ms.spec}: not a local directory and not in the local Hugging "
+                         f"Face cache, and the hub cannot be reached (check the name)")
+
+
 # --------------------------------------------------------------------------- tokenizer
 def load_tokenizer(spec: str | ModelSpec, trust_remote_code: bool = False):
     """The tokenizer of MODEL, never its weights."""
@@ -145,11 +201,12 @@ def load_tokenizer(spec: str | ModelSpec, trust_remote_code: bool = False):
             return _embedded_tokenizer()
         if ms.kind == "gguf":
             return AutoTokenizer.from_pretrained(ms.path, gguf_file=ms.gguf_file)
+        check_hub_model(ms)
         return AutoTokenizer.from_pretrained(ms.path, revision=ms.revision,
                                              trust_remote_code=trust_remote_code)
     except ApmaeError:
         raise
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, *_CONFIG_ERRORS) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ApmaeError(f"model {ms.spec}: no usable tokenizer ({first})") from None
 
@@ -245,6 +302,7 @@ def load_model(spec: str | ModelSpec, device: str = "cpu", dtype=None, attn_impl
                 model = AutoModelForCausalLM.from_pretrained(ms.path, gguf_file=ms.gguf_file,
                                                              device_map=device_map, **kwargs)
         else:
+            check_hub_model(ms)
             AutoConfig.from_pretrained(ms.path, revision=ms.revision,
                                        trust_remote_code=trust_remote_code)
             model = AutoModelForCausalLM.from_pretrained(
@@ -252,7 +310,9 @@ def load_model(spec: str | ModelSpec, device: str = "cpu", dtype=None, attn_impl
                 trust_remote_code=trust_remote_code, **kwargs)
     except ApmaeError:
         raise
-    except (OSError, ValueError, KeyError) as exc:
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, *_CONFIG_ERRORS) as exc:
+        # a config.json field of the wrong type: TypeError, or huggingface_hub's strict
+        # dataclass validation error
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ApmaeError(f"model {ms.spec}: cannot load ({first})") from None
     if device_map is None:

@@ -61,7 +61,7 @@ import pandas as pd
 import pyarrow as pa
 
 from apmae_gpu import TASKS, task_rank
-from apmae_gpu.runs import ApmaeError, progress, update_manifest, write_parquet
+from apmae_gpu.runs import ApmaeError, check_mine_out, progress, update_manifest, write_parquet
 
 log = logging.getLogger("apmae_gpu.mining")
 
@@ -315,8 +315,10 @@ def _rng(seed: int, *parts) -> np.random.Generator:
 
 
 def _file_skip_reason(data: bytes, max_file_bytes: int) -> str | None:
-    from apmae_gpu.corpus import TooLarge
+    from apmae_gpu.corpus import TooLarge, Unreadable
 
+    if isinstance(data, Unreadable):   # symlink loop, special file, corrupt zip member, ...
+        return data.reason
     if isinstance(data, TooLarge) or len(data) > max_file_bytes:
         return "huge"
     if not data.strip():
@@ -472,6 +474,7 @@ def mine(corpus: str, model: str, out: Path, tasks: str = "all", per_task: int =
     from apmae_gpu import llm
     from apmae_gpu.corpus import open_corpus
 
+    check_mine_out(out)   # before any work: a file, read-only, or a run with captures
     chosen = parse_tasks(tasks)
     overrides = dict(per_task_overrides or {})
     unknown = sorted(set(overrides) - set(TASKS))

@@ -20,7 +20,8 @@ import time
 from pathlib import Path
 
 from apmae_gpu.config import STAGES, PipelineConfig, load_config
-from apmae_gpu.runs import ApmaeError, read_manifest, update_manifest, write_json
+from apmae_gpu.runs import (ApmaeError, check_out_dir, read_manifest, update_manifest,
+                            write_json, writer_lock)
 
 log = logging.getLogger("apmae_gpu.pipeline")
 
@@ -276,17 +277,28 @@ def _disk_usage(path: Path) -> int:
 
 
 def run_pipeline(config: str | Path, out: str | Path | None = None) -> dict:
-    """Run (or resume) every configured stage; returns the pipeline summary."""
+    """Run (or resume) every configured stage, holding the run's writer lock; returns the
+    pipeline summary."""
+    cfg = load_config(config)
+    run = Path(out or cfg.run)
+    check_out_dir(run)
+    run.mkdir(parents=True, exist_ok=True)
+    with writer_lock(run, f"apmae pipeline --config {config}"):
+        return _run_stages(cfg, run, config)
+
+
+def _run_stages(cfg: PipelineConfig, run: Path, config) -> dict:
     from rich.console import Console
     from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
     from rich.table import Table
 
-    cfg = load_config(config)
-    run = Path(out or cfg.run)
-    run.mkdir(parents=True, exist_ok=True)
     keys = stage_keys(cfg)
     state_path = run / STATE
-    state = json.loads(state_path.read_text()) if state_path.exists() else {"stages": {}}
+    try:
+        state = json.loads(state_path.read_text()) if state_path.exists() else {"stages": {}}
+    except (ValueError, OSError) as exc:
+        raise ApmaeError(f"{state_path} is damaged ({exc}); delete it to rerun every stage "
+                         f"(complete ones resume from their outputs)") from None
     stages = [s for s in stage_order(cfg) if s in cfg.stages]
     console = Console(stderr=True)
     os.environ.setdefault("APMAE_PROGRESS", "0")  # one display: the pipeline's own

@@ -268,3 +268,206 @@ def quiet_hf_progress():
     finally:
         if was:
             hf_logging.enable_progress_bar()
+
+
+# --------------------------------------------------------------------------- writer lock
+LOCK_FILE = ".apmae.lock"
+_LOCK_ENV = "APMAE_HELD_LOCKS"   # locks an ancestor process holds (``pid:path`` entries)
+_held: dict[str, list] = {}      # lock path -> [open file, depth] held by this process
+
+
+def _lock_holder(path: Path) -> str:
+    """``PID n (command)`` of the process recorded in a lock file, or ``another process``."""
+    try:
+        info = json.loads(path.read_text() or "{}")
+        pid = int(info["pid"])
+        os.kill(pid, 0)
+        return f"PID {pid} ({info.get('command', '?')})"
+    except (OSError, ValueError, KeyError, TypeError):
+        return "another process"
+
+
+def _held_by_ancestor(path: Path) -> bool:
+    for entry in os.environ.get(_LOCK_ENV, "").split(os.pathsep):
+        pid, _, held = entry.partition(":")
+        if held == str(path) and pid.isdigit():
+            try:
+                os.kill(int(pid), 0)
+                return True
+            except OSError:
+                continue
+    return False
+
+
+def _acquire(path: Path, exclusive: bool, what: str, command: str) -> None:
+    key = str(path)
+    if key in _held:
+        _held[key][1] += 1
+        return None
+    if _held_by_ancestor(path):
+        return None
+    try:
+        fh = open(path, "a+")
+    except OSError as exc:
+        raise ApmaeError(f"{path.parent}: cannot write there ({exc.strerror})") from None
+    try:
+        fcntl.flock(fh, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = _lock_holder(path)
+        if holder == "another process" and path.parent.joinpath("shards").is_dir():
+            holders = [_lock_holder(p) for p in sorted(path.parent.glob(f"shards/*/{LOCK_FILE}"))]
+            holder = ", ".join(h for h in holders if h != "another process") or holder
+        fh.close()
+        raise ApmaeError(f"{what} is being written by {holder}; wait for it to finish "
+                         f"(this {command} changed nothing)") from None
+    if exclusive:
+        fh.seek(0)
+        fh.truncate()
+        fh.write(json.dumps({"pid": os.getpid(), "command": command,
+                             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}) + "\n")
+        fh.flush()
+    _held[key] = [fh, 1]
+    return None
+
+
+def _release(path: Path) -> None:
+    key = str(path)
+    entry = _held.get(key)
+    if entry is None:
+        return
+    entry[1] -= 1
+    if entry[1] == 0:
+        fh = entry[0]
+        with contextlib.suppress(OSError):
+            fh.seek(0)
+            fh.truncate()
+        fh.close()   # closing releases the flock (the kernel does the same on a crash)
+        del _held[key]
+
+
+@contextlib.contextmanager
+def writer_lock(run: str | os.PathLike, command: str,
+                shard: str | os.PathLike | None = None) -> Iterator[Path]:
+    """Hold the run's writer lock (``RUN/.apmae.lock``, an advisory ``flock``) for a stage
+    that writes; yields the lock file's path.
+
+    One writer per run: a second one fails at once with an :class:`ApmaeError` naming the
+    holder's PID and command.  Readers take no lock.  The kernel drops the lock when the
+    holder exits or crashes, so a stale lock file never blocks.  Nested calls in one process
+    (the pipeline calling the stages) and child processes started by the holder (the
+    pipeline's ``torchrun``) reuse it.
+
+    ``shard``: a shard writer (``capture --shard K/N``, a rank writing its own directory)
+    locks its shard directory exclusively and the run *shared*: shard writers run side by
+    side, each shard has one writer, and whole-run writers wait for all of them.
+    """
+    run = Path(run).resolve()
+    if not run.is_dir():
+        raise ApmaeError(f"run directory {run} does not exist")
+    run_lock = run / LOCK_FILE
+    locks: list[Path] = []
+    try:
+        if shard is None:
+            _acquire(run_lock, True, str(run), command)
+            locks.append(run_lock)
+        else:
+            shard_dir = Path(shard).resolve()
+            shard_dir.mkdir(parents=True, exist_ok=True)
+            if str(run_lock) not in _held:   # a whole-run holder may write its shards
+                _acquire(run_lock, False, str(run), command)
+                locks.append(run_lock)
+            _acquire(shard_dir / LOCK_FILE, True, str(shard_dir), command)
+            locks.append(shard_dir / LOCK_FILE)
+        held = [f"{os.getpid()}:{p}" for p in locks if str(p) in _held]
+        previous = os.environ.get(_LOCK_ENV)
+        os.environ[_LOCK_ENV] = os.pathsep.join(filter(None, [previous, *held]))
+        try:
+            yield locks[-1] if locks else run_lock
+        finally:
+            if previous is None:
+                os.environ.pop(_LOCK_ENV, None)
+            else:
+                os.environ[_LOCK_ENV] = previous
+    finally:
+        for p in reversed(locks):
+            _release(p)
+
+
+# --------------------------------------------------------------------------- run directories
+def check_out_dir(out: str | os.PathLike, what: str = "--out") -> Path:
+    """Refuse an output run directory that cannot be one: a file, or not writable (one
+    line, before any work)."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ApmaeError(f"{what} {out} is a file, not a run directory")
+    probe = out
+    while not probe.exists():
+        probe = probe.parent
+    if not probe.is_dir() or not os.access(probe, os.W_OK | os.X_OK):
+        raise ApmaeError(f"{what} {out}: {probe} is not writable")
+    return out
+
+
+CAPTURED = ("maps.zarr", "inferences.parquet", "maps_index.parquet", "embeddings.zarr", "shards")
+
+
+def check_mine_out(out: str | os.PathLike) -> Path:
+    """Refuse to mine into ``out`` when it cannot be a run directory or already holds
+    captures (a new tasks.parquet would leave them pointing at task ids that are gone)."""
+    out = check_out_dir(out)
+    held = [name for name in CAPTURED if (out / name).exists()]
+    if held:
+        raise ApmaeError(f"{out} already holds captures ({', '.join(held)}); mining again would "
+                         f"replace the tasks they point at: use a new --out")
+    return out
+
+
+@contextlib.contextmanager
+def new_run_dir(out: str | os.PathLike) -> Iterator[Path]:
+    """Create ``out`` if needed; when the block fails and ``out`` was created here, remove
+    it again if it holds nothing but the lock file (a failed mine leaves no empty run)."""
+    out = Path(out)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    try:
+        yield out
+    except BaseException:
+        if created and out.is_dir():
+            left = [p for p in out.iterdir() if p.name != LOCK_FILE]
+            if not left:
+                with contextlib.suppress(OSError):
+                    (out / LOCK_FILE).unlink(missing_ok=True)
+                    out.rmdir()
+        raise
+
+
+def read_parquet(path: str | os.PathLike, what: str = "", **kwargs):
+    """``pandas.read_parquet`` whose failures on a damaged file are one-line errors."""
+    import pandas as pd
+
+    path = Path(path)
+    if not path.exists():
+        raise ApmaeError(f"{path} is missing{f' ({what})' if what else ''}")
+    try:
+        return pd.read_parquet(path, **kwargs)
+    except (OSError, ValueError) as exc:   # pyarrow's ArrowInvalid is a ValueError
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ApmaeError(f"{path} is damaged or not parquet ({first})") from None
+
+
+def crash_log(run: str | os.PathLike | None, argv: list[str], text: str) -> Path:
+    """Write ``text`` (a traceback) to ``RUN/logs/`` (or a temp directory when there is no
+    writable run) and return the file's path."""
+    name = f"apmae-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    body = f"apmae {' '.join(argv)}\n{versions()}\n\n{text}"
+    dirs = [Path(run) / "logs"] if run is not None and Path(run).is_dir() else []
+    dirs.append(Path(tempfile.gettempdir()) / "apmae-logs")
+    for d in dirs:
+        try:
+            d.mkdir(parents=True, exist_ok=True)
+            path = d / name
+            path.write_text(body)
+            return path
+        except OSError:
+            continue
+    return Path(os.devnull)

@@ -15,6 +15,13 @@ then the inference part; the inference part is the commit point.  Opening the st
 writing drops whatever a killed process left past the last commit (an index part without
 its inference part, maps past the last indexed row, temporary files), so a rerun continues
 from exactly the last commit: no hole, no duplicate.
+
+Integrity: stores created now carry a CRC-32C of every chunk (Zarr v3's ``crc32c`` codec
+after zstd), and every read checks that the committed chunks it touches exist, so a deleted
+chunk is an error instead of maps of fill values, and a truncated or altered chunk is a
+one-line :class:`ApmaeError` naming the chunk instead of a decoder traceback.  Older stores
+(zstd only) stay readable; for them a damaged chunk is caught by the decoder.
+``apmae check RUN`` (:mod:`apmae_gpu.check`) verifies a whole run.
 """
 
 from __future__ import annotations
@@ -77,6 +84,7 @@ class StoreInfo:
     floor: float | None
     chunk_maps: int
     codec: str
+    checksum: bool = False   # chunks carry a crc32c (stores created since the checksum)
 
 
 def _parts(directory: Path) -> dict[int, Path]:
@@ -90,6 +98,64 @@ def _parts(directory: Path) -> dict[int, Path]:
     return out
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:300] if text else type(exc).__name__
+
+
+def _why(exc: BaseException) -> str:
+    return "checksum mismatch" if "checksum" in str(exc).lower() else _first_line(exc)
+
+
+def part_rows(path: Path) -> int:
+    """Rows of one parquet part (from its footer); a damaged part is an ApmaeError."""
+    try:
+        return pq.ParquetFile(path).metadata.num_rows
+    except (OSError, ValueError) as exc:
+        raise ApmaeError(f"{path} is damaged ({_first_line(exc)}); `apmae check "
+                         f"{path.parent.parent}` says what to rerun") from None
+
+
+def read_parts(directory: Path, columns: list[str] | None = None) -> pa.Table:
+    """All parts of a parquet directory as one table; a damaged part is an ApmaeError."""
+    try:
+        return pq.read_table(directory, columns=columns)
+    except (OSError, ValueError) as exc:
+        for p in sorted(_parts(directory).values()):
+            part_rows(p)
+            try:
+                pq.read_table(p, columns=columns)
+            except (OSError, ValueError) as exc2:
+                raise ApmaeError(f"{p} is damaged ({_first_line(exc2)}); `apmae check "
+                                 f"{directory.parent}` says what to rerun") from None
+        raise ApmaeError(f"{directory} cannot be read ({_first_line(exc)})") from None
+
+
+def chunk_codecs(zstd_level: int = DEFAULT_ZSTD_LEVEL) -> list:
+    """Bytes-to-bytes codecs of new stores: zstd, then a CRC-32C of the compressed chunk."""
+    from zarr.codecs import Crc32cCodec, ZstdCodec
+
+    return [ZstdCodec(level=zstd_level), Crc32cCodec()]
+
+
+def has_checksum(array) -> bool:
+    return any(c.to_dict().get("name") == "crc32c" for c in array.metadata.codecs)
+
+
+def open_zarr_array(path: Path, mode: str = "r"):
+    """``zarr.open_array`` whose damaged metadata is a one-line ApmaeError.  Writers write
+    every chunk, even one that equals the fill value, so that a missing chunk always means
+    damage."""
+    import zarr
+
+    try:
+        kwargs = {"config": {"write_empty_chunks": True}} if mode != "r" else {}
+        return zarr.open_array(path, mode=mode, **kwargs)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ApmaeError(f"{path}: its metadata (zarr.json) is damaged "
+                         f"({_first_line(exc)})") from None
+
+
 def _clean_tmp(directory: Path) -> None:
     if directory.is_dir():
         for p in directory.iterdir():
@@ -101,19 +167,22 @@ class MapStore:
     """Append-only, crash-safe store of attention maps for one run."""
 
     def __init__(self, run: str | os.PathLike, writable: bool = False):
-        import zarr
-
         self.run = Path(run)
         self.maps_path = self.run / MAPS
         self.index_dir = self.run / INDEX
         self.inf_dir = self.run / INFERENCES
         if not self.maps_path.exists():
             raise ApmaeError(f"{self.run}: no {MAPS} (run `apmae capture` first)")
-        self.array = zarr.open_array(self.maps_path, mode="r+" if writable else "r")
+        self.array = open_zarr_array(self.maps_path, mode="r+" if writable else "r")
         attrs = dict(self.array.attrs)
-        self.info = StoreInfo(window=int(attrs["window"]), scaler=attrs["scaler"],
-                              fill_value=float(attrs["fill_value"]), floor=attrs.get("floor"),
-                              chunk_maps=int(self.array.chunks[0]), codec=attrs.get("codec", ""))
+        try:
+            self.info = StoreInfo(window=int(attrs["window"]), scaler=attrs["scaler"],
+                                  fill_value=float(attrs["fill_value"]), floor=attrs.get("floor"),
+                                  chunk_maps=int(self.array.chunks[0]),
+                                  codec=attrs.get("codec", ""), checksum=has_checksum(self.array))
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ApmaeError(f"{self.maps_path}: its attributes are damaged (missing or "
+                             f"invalid {_first_line(exc)})") from None
         self.writable = writable
         if writable:
             self._recover()
@@ -127,7 +196,6 @@ class MapStore:
         """Open the run's store for appending, creating it on first use.  An existing store
         must have the same window and scaler (one store per run)."""
         import zarr
-        from zarr.codecs import ZstdCodec
 
         run = Path(run)
         path = run / MAPS
@@ -140,7 +208,7 @@ class MapStore:
                     f"{scaler!r} (use another RUN)")
             return store
         run.mkdir(parents=True, exist_ok=True)
-        codec = f"zstd(level={zstd_level})"
+        codec = f"zstd(level={zstd_level})+crc32c"
         tmp = run / f".{MAPS}.creating"
         if tmp.exists():
             import shutil
@@ -148,7 +216,7 @@ class MapStore:
             shutil.rmtree(tmp)
         zarr.create_array(
             store=str(tmp), shape=(0, window, window), chunks=(chunk_maps, window, window),
-            dtype="float16", fill_value=fill_value, compressors=ZstdCodec(level=zstd_level),
+            dtype="float16", fill_value=fill_value, compressors=chunk_codecs(zstd_level),
             zarr_format=3, dimension_names=("map", "query", "key"),
             attributes={"window": window, "scaler": scaler, "fill_value": fill_value,
                         "floor": floor, "codec": codec,
@@ -182,7 +250,7 @@ class MapStore:
             self.array.resize((n, self.info.window, self.info.window))
 
     def _count_index_rows(self) -> int:
-        return sum(pq.ParquetFile(p).metadata.num_rows for p in _parts(self.index_dir).values())
+        return sum(part_rows(p) for p in _parts(self.index_dir).values())
 
     def _refresh(self) -> None:
         self.n_maps = self._count_index_rows() if self.index_dir.exists() else 0
@@ -236,7 +304,7 @@ class MapStore:
         index_parts = _parts(self.index_dir)
         for seq in sorted(seqs, reverse=True):
             ip = index_parts.get(seq)
-            if ip is not None and pq.ParquetFile(ip).metadata.num_rows:
+            if ip is not None and part_rows(ip):
                 raise ValueError(f"commit {seq} stored maps; it cannot be dropped")
             self.parts()[seq].unlink()
             if ip is not None:
@@ -248,13 +316,13 @@ class MapStore:
         if not _parts(self.index_dir):
             return pd.DataFrame({f.name: pd.Series(dtype=f.type.to_pandas_dtype())
                                  for f in INDEX_SCHEMA})
-        return pq.read_table(self.index_dir, columns=columns).to_pandas().sort_values(
+        return read_parts(self.index_dir, columns=columns).to_pandas().sort_values(
             "map_id", kind="stable").reset_index(drop=True)
 
     def inferences(self, columns: list[str] | None = None) -> pd.DataFrame:
         if not _parts(self.inf_dir):
             return pd.DataFrame()
-        return pq.read_table(self.inf_dir, columns=columns).to_pandas().sort_values(
+        return read_parts(self.inf_dir, columns=columns).to_pandas().sort_values(
             "inference_id", kind="stable").reset_index(drop=True)
 
     def read(self, map_ids) -> np.ndarray:
@@ -268,9 +336,15 @@ class MapStore:
         sorted_ids = ids[order]
         uniq, inverse = np.unique(sorted_ids, return_inverse=True)
         if uniq.size and uniq[-1] - uniq[0] + 1 == uniq.size:
-            block = self.array[int(uniq[0]):int(uniq[-1]) + 1]
+            block = self._slab(int(uniq[0]), int(uniq[-1]) + 1)
         else:
-            block = self.array.get_orthogonal_selection((uniq, slice(None), slice(None)))
+            chunks = np.unique(uniq // self.info.chunk_maps)
+            for c in chunks:
+                self._check_chunk(int(c))
+            try:
+                block = self.array.get_orthogonal_selection((uniq, slice(None), slice(None)))
+            except Exception as exc:  # a decoder's or the checksum's error
+                self._diagnose([int(c) for c in chunks], exc)
         out = np.empty((ids.size, self.info.window, self.info.window), np.float16)
         out[order] = block[inverse]
         return out
@@ -282,5 +356,62 @@ class MapStore:
         pos = start
         while pos < stop:
             end = min(stop, (pos // c + 1) * c)
-            yield pos, self.array[pos:end]
+            yield pos, self._slab(pos, end)
             pos = end
+
+    def read_chunk(self, c: int) -> np.ndarray:
+        """The committed maps of chunk ``c`` (checked: present and intact)."""
+        cm = self.info.chunk_maps
+        return self._slab(c * cm, min((c + 1) * cm, self.n_maps))
+
+    # ------------------------------------------------------------------ integrity
+    def chunk_key(self, c: int) -> str:
+        return self.array.metadata.encode_chunk_key((int(c), 0, 0))
+
+    def n_chunks(self) -> int:
+        return -(-self.n_maps // self.info.chunk_maps)
+
+    def maps_of_chunk(self, c: int) -> str:
+        cm = self.info.chunk_maps
+        return f"maps {c * cm}-{min((c + 1) * cm, self.n_maps) - 1}"
+
+    def _check_chunk(self, c: int) -> None:
+        if c < self.n_chunks() and not (self.maps_path / self.chunk_key(c)).is_file():
+            raise ApmaeError(f"{self.maps_path}: chunk {self.chunk_key(c)} "
+                             f"({self.maps_of_chunk(c)}) is missing; the store is damaged "
+                             f"(`apmae check {self.run}`)")
+
+    def verify_chunk(self, c: int) -> str | None:
+        """None when chunk ``c`` is present and decodes (checksum included), else why not
+        (``missing`` or ``damaged (...)``)."""
+        if not (self.maps_path / self.chunk_key(c)).is_file():
+            return "missing"
+        cm = self.info.chunk_maps
+        try:
+            self.array[c * cm:min((c + 1) * cm, self.n_maps)]
+        except Exception as exc:  # a decoder's or the checksum's error
+            return f"damaged ({_why(exc)})"
+        return None
+
+    def _slab(self, lo: int, hi: int) -> np.ndarray:
+        cm = self.info.chunk_maps
+        chunks = list(range(lo // cm, (hi - 1) // cm + 1)) if hi > lo else []
+        for c in chunks:
+            self._check_chunk(c)
+        try:
+            return self.array[lo:hi]
+        except Exception as exc:  # a decoder's or the checksum's error
+            self._diagnose(chunks, exc)
+
+    def _diagnose(self, chunks: list[int], exc: Exception):
+        """Raise a one-line error naming the first chunk of ``chunks`` that does not decode."""
+        cm = self.info.chunk_maps
+        for c in chunks:
+            try:
+                self.array[c * cm:min((c + 1) * cm, self.n_maps)]
+            except Exception as one:
+                why = _why(one)
+                raise ApmaeError(f"{self.maps_path}: chunk {self.chunk_key(c)} "
+                                 f"({self.maps_of_chunk(c)}) is damaged ({why}); "
+                                 f"`apmae check {self.run}` says what to rerun") from None
+        raise ApmaeError(f"{self.maps_path}: cannot read maps ({_first_line(exc)})") from None

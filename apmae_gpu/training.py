@@ -189,7 +189,7 @@ class MapLoader:
         """Maps of ``ids`` (in that order) [len(ids), W, W] float16, reading each touched chunk
         once, whole, and copying every map once, straight to its place (in ``pool``'s threads
         when given)."""
-        cm, n, w = self.store.info.chunk_maps, self.store.n_maps, self.store.info.window
+        cm, w = self.store.info.chunk_maps, self.store.info.window
         chunk_of = ids // cm
         order = np.argsort(chunk_of, kind="stable")
         chunks, starts = np.unique(chunk_of[order], return_index=True)
@@ -198,7 +198,7 @@ class MapLoader:
 
         def read(k: int) -> None:
             c = int(chunks[k])
-            block = self.store.array[c * cm:min((c + 1) * cm, n)]
+            block = self.store.read_chunk(c)   # checked: present and intact
             for pos in groups[k]:
                 m = block[ids[pos] - c * cm]
                 if ((m.view(np.uint16) & 0x7C00) == 0x7C00).any():
@@ -288,21 +288,28 @@ def _load_overrides(model_config) -> dict:
     """Config overrides from a dict or a JSON/YAML file (only the keys that differ)."""
     if model_config is None:
         return {}
-    if isinstance(model_config, dict):
-        return dict(model_config)
-    path = Path(model_config)
-    if not path.exists():
-        raise ApmaeError(f"--model-config {path}: no such file")
-    import yaml
+    from apmae_gpu.config import bounded_freeform, load_yaml, read_text_file
 
-    text = path.read_text()
+    if isinstance(model_config, dict):
+        data = dict(model_config)
+    else:
+        path = Path(model_config)
+        if not path.exists():
+            raise ApmaeError(f"--model-config {path}: no such file")
+        import yaml
+
+        text = read_text_file(path, "--model-config")
+        try:
+            data = json.loads(text) if path.suffix == ".json" else load_yaml(text, str(path))
+        except (json.JSONDecodeError, yaml.YAMLError) as exc:
+            first = str(exc).strip().splitlines()[0]
+            raise ApmaeError(f"--model-config {path}: cannot parse ({first})") from None
+        if not isinstance(data, dict):
+            raise ApmaeError(f"--model-config {path}: expected a mapping of config keys")
     try:
-        data = json.loads(text) if path.suffix == ".json" else yaml.safe_load(text)
-    except (json.JSONDecodeError, yaml.YAMLError) as exc:
-        raise ApmaeError(f"--model-config {path}: cannot parse ({exc})") from None
-    if not isinstance(data, dict):
-        raise ApmaeError(f"--model-config {path}: expected a mapping of config keys")
-    return data
+        return bounded_freeform(data, "--model-config")
+    except ValueError as exc:
+        raise ApmaeError(str(exc)) from None
 
 
 def _lr_lambda(warmup: int, total: int):

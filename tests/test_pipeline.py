@@ -27,7 +27,8 @@ def test_shipped_configs_validate(name):
         size = name.split("-")[1]
         assert cfg.model == f"bigcode/starcoder2-{size}" and cfg.train.preset == "paper"
         assert cfg.cluster.backend == "cuml" and cfg.train.nproc == 8
-        assert cfg.mine.corpus == "hf:LaughingLogits/Stackless_Java_V2"
+        assert cfg.mine.corpus == "hf:LaughingLogits/Stackless_Java_V2?split=test"
+        assert cfg.mine.train_corpus == "hf:LaughingLogits/Stackless_Java_V2?split=train"
         # 25% of the heads over ~72M maps, as the paper trained
         heads = {"3b": 720, "7b": 1152, "15b": 1920}[size]
         assert 60e6 < cfg.capture.train.per_task * heads * 0.25 < 80e6

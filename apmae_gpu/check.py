@@ -1,0 +1,276 @@
+"""``apmae check RUN``: verify a run directory and say what is damaged and what to rerun.
+
+Read-only.  It checks, stage by stage:
+
+- ``manifest.json`` and ``pipeline.json`` parse;
+- ``tasks.parquet`` reads;
+- the maps store: ``maps.zarr`` metadata, every parquet part of ``maps_index.parquet`` and
+  ``inferences.parquet``, that the index names exactly the maps the array holds (map ids
+  ``0..n-1``), that every inference's ``n_maps`` matches its index rows, that the manifest's
+  per-split counts match the inference rows, and that every committed chunk exists and
+  decodes (with its CRC-32C where the store has one);
+- ``embeddings.zarr``: metadata, commit point, ids (ascending, analysis inferences with maps),
+  every committed chunk present and decodable;
+- the result frames (``clusters.parquet``, ``cluster/heads.parquet``, ``classify/*.parquet``,
+  ``intervene/results.parquet``, ``evaluate/*.parquet``) read, and the AP-MAE checkpoint's
+  ``config.json`` parses.
+
+Each problem is one line: what is damaged, then the command that rebuilds it.
+:func:`check_run` returns the problems (empty: the run is sound).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from apmae_gpu.runs import ApmaeError
+
+RECAPTURE = ("rerun capture: move maps.zarr, maps_index.parquet and inferences.parquet "
+             "aside, then `apmae capture RUN --split train` and `--split analysis` and the "
+             "stages after them (or capture into a new run)")
+
+
+def _first(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+class _Report:
+    def __init__(self, echo: Callable[[str], None], run: Path):
+        self.echo, self.run = echo, run
+        self.problems: list[str] = []
+
+    def bad(self, what: str, rerun: str) -> None:
+        line = f"damaged: {what} -> {rerun.replace(' RUN ', f' {self.run} ')}"
+        self.problems.append(line)
+        self.echo(line)
+
+    def ok(self, what: str) -> None:
+        self.echo(f"ok: {what}")
+
+
+def _json(path: Path, rep: _Report, rerun: str) -> dict | None:
+    if not path.exists():
+        return None
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, OSError) as exc:
+        rep.bad(f"{path} ({_first(exc)})", rerun)
+        return None
+    rep.ok(path.name)
+    return data if isinstance(data, dict) else {}
+
+
+def _parquet(path: Path, rep: _Report, rerun: str) -> int | None:
+    import pyarrow.parquet as pq
+
+    if not path.exists():
+        return None
+    try:
+        n = pq.read_table(path).num_rows
+    except (OSError, ValueError) as exc:
+        rep.bad(f"{path} ({_first(exc)})", rerun)
+        return None
+    rep.ok(f"{path.name} ({n} rows)")
+    return n
+
+
+def check_maps(run: Path, rep: _Report, manifest: dict) -> None:
+    from apmae_gpu.store import INDEX, INFERENCES, MapStore, _parts, part_rows
+
+    if not (run / "maps.zarr").exists():
+        if (run / INFERENCES).exists():
+            rep.bad(f"{run / 'maps.zarr'} is missing but {INFERENCES} exists", RECAPTURE)
+        return
+    try:
+        store = MapStore(run)   # read-only: nothing is trimmed or repaired
+    except ApmaeError as exc:
+        rep.bad(str(exc), RECAPTURE)
+        return
+    damaged = False
+    for d in (INDEX, INFERENCES):
+        for p in sorted(_parts(run / d).values()):
+            try:
+                part_rows(p)
+            except ApmaeError:
+                rep.bad(f"{p} is not readable parquet", RECAPTURE)
+                damaged = True
+    if damaged:
+        return
+    try:
+        index = store.index()
+        inf = store.inferences()
+    except ApmaeError as exc:
+        rep.bad(str(exc), RECAPTURE)
+        return
+    committed = set(_parts(run / INFERENCES))
+    extra = sorted(set(_parts(run / INDEX)) - committed)
+    if extra:
+        rep.echo(f"note: {len(extra)} uncommitted index part(s) (a killed capture); the next "
+                 f"`apmae capture` drops them")
+    index = index[index.map_id < store.array.shape[0]] if extra else index
+    n = int(store.array.shape[0])
+    if len(index) and not np.array_equal(np.sort(index.map_id.to_numpy()), np.arange(len(index))):
+        rep.bad(f"{run / INDEX}: map ids are not 0..{len(index) - 1}", RECAPTURE)
+    elif len(index) > n:
+        rep.bad(f"{run / 'maps.zarr'} holds {n} maps but the index names {len(index)}",
+                RECAPTURE)
+    if not inf.empty:
+        per = index.groupby("inference_id").size()
+        want = inf.set_index("inference_id").n_maps
+        got = per.reindex(want.index, fill_value=0)
+        wrong = want.index[(got.to_numpy() != want.to_numpy())]
+        if len(wrong) and not manifest.get("capture", {}).get("encoded_with"):
+            rep.bad(f"{len(wrong)} inference(s) (first {int(wrong[0])}) do not have the maps "
+                    f"their n_maps says", RECAPTURE)
+        if inf.inference_id.duplicated().any():
+            rep.bad(f"{run / INFERENCES} repeats inference ids", RECAPTURE)
+        for split, info in manifest.get("capture", {}).get("splits", {}).items():
+            tasks = info.get("tasks") or {}
+            if not tasks or "shards" in info:
+                continue
+            rows = inf[inf.split == split]
+            want_attempts = sum(int(t.get("attempts", 0)) for t in tasks.values())
+            want_kept = sum(int(t.get("kept", 0)) for t in tasks.values())
+            if (len(rows), int(rows.has_maps.sum())) != (want_attempts, want_kept):
+                rep.bad(f"manifest says the {split} split has {want_attempts} inferences "
+                        f"({want_kept} with maps); {INFERENCES} holds {len(rows)} "
+                        f"({int(rows.has_maps.sum())})", RECAPTURE)
+    bad_chunks = 0
+    for c in range(store.n_chunks()):
+        why = store.verify_chunk(c)
+        if why:
+            bad_chunks += 1
+            if bad_chunks <= 5:
+                rep.bad(f"{run / 'maps.zarr'}: chunk {store.chunk_key(c)} "
+                        f"({store.maps_of_chunk(c)}) is {why}", RECAPTURE)
+    if bad_chunks > 5:
+        rep.bad(f"... and {bad_chunks - 5} more chunks of {run / 'maps.zarr'}", RECAPTURE)
+    if not bad_chunks:
+        rep.ok(f"maps.zarr ({store.n_maps} maps, {store.n_chunks()} chunks present and "
+               f"decoded{', checksums verified' if store.info.checksum else ''}; "
+               f"{len(inf)} inferences)")
+
+
+def check_embeddings(run: Path, rep: _Report) -> None:
+    import zarr
+
+    from apmae_gpu.store import INFERENCES, has_checksum
+
+    path = run / "embeddings.zarr"
+    rerun = f"`apmae encode {run} --restart`"
+    if not path.exists():
+        return
+    try:
+        group = zarr.open_group(path, mode="r")
+        emb, ids_arr = group["embeddings"], group["inference_id"]
+        n = int(group.attrs.get("n_committed", ids_arr.shape[0]))
+        ids = np.asarray(ids_arr[:n], dtype=np.int64)
+    except Exception as exc:  # zarr raises many kinds on damaged metadata
+        rep.bad(f"{path} ({_first(exc)})", rerun)
+        return
+    L, H, rows, _ = emb.shape
+    if rows < n or len(ids) < n:
+        rep.bad(f"{path}: {n} inferences committed but {rows} stored", rerun)
+        return
+    if n and np.any(np.diff(ids) <= 0):
+        rep.bad(f"{path}: inference ids are not ascending", rerun)
+    if (run / INFERENCES).exists() and n:
+        try:
+            from apmae_gpu.store import MapStore
+
+            inf = MapStore(run).inferences(columns=["inference_id", "split", "has_maps"])
+            valid = set(inf.loc[(inf.split == "analysis") & inf.has_maps, "inference_id"])
+            if not set(ids.tolist()) <= valid:
+                rep.bad(f"{path} holds inferences that are not analysis inferences with maps",
+                        rerun)
+            elif group.attrs.get("complete") and len(ids) != len(valid):
+                rep.bad(f"{path} is marked complete but holds {len(ids)} of the {len(valid)} "
+                        f"analysis inferences with maps", rerun)
+        except ApmaeError:
+            pass   # reported by check_maps
+    block = int(emb.chunks[2])
+    bad = 0
+    for layer in range(L):
+        for head in range(H):
+            for k in range(-(-n // block)):
+                key = emb.metadata.encode_chunk_key((layer, head, k, 0))
+                why = None
+                if has_checksum(emb) and not (path / "embeddings" / key).is_file():
+                    why = "missing"
+                else:
+                    try:
+                        emb[layer, head, k * block:min((k + 1) * block, n)]
+                    except Exception as exc:
+                        why = "checksum mismatch" if "checksum" in str(exc).lower() else _first(exc)
+                if why:
+                    bad += 1
+                    if bad <= 5:
+                        rep.bad(f"{path}: chunk embeddings/{key} (layer {layer}, head {head}) "
+                                f"is {why if why == 'missing' else f'damaged ({why})'}", rerun)
+    if bad > 5:
+        rep.bad(f"... and {bad - 5} more chunks of {path}", rerun)
+    if not bad:
+        state = "complete" if group.attrs.get("complete") else "incomplete (resume: `apmae encode`)"
+        rep.ok(f"embeddings.zarr ({n} inferences x {L} layers x {H} heads, {state})")
+
+
+def _note_writer(run: Path, echo: Callable[[str], None]) -> None:
+    """Say so when a writer holds the run now (what it is writing may look damaged)."""
+    import fcntl
+
+    from apmae_gpu.runs import LOCK_FILE, _lock_holder
+
+    lock = run / LOCK_FILE
+    if not lock.exists():
+        return
+    try:
+        with open(lock) as fh:
+            fcntl.flock(fh, fcntl.LOCK_SH | fcntl.LOCK_NB)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+    except BlockingIOError:
+        echo(f"note: {_lock_holder(lock)} is writing {run} now; what it is writing may show "
+             f"as damaged")
+    except OSError:
+        pass
+
+
+def check_run(run: str | os.PathLike, echo: Callable[[str], None] = print) -> list[str]:
+    """Verify ``run``; print one line per finding; return the problems (empty: sound)."""
+    run = Path(run)
+    if not run.is_dir():
+        raise ApmaeError(f"run directory {run} does not exist")
+    rep = _Report(echo, run)
+    _note_writer(run, echo)
+    manifest = _json(run / "manifest.json", rep, "rewrite it by rerunning the last stage, or "
+                     "restore it from a backup") or {}
+    _json(run / "pipeline.json", rep, f"delete {run / 'pipeline.json'}; `apmae pipeline` "
+          f"then reruns each stage (complete ones resume)")
+    has_captures = (run / "maps.zarr").exists() or (run / "inferences.parquet").exists()
+    _parquet(run / "tasks.parquet", rep, "mine into a new run (`apmae mine --out NEW ...`): the "
+             "captures point at these tasks" if has_captures else f"`apmae mine --out {run} ...`")
+    check_maps(run, rep, manifest)
+    check_embeddings(run, rep)
+    frames = {
+        "clusters.parquet": f"`apmae cluster {run} --restart`",
+        "cluster/heads.parquet": f"`apmae cluster {run} --restart`",
+        "classify/metrics.parquet": f"`apmae classify {run}`",
+        "classify/head_importance.parquet": f"`apmae classify {run}`",
+        "intervene/results.parquet": f"`apmae intervene {run}`",
+        "evaluate/evaluation.parquet": f"`apmae evaluate --checkpoint {run}/apmae/final "
+                                       f"--data {run}`",
+    }
+    for rel, rerun in frames.items():
+        _parquet(run / rel, rep, rerun)
+    for rel in ("apmae/final/config.json",):
+        _json(run / rel, rep, f"`apmae train {run}`")
+    echo(f"{run}: {len(rep.problems)} problem(s)" if rep.problems else f"{run}: sound")
+    return rep.problems
+
+
+__all__ = ["check_run"]

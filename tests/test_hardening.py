@@ -1,0 +1,598 @@
+"""Hardening probes (issue 15): one writer per run, no silent blanks, one-line errors.
+
+Each test damages real files or starts real processes, then checks that the user gets one
+line (no traceback), that nothing is lost, and that nothing is silently replaced.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from apmae_gpu.runs import LOCK_FILE, ApmaeError, writer_lock
+from apmae_gpu.store import MapStore
+from tests.java_fixtures import java_source
+from tests.tiny_models import save_tiny_apmae
+
+MODEL = "random:tiny-llama"
+
+
+def _cli(*args, env=None, timeout=300):
+    """Run ``apmae ARGS`` in a real process; (exit code, stdout, stderr)."""
+    e = dict(os.environ, PYTHONUNBUFFERED="1", **(env or {}))
+    p = subprocess.run([sys.executable, "-m", "apmae_gpu.cli", *map(str, args)], env=e,
+                       capture_output=True, text=True, timeout=timeout)
+    return p.returncode, p.stdout, p.stderr
+
+
+def _main(capsys, *args):
+    """Run ``apmae ARGS`` through the CLI's entry point in this process (no interpreter
+    start-up); (exit code, stdout, stderr)."""
+    from apmae_gpu.cli import main
+
+    capsys.readouterr()
+    try:
+        main([str(a) for a in args])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def _one_line(stderr: str) -> str:
+    """The error line; asserts there is exactly one and no traceback."""
+    lines = [ln for ln in stderr.splitlines() if ln.strip()]
+    assert "Traceback" not in stderr, stderr
+    errors = [ln for ln in lines if ln.startswith("error: ")]
+    assert len(errors) == 1, stderr
+    return errors[0]
+
+
+@pytest.fixture(scope="module")
+def small_run_dir(tmp_path_factory):
+    """84 maps of 64x64 in 6 chunks of 16: 4 train inferences, then 10 analysis ones (2 tasks
+    x 2 correct + 2 incorrect, 2 noise), 2 layers x 3 heads.  Read-only."""
+    from apmae_gpu.synthetic import synthetic_run
+
+    return synthetic_run(tmp_path_factory.mktemp("small") / "run", n_train=4, n_per_task=2,
+                         tasks=("identifiers", "closing_brackets", "noise"))
+
+
+@pytest.fixture()
+def run_copy(small_run_dir, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(small_run_dir, run)
+    return run
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return save_tiny_apmae(tmp_path_factory.mktemp("ckpt") / "final", image_size=64,
+                           patch_size=16)
+
+
+# --------------------------------------------------------------------------- 1. writer lock
+_HOLD = """
+import sys
+from apmae_gpu.runs import writer_lock
+with writer_lock(sys.argv[1], sys.argv[2], shard=sys.argv[3] if len(sys.argv) > 3 else None):
+    print("held", flush=True)
+    sys.stdin.read()
+"""
+
+
+def _holder(run, command, shard=None):
+    args = [sys.executable, "-c", _HOLD, str(run), command] + ([str(shard)] if shard else [])
+    p = subprocess.Popen(args, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert p.stdout.readline().strip() == "held"
+    return p
+
+
+def test_second_writer_is_refused_naming_the_holder_and_a_crash_releases(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    holder = _holder(run, "apmae capture run --split train")
+    try:
+        with pytest.raises(ApmaeError) as err, writer_lock(run, "apmae encode run"):
+            pass
+        assert str(err.value) == (f"{run.resolve()} is being written by PID {holder.pid} "
+                                  f"(apmae capture run --split train); wait for it to finish "
+                                  f"(this apmae encode run changed nothing)")
+    finally:
+        holder.send_signal(signal.SIGKILL)   # a crash: the kernel drops the lock
+        holder.wait()
+    with writer_lock(run, "apmae encode run") as lock:
+        assert lock == run.resolve() / LOCK_FILE
+        assert json.loads(lock.read_text())["pid"] == os.getpid()
+        with writer_lock(run, "nested stage"):   # the pipeline calling a stage: reentrant
+            pass
+    assert lock.read_text() == ""
+
+
+def test_shard_writers_run_side_by_side_and_hold_off_whole_run_writers(tmp_path):
+    run = tmp_path / "run"
+    run.mkdir()
+    a = _holder(run, "apmae capture run --shard 0/2", run / "shards" / "0-of-2")
+    b = _holder(run, "apmae capture run --shard 1/2", run / "shards" / "1-of-2")
+    try:
+        with pytest.raises(ApmaeError, match=f"PID {a.pid} \\(apmae capture run --shard 0/2\\)"):
+            with writer_lock(run, "apmae capture run --shard 0/2", shard=run / "shards" / "0-of-2"):
+                pass
+        with pytest.raises(ApmaeError) as err, writer_lock(run, "apmae merge-shards run"):
+            pass
+        assert f"PID {a.pid}" in str(err.value) and f"PID {b.pid}" in str(err.value)
+    finally:
+        for p in (a, b):
+            p.communicate("")
+    with writer_lock(run, "apmae merge-shards run"):
+        pass
+
+
+def _tasks(path):
+    from apmae_gpu.synthetic import synthetic_tasks
+
+    return synthetic_tasks(path, MODEL, n_per_task=8, window=32)
+
+
+def _snapshot(run):
+    store = MapStore(run)
+    return store.inferences(), store.index(), store.read(np.arange(store.n_maps))
+
+
+def test_two_capture_processes_on_one_run_one_refuses_and_the_result_is_uninterrupted(tmp_path):
+    from apmae_gpu.capture import capture
+
+    common = ["--model", MODEL, "--device", "cpu", "--batch-size", "4", "--per-task", "3"]
+    run = _tasks(tmp_path / "run")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    cmd = [sys.executable, "-m", "apmae_gpu.cli", "capture", str(run)]
+    first = subprocess.Popen(cmd + ["--split", "train", *common], env=env,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    second = subprocess.Popen(cmd + ["--split", "analysis", *common], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    # Pause whichever takes the lock first, so that the two overlap whatever the machine.
+    lock = run / LOCK_FILE
+    deadline = time.time() + 120
+    holder = None
+    while holder is None and time.time() < deadline:
+        try:
+            holder = json.loads(lock.read_text() or "null")
+        except (OSError, ValueError):
+            holder = None
+        time.sleep(0.01)
+    assert holder is not None
+    winner, loser = (first, second) if holder["pid"] == first.pid else (second, first)
+    os.kill(winner.pid, signal.SIGSTOP)
+    try:
+        _, err = loser.communicate(timeout=120)
+    finally:
+        os.kill(winner.pid, signal.SIGCONT)
+    assert loser.returncode == 2
+    line = _one_line(err)
+    assert line.startswith(f"error: {run.resolve()} is being written by PID {winner.pid} "
+                           f"(apmae capture {run} --split ")
+    _, err = winner.communicate(timeout=300)
+    assert winner.returncode == 0, err[-2000:]
+    loser_split = "analysis" if loser is second else "train"
+    winner_split = "train" if loser_split == "analysis" else "analysis"
+    code, _, err = _cli("capture", run, "--split", loser_split, *common)
+    assert code == 0, err[-2000:]
+
+    ref = _tasks(tmp_path / "ref")
+    for split in (winner_split, loser_split):
+        capture(ref, MODEL, split=split, per_task=3, batch_size=4, device="cpu")
+    a, b = _snapshot(ref), _snapshot(run)
+    assert len(a[0]) > 0 and a[2].shape[0] > 0
+    pd.testing.assert_frame_equal(a[0], b[0])
+    pd.testing.assert_frame_equal(a[1], b[1])
+    assert np.array_equal(a[2], b[2])
+    from apmae_gpu.check import check_run   # a real capture's manifest counts match
+
+    assert check_run(run, echo=lambda line: None) == []
+
+
+# --------------------------------------------------------------------------- 2. integrity
+def test_a_deleted_chunk_is_an_error_in_every_reader_and_check_names_it(run_copy, ckpt, capsys):
+    store = MapStore(run_copy)
+    last = store.n_chunks() - 1     # analysis maps, which encode reads
+    (run_copy / "maps.zarr" / store.chunk_key(last)).unlink()
+    msg = (f"{run_copy / 'maps.zarr'}: chunk c/{last}/0/0 ({store.maps_of_chunk(last)}) is "
+           f"missing")
+    n = store.n_maps
+    for read in (lambda: store.read(np.arange(n)), lambda: store.read([3, 20, n - 1]),
+                 lambda: list(store.iter_chunks()), lambda: store.read_chunk(last)):
+        with pytest.raises(ApmaeError, match="^" + re.escape(msg)):
+            read()
+    code, _, err = _main(capsys, "encode", run_copy, "--checkpoint", ckpt, "--device", "cpu")
+    assert code == 2 and _one_line(err).startswith(f"error: {msg}")
+    code, out, _ = _main(capsys, "check", run_copy)
+    assert code == 1
+    damaged = [ln for ln in out.splitlines() if ln.startswith("damaged:")]
+    assert damaged == [f"damaged: {msg} -> rerun capture: move maps.zarr, maps_index.parquet "
+                       f"and inferences.parquet aside, then `apmae capture {run_copy} --split "
+                       f"train` and `--split analysis` and the stages after them (or capture "
+                       f"into a new run)"]
+
+
+def test_training_refuses_a_missing_chunk(synthetic_run_dir, tmp_path, capsys):
+    run_copy = tmp_path / "run"
+    shutil.copytree(synthetic_run_dir, run_copy)
+    cfg = tmp_path / "cfg.json"
+    cfg.write_text(json.dumps({"image_size": 64, "patch_size": 16}))
+    store = MapStore(run_copy)
+    (run_copy / "maps.zarr" / store.chunk_key(0)).unlink()
+    code, _, err = _main(capsys, "train", run_copy, "--preset", "tiny", "--steps", "2",
+                         "--batch-size", "8", "--device", "cpu", "--model-config", cfg)
+    assert code == 2
+    assert "chunk c/0/0/0 (maps 0-15) is missing" in _one_line(err)
+    assert not (run_copy / "apmae" / "final").exists()
+
+
+def test_truncated_chunks_are_one_line_errors_with_and_without_checksums(run_copy, tmp_path,
+                                                                          monkeypatch, capsys):
+    store = MapStore(run_copy)
+    assert store.info.checksum and store.info.codec == "zstd(level=1)+crc32c"
+    path = run_copy / "maps.zarr" / store.chunk_key(2)
+    data = path.read_bytes()
+    path.write_bytes(data[:-4] + bytes(b ^ 0xFF for b in data[-4:]))   # only the crc changes
+    with pytest.raises(ApmaeError, match=r"chunk c/2/0/0 \(maps 32-47\) is damaged "
+                                         r"\(checksum mismatch\)"):
+        store.read(np.arange(store.n_maps))
+    # a store written before the checksum (zstd only) stays readable, and a truncated chunk
+    # is still one line (the decoder's complaint), not a traceback
+    from apmae_gpu import store as store_mod
+    from apmae_gpu.synthetic import synthetic_run
+
+    monkeypatch.setattr(store_mod, "chunk_codecs", lambda level=1: [
+        __import__("zarr").codecs.ZstdCodec(level=level)])
+    old = synthetic_run(tmp_path / "old", n_train=4, n_per_task=1, tasks=("identifiers",))
+    monkeypatch.undo()
+    ostore = MapStore(old)
+    assert not ostore.info.checksum
+    maps = ostore.read(np.arange(ostore.n_maps))
+    assert np.isfinite(maps).all()
+    p = old / "maps.zarr" / ostore.chunk_key(0)
+    p.write_bytes(p.read_bytes()[:100])
+    with pytest.raises(ApmaeError, match=r"chunk c/0/0/0 \(maps 0-15\) is damaged \("):
+        ostore.read([0, 1])
+    code, out, _ = _main(capsys, "check", old)
+    assert code == 1 and "chunk c/0/0/0 (maps 0-15) is damaged" in out
+
+
+def test_damaged_metadata_and_parquet_parts_are_one_line_errors(run_copy, ckpt, capsys):
+    meta = run_copy / "maps.zarr" / "zarr.json"
+    good = meta.read_bytes()
+    meta.write_bytes(good[:len(good) // 2])
+    code, _, err = _main(capsys, "encode", run_copy, "--checkpoint", ckpt, "--device", "cpu")
+    assert code == 2
+    assert _one_line(err).startswith(f"error: {run_copy / 'maps.zarr'}: its metadata "
+                                     f"(zarr.json) is damaged")
+    meta.write_bytes(good)
+    part = sorted((run_copy / "inferences.parquet").glob("part-*.parquet"))[3]
+    part.write_bytes(part.read_bytes()[:50])
+    code, _, err = _main(capsys, "encode", run_copy, "--checkpoint", ckpt, "--device", "cpu")
+    assert code == 2 and _one_line(err).startswith(f"error: {part} is damaged")
+    code, out, _ = _main(capsys, "check", run_copy)
+    assert code == 1 and f"damaged: {part} is not readable parquet" in out
+
+
+def test_check_passes_a_sound_run_and_flags_damaged_embeddings(run_copy, ckpt, capsys):
+    from apmae_gpu import encoding
+    from apmae_gpu.check import check_run
+
+    encoding.encode(run_copy, ckpt, device="cpu", block=16)
+    lines: list[str] = []
+    assert check_run(run_copy, echo=lines.append) == []
+    assert lines[-1] == f"{run_copy}: sound"
+    assert any(ln.startswith("ok: maps.zarr (") and "checksums verified" in ln for ln in lines)
+    chunk = run_copy / "embeddings.zarr" / "embeddings" / "c" / "1" / "2" / "0" / "0"
+    chunk.unlink()
+    with pytest.raises(ApmaeError, match="chunk embeddings/c/1/2/0/0 is missing"):
+        encoding.read_head(run_copy / "embeddings.zarr", 1, 2)
+    code, out, _ = _main(capsys, "check", run_copy)
+    assert code == 1
+    assert [ln for ln in out.splitlines() if ln.startswith("damaged")] == [
+        f"damaged: {run_copy / 'embeddings.zarr'}: chunk embeddings/c/1/2/0/0 (layer 1, head 2) "
+        f"is missing -> `apmae encode {run_copy} --restart`"]
+
+
+# --------------------------------------------------------------------------- 3. mine --out
+@pytest.fixture(scope="module")
+def java_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("java")
+    for i in range(3):
+        (root / f"Demo{i}.java").write_text(java_source(f"Demo{i}", n_methods=5, seed=i))
+    return root
+
+
+def test_mine_refuses_a_run_with_captures_and_changes_nothing(run_copy, java_dir, capsys):
+    (run_copy / "tasks.parquet").write_bytes(b"stand-in")
+    before = {p: p.stat().st_mtime_ns for p in run_copy.rglob("*")}
+    code, _, err = _main(capsys, "mine", "--corpus", java_dir, "--model", MODEL, "--out", run_copy,
+                        "--window", "32", "--per-task", "1", "--tasks", "identifiers")
+    assert code == 2
+    assert _one_line(err) == (f"error: {run_copy} already holds captures (maps.zarr, "
+                              f"inferences.parquet, maps_index.parquet); mining again would "
+                              f"replace the tasks they point at: use a new --out")
+    assert {p: p.stat().st_mtime_ns for p in run_copy.rglob("*")} == before
+
+
+def test_mine_out_that_is_a_file_or_read_only_fails_first(tmp_path, java_dir, capsys):
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    code, _, err = _main(capsys, "mine", "--corpus", java_dir, "--model", MODEL, "--out", afile)
+    assert code == 2 and _one_line(err) == f"error: --out {afile} is a file, not a run directory"
+    ro = tmp_path / "ro"
+    ro.mkdir()
+    ro.chmod(0o555)
+    try:
+        if os.access(ro, os.W_OK):
+            pytest.skip("running as a user who can write anywhere (root)")
+        code, _, err = _main(capsys, "mine", "--corpus", java_dir, "--model", MODEL, "--out",
+                             ro / "run")
+        assert code == 2 and _one_line(err) == f"error: --out {ro / 'run'}: {ro} is not writable"
+    finally:
+        ro.chmod(0o755)
+
+
+def test_a_failed_mine_leaves_no_run_directory(tmp_path, capsys):
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    (corpus / "Broken.java").write_text("class {{{ not java")
+    out = tmp_path / "new" / "run"
+    code, _, err = _main(capsys, "mine", "--corpus", corpus, "--model", MODEL, "--out", out,
+                        "--window", "32", "--tasks", "identifiers")
+    assert code == 2 and "no task could be mined" in _one_line(err)
+    assert not out.exists()
+
+
+# --------------------------------------------------------------------------- 4/5. encode
+def test_encode_refuses_a_nan_map(run_copy, ckpt, capsys):
+    import zarr
+
+    store = MapStore(run_copy)
+    inf = store.inferences()
+    first = int(inf.loc[inf.split == "analysis", "inference_id"].min())
+    index = store.index()
+    bad = int(index[index.inference_id == first].map_id.iloc[2])
+    arr = zarr.open_array(run_copy / "maps.zarr", mode="r+")
+    m = arr[bad]
+    m[5, 1] = np.nan
+    arr[bad] = m
+    code, _, err = _main(capsys, "encode", run_copy, "--checkpoint", ckpt, "--device", "cpu")
+    assert code == 2
+    assert _one_line(err) == (f"error: {run_copy / 'maps.zarr'}: NaN or infinite values in map "
+                              f"{bad}; refusing to encode it (`apmae check {run_copy}` says what "
+                              f"to rerun)")
+
+
+def test_encode_restart_keeps_the_old_embeddings_until_the_new_ones_are_complete(run_copy, ckpt,
+                                                                                 tmp_path, capsys):
+    from apmae_gpu import encoding
+
+    encoding.encode(run_copy, ckpt, device="cpu", block=16)
+    before = encoding.read_head(run_copy / "embeddings.zarr", 0, 1)
+    other = save_tiny_apmae(tmp_path / "other", image_size=64, patch_size=8)
+    store = MapStore(run_copy)
+    last = store.n_chunks() - 1
+    chunk = run_copy / "maps.zarr" / store.chunk_key(last)
+    kept = chunk.read_bytes()
+    chunk.unlink()
+    code, _, err = _main(capsys, "encode", run_copy, "--checkpoint", other, "--device", "cpu",
+                         "--restart")
+    assert code == 2 and "is missing" in _one_line(err)
+    after = encoding.read_head(run_copy / "embeddings.zarr", 0, 1)
+    assert np.array_equal(before[0], after[0])
+    assert np.array_equal(before[1], after[1], equal_nan=True)
+    assert encoding.open_embeddings(run_copy).attrs["checkpoint"] == str(ckpt)
+    chunk.write_bytes(kept)
+    encoding.encode(run_copy, other, device="cpu", restart=True)
+    group = encoding.open_embeddings(run_copy)
+    assert group.attrs["checkpoint"] == str(other) and group.attrs["complete"]
+    assert sorted(p.name for p in run_copy.iterdir() if "embeddings" in p.name) == [
+        "embeddings.zarr"]
+
+
+# --------------------------------------------------------------------------- 6. last resort
+def test_unexpected_errors_are_one_line_with_a_log_of_the_traceback(run_copy, monkeypatch,
+                                                                    capsys):
+    from apmae_gpu import cli, report
+
+    def boom(run, notebook=False):
+        raise RuntimeError("something nobody expected\nsecond line")
+
+    monkeypatch.setattr(report, "report", boom)
+    with pytest.raises(SystemExit) as exit_:
+        cli.main(["report", str(run_copy)])
+    assert exit_.value.code == 1
+    err = capsys.readouterr().err
+    line = _one_line(err)
+    assert line.startswith("error: unexpected RuntimeError: something nobody expected "
+                           f"(traceback: {run_copy / 'logs'}/apmae-")
+    log = Path(line.rsplit("(traceback: ", 1)[1].rstrip(")"))
+    text = log.read_text()
+    assert "Traceback (most recent call last)" in text and "second line" in text
+    assert text.startswith(f"apmae report {run_copy}\n")
+
+
+def test_damaged_tasks_and_pipeline_state_and_model_configs_are_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "tasks.parquet").write_bytes(b"PAR1 truncated")
+    code, _, err = _main(capsys, "capture", run, "--model", MODEL, "--device", "cpu")
+    assert code == 2 and _one_line(err).startswith(f"error: {run / 'tasks.parquet'} is damaged "
+                                                   f"or not parquet (")
+    cfg = tmp_path / "p.yaml"
+    cfg.write_text(f"model: {MODEL}\nrun: {run}\nstages: [report]\n")
+    (run / "pipeline.json").write_text('{"stages": {')
+    code, _, err = _main(capsys, "pipeline", "--config", cfg)
+    assert code == 2 and _one_line(err).startswith(f"error: {run / 'pipeline.json'} is damaged (")
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({
+        "model_type": "llama", "num_hidden_layers": "two", "hidden_size": 64,
+        "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 100}))
+    from apmae_gpu import llm
+
+    with pytest.raises(ApmaeError, match=f"^model {model}: cannot load \\("):
+        llm.load_model(str(model))
+
+
+def test_non_utf8_configs_and_alias_bombs_are_refused(tmp_path, capsys):
+    from apmae_gpu.config import load_config
+
+    latin = tmp_path / "latin.yaml"
+    latin.write_bytes("model: caf\xe9\n".encode("latin-1"))
+    code, _, err = _main(capsys, "pipeline", "--config", latin)
+    assert code == 2 and _one_line(err) == f"error: config {latin}: not UTF-8 text (byte 10)"
+    levels = ['a: &a ["x","x","x","x","x","x","x","x","x"]'] + [
+        f'{c}: &{c} [{",".join(["*" + p] * 9)}]' for p, c in zip("abcdefgh", "bcdefghi")]
+    bomb = tmp_path / "bomb.yaml"
+    bomb.write_text("train:\n  model_config_overrides:\n" + "".join(f"    {ln}\n" for ln in levels))
+    with pytest.raises(ApmaeError, match="aliases expand to more than 100000 YAML nodes"):
+        load_config(bomb)
+    loop = tmp_path / "loop.yaml"
+    loop.write_text("train:\n  model_config_overrides: &a {x: *a}\n")
+    with pytest.raises(ApmaeError, match="a YAML alias refers to itself"):
+        load_config(loop)
+    big = tmp_path / "big.yaml"
+    big.write_text("train:\n  model_config_overrides:\n    x: [" + ",".join(["1"] * 9000) + "]\n")
+    with pytest.raises(ApmaeError, match="at most 16384 allowed"):
+        load_config(big)
+
+
+# --------------------------------------------------------------------------- 7. corpora
+def test_corpus_readers_skip_and_count_what_they_cannot_read(tmp_path, java_dir):
+    corpus = tmp_path / "corpus"
+    shutil.copytree(java_dir, corpus)
+    (corpus / "Loop.java").symlink_to("Loop.java")
+    (corpus / "Dangling.java").symlink_to("Nowhere.java")
+    os.mkfifo(corpus / "Fifo.java")
+    out = tmp_path / "run"
+    code, _, err = _cli("mine", "--corpus", corpus, "--model", MODEL, "--out", out, "--window",
+                        "32", "--per-task", "2", "--tasks", "identifiers", timeout=120)
+    assert code == 0, err
+    skipped = json.loads((out / "manifest.json").read_text())["mine"]["skipped"]
+    assert {k: skipped.get(k) for k in ("symlink_loop", "dangling_symlink", "special_file")} == {
+        "symlink_loop": 1, "dangling_symlink": 1, "special_file": 1}
+
+    from apmae_gpu.corpus import TooLarge, Unreadable, open_corpus
+
+    zpath = tmp_path / "src.zip"
+    good = java_source("Good", n_methods=3).encode()
+    with zipfile.ZipFile(zpath, "w") as zf:
+        zf.writestr("Good.java", good, compress_type=zipfile.ZIP_DEFLATED)
+        zf.writestr("BadCrc.java", good, compress_type=zipfile.ZIP_STORED)
+        zf.writestr("BadDeflate.java", good, compress_type=zipfile.ZIP_DEFLATED)
+    raw = bytearray(zpath.read_bytes())
+    with zipfile.ZipFile(zpath) as zf:
+        infos = {i.filename: i for i in zf.infolist()}
+    for name, flip in (("BadCrc.java", 40), ("BadDeflate.java", 3)):
+        info = infos[name]
+        start = info.header_offset + 30 + len(info.filename) + len(info.extra)
+        raw[start + flip] ^= 0xFF
+    zpath.write_bytes(bytes(raw))
+    got = dict(open_corpus(str(zpath)).iter_files(seed=0, max_bytes=10_000_000))
+    assert got["Good.java"] == good
+    assert [type(got[n]).__name__ for n in ("BadCrc.java", "BadDeflate.java")] == [
+        "Unreadable", "Unreadable"]
+    assert {got[n].reason for n in ("BadCrc.java", "BadDeflate.java")} == {"corrupt_member"}
+    small = dict(open_corpus(str(zpath)).iter_files(seed=0, max_bytes=100))
+    assert isinstance(small["Good.java"], TooLarge)
+    assert not isinstance(small["Good.java"], Unreadable)
+
+    # the time bound: a read that outlasts it is skipped (here a bound of 0 s and 2 pieces)
+    from apmae_gpu.corpus import read_bounded
+
+    slow = tmp_path / "Slow.java"
+    slow.write_bytes(b"x" * (3 << 20))
+    with open(slow, "rb") as f:
+        got = read_bounded(f, None, seconds=0.0)
+    assert isinstance(got, Unreadable) and got.reason == "slow_read"
+    with open(slow, "rb") as f:
+        assert read_bounded(f, None) == slow.read_bytes()
+    # a truncated JSONL.gz corpus is one line, not a gzip traceback
+    gz = tmp_path / "c.jsonl.gz"
+    import gzip
+
+    whole = gzip.compress(b"".join(b'{"content": "class A%d {}"}\n' % i for i in range(2000)))
+    gz.write_bytes(whole[:len(whole) // 2])
+    with pytest.raises(ApmaeError, match=f"^corpus {gz}: not readable"):
+        open_corpus(str(gz)).ids()
+
+
+# --------------------------------------------------------------------------- 9. model names
+def test_a_mistyped_model_name_fails_in_one_line_without_the_hub(tmp_path, monkeypatch):
+    from apmae_gpu import llm
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(llm, "_hub_reachable", lambda timeout=2.0: pytest.fail("went online"))
+    with pytest.raises(ApmaeError) as err:
+        llm.load_tokenizer("bigcode/starcoder2-3bb")
+    assert str(err.value) == ("model bigcode/starcoder2-3bb: not a local directory and not in "
+                              "the local Hugging Face cache, and HF_HUB_OFFLINE is set (check "
+                              "the name)")
+    with pytest.raises(ApmaeError, match="and not a valid hub id"):
+        llm.load_model("no such/model!")
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    monkeypatch.delenv("TRANSFORMERS_OFFLINE", raising=False)
+    monkeypatch.setattr(llm, "_hub_reachable", lambda timeout=2.0: False)
+    with pytest.raises(ApmaeError, match="the hub cannot be reached"):
+        llm.load_model("bigcode/starcoder2-3bb")
+
+
+def test_expected_failures_get_their_own_one_line_messages(tmp_path):
+    import errno as errno_mod
+
+    import pyarrow.parquet as pq
+
+    from apmae_gpu.cli import _describe
+
+    broken = tmp_path / "broken.parquet"
+    broken.write_bytes(b"PAR1 not really")
+    caught = []
+    for action in (lambda: json.loads('{"a": '), lambda: b"caf\xe9".decode("utf-8"),
+                   lambda: pq.read_table(broken), lambda: open(tmp_path / "nope.json"),
+                   lambda: (_ for _ in ()).throw(PermissionError(errno_mod.EACCES,
+                                                                 "Permission denied",
+                                                                 str(tmp_path / "x"))),
+                   lambda: (_ for _ in ()).throw(OSError(errno_mod.ENOSPC, "No space left",
+                                                         str(tmp_path / "y")))):
+        try:
+            action()
+        except Exception as exc:  # noqa: BLE001 - the point is what _describe makes of it
+            caught.append(_describe(exc))
+    assert caught[0] == ("a JSON file is damaged (Expecting value, line 1)", 2)
+    assert caught[1] == ("a file is not UTF-8 text (unexpected end of data at byte 3)", 2)
+    assert caught[2][1] == 2
+    assert caught[2][0].startswith("a parquet file is damaged or unreadable (")
+    assert caught[3] == (f"no such file or directory: {tmp_path / 'nope.json'}", 2)
+    assert caught[4] == (f"permission denied: {tmp_path / 'x'}", 2)
+    assert caught[5] == (f"no space left on the device: {tmp_path / 'y'}", 2)
+    assert _describe(RuntimeError("boom")) == ("unexpected RuntimeError: boom", 1)
+
+
+def test_check_notes_a_writer_at_work(run_copy):
+    from apmae_gpu.check import check_run
+
+    holder = _holder(run_copy, "apmae encode run")
+    try:
+        lines: list[str] = []
+        assert check_run(run_copy, echo=lines.append) == []
+        assert lines[0] == (f"note: PID {holder.pid} (apmae encode run) is writing {run_copy} "
+                            f"now; what it is writing may show as damaged")
+    finally:
+        holder.communicate("")
