@@ -28,7 +28,8 @@ Outcomes
     other changes (a different prediction, correctness unchanged), net change; McNemar's
     exact test against the unablated model (``p_vs_baseline``) and, paired on the same
     samples, against the random group at the same k (``p_vs_random``: the discordant pairs
-    are exactly what makes the two net changes differ), with Holm's correction per task.
+    are exactly what makes the two net changes differ; stored as ``n_better_than_random`` /
+    ``n_worse_than_random``, so tests can pool tasks), with Holm's correction per task.
     First token as in the paper, or (``multi_token``) greedy completion of the whole target
     with the KV cache, exact match.
 
@@ -385,8 +386,10 @@ def summarize(task: str, samples: pd.DataFrame, outcomes: pd.DataFrame, conditio
         other = int((changed & (cb == ca)).sum())
         rand = after_by.get(("random", k))
         p_rand = float("nan")
+        better = worse = -1   # discordant pairs against the random group (-1: no such group)
         if rand is not None and g != "random":
-            p_rand = mcnemar_exact(int((ca & ~rand).sum()), int((~ca & rand).sum()))
+            better, worse = int((ca & ~rand).sum()), int((~ca & rand).sum())
+            p_rand = mcnemar_exact(better, worse)
         cond = conditions[(g, k)]
         rows.append(dict(task=task, mode=mode, group=g, k=int(k), n_heads=len(cond["heads"]),
                          n_in_group=cond["n_in_group"], n=int(len(cb)),
@@ -395,6 +398,7 @@ def summarize(task: str, samples: pd.DataFrame, outcomes: pd.DataFrame, conditio
                          n_unchanged=int((~changed).sum()), net_change=i2c - c2i,
                          accuracy_before=float(cb.mean()), accuracy_after=float(ca.mean()),
                          p_vs_baseline=mcnemar_exact(i2c, c2i), p_vs_random=p_rand,
+                         n_better_than_random=better, n_worse_than_random=worse,
                          heads=" ".join(f"L{a}H{b}" for a, b in cond["heads"])))
     out = pd.DataFrame(rows)
     if not out.empty:
