@@ -1,7 +1,8 @@
 """The report (``apmae report RUN``): one self-contained HTML page over a whole run.
 
 ``RUN/report/index.html`` reads every stage's outputs (see ``docs/contracts.md``) and shows,
-one section each: the run (manifest: model, corpus, counts, timings, versions), the tasks and
+one section each: the findings against the paper (``apmae_gpu.findings``, also written to
+``RUN/report/findings.parquet``), the run (manifest: model, corpus, counts, timings, versions), the tasks and
 the target model's accuracy with example maps, AP-MAE (training curve, reconstructions,
 evaluation against the baselines), clusters (per-head heatmaps, gallery, largest clusters),
 pattern locations (the paper's Table 5), correctness classifiers (accuracy with confidence
@@ -134,6 +135,30 @@ def _need(run: Path, *paths: str, stage: str) -> str | None:
 
 
 # --------------------------------------------------------------------------- sections
+def findings_section(run: Path, man: dict) -> Section:
+    """The paper's claims against this run (``apmae_gpu.findings``); also writes
+    ``report/findings.parquet``."""
+    from apmae_gpu.findings import findings, summary
+    from apmae_gpu.runs import write_parquet
+
+    s = Section("findings", "Findings against the paper",
+                "One row per claim of the paper: this run's estimate with its 95% interval, "
+                "the test and its p-value (Holm-adjusted where claims are tested together). "
+                "reproduced: the test rejects at 0.05 in the paper's direction; not "
+                "reproduced: the interval excludes the paper's effect; inconclusive: neither "
+                "(the detail gives the N a test would need for 80% power).")
+    tab = findings(run)
+    write_parquet(tab, run / REPORT_DIR / "findings.parquet")
+    s.blocks.append(para(summary(tab)))
+    if (tab["verdict"] == "inconclusive").mean() > 0.5:
+        s.blocks.append(para("Most claims are inconclusive here: this run has too few "
+                             "inferences (or skipped stages) to tell; the detail column says "
+                             "what is missing or how many would be needed."))
+    s.blocks.append(table(tab, "claims, estimates, tests and verdicts "
+                               "(report/findings.parquet)"))
+    return s
+
+
 def run_section(run: Path, man: dict) -> Section:
     s = Section("run", "Run", "What was run, on what, and how long each stage took.")
     if not man:
@@ -489,7 +514,7 @@ def intervene_section(run: Path, man: dict) -> Section:
 
 
 # The page's sections in order: key (HTML id, manifest entry) -> builder.
-SECTIONS = {"run": run_section, "tasks": tasks_section, "apmae": apmae_section,
+SECTIONS = {"findings": findings_section, "run": run_section, "tasks": tasks_section, "apmae": apmae_section,
             "clusters": cluster_section, "locations": locations_section,
             "classify": classify_section, "shap": shap_section, "intervene": intervene_section}
 
