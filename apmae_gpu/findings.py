@@ -155,6 +155,18 @@ def _mean_ci(d: np.ndarray) -> tuple[float, float, float, float]:
     return m, m - half, m + half, sd
 
 
+def paired_diff_ci(b: int, c: int, n: int, z: float = 1.96) -> tuple[float, float, float]:
+    """Difference of two paired proportions, ``(b - c) / n`` from the discordant counts ``b``
+    and ``c`` of ``n`` pairs, with Agresti and Min's (2005) adjusted Wald interval (0.5 added
+    to every cell: never a zero-width interval when no pair is discordant)."""
+    if n < 1:
+        return float("nan"), float("nan"), float("nan")
+    b2, c2, n2 = b + 0.5, c + 0.5, n + 2.0
+    d2 = (b2 - c2) / n2
+    se = math.sqrt(max((b2 + c2) - (b2 - c2) ** 2 / n2, 0.0)) / n2
+    return (b - c) / n, max(d2 - z * se, -1.0), min(d2 + z * se, 1.0)
+
+
 def _wilcoxon(d: np.ndarray) -> float:
     d = np.asarray(d, dtype=float)
     if d.size < 2 or not np.any(d != 0):
@@ -329,21 +341,20 @@ def classify_claims(run: Path) -> list[dict]:
     for task in order:
         cb, mj = gains[task]
         n, b, c = cb.size, int((cb & ~mj).sum()), int((~cb & mj).sum())
-        d = cb.astype(float) - mj.astype(float)
-        est = d.mean()
-        se = d.std(ddof=1) / math.sqrt(n) if n > 1 else float("nan")
+        est, lo, hi = paired_diff_ci(b, c, n)
+        se = (hi - lo) / (2 * 1.96)
         p = float(stats.binomtest(b, b + c, 0.5).pvalue) if b + c else 1.0
-        stat[task] = (est, se, n, p, b, c, cb.mean(), mj.mean())
+        stat[task] = (est, se, n, p, b, c, cb.mean(), mj.mean(), lo, hi)
     adj = holm([stat[t][3] for t in order])
     for task, p_adj in zip(order, adj):
-        est, se, n, p, b, c, acc, maj = stat[task]
+        est, se, n, p, b, c, acc, maj, lo, hi = stat[task]
         claim = Claim(f"predictable/{task}", f"{task}: correctness is predicted above the "
                       f"majority baseline", PAPER_ACC.get(task, "not given (majority 50%)"),
                       MIN_GAIN)
         need = n_proportion(0.5, 0.5 + MIN_GAIN)
-        rows.append(_row(claim, est, est - 1.96 * se, est + 1.96 * se, p_adj, n,
+        rows.append(_row(claim, est, lo, hi, p_adj, n,
                          "exact McNemar, CatBoost vs majority on the same out-of-fold "
-                         f"predictions; Holm over {len(order)} tasks",
+                         f"predictions; Holm over {len(order)} tasks; Agresti-Min interval",
                          f"estimate: accuracy gain over the majority (CatBoost {acc:.3f}, "
                          f"majority {maj:.3f}); discordant {b}:{c}; raw p {p:.3g}",
                          f"N~{need} inferences per task for 80% power at "
@@ -397,14 +408,15 @@ def _ablation_row(c: Claim, rows: pd.DataFrame, label: str, p_override: float | 
     adj = holm([x[5] for x in conds])
     i = int(np.argmax([(x[2] - x[3]) / x[4] for x in conds]))
     g, k, b, w, n, p = conds[i]
-    est = c.direction * (b - w) / n
-    se = math.sqrt(max(b + w - (b - w) ** 2 / n, 0.0)) / n
+    est, lo, hi = paired_diff_ci(b, w, n)
+    if c.direction < 0:
+        est, lo, hi = -est, -hi, -lo
     disc = (b + w) / n
     need = n_mcnemar(disc if disc > 0 else 2 * c.paper_value, c.paper_value)
     p_final = float(adj[i]) if p_override is None else p_override
-    return _row(c, est, est - 1.96 * se, est + 1.96 * se, p_final, n,
+    return _row(c, est, lo, hi, p_final, n,
                 f"exact McNemar against random heads at the same k (discordant pairs pooled "
-                f"over tasks); Holm over {len(conds)} conditions{note}",
+                f"over tasks); Holm over {len(conds)} conditions{note}; Agresti-Min interval",
                 f"best condition: {g} k={k} ({label}); estimate: accuracy after ablation minus "
                 f"after random ablation; discordant {b}:{w}",
                 f"N~{need} held-out inferences for 80% power at {c.paper_value:+.0%} "

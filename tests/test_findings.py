@@ -161,3 +161,12 @@ def test_findings_of_a_pipeline_run(e2e_run):
         assert t.set_index("claim").loc[f"predictable/{task}", "n"] == len(g)
     inconclusive = t[t["verdict"] == "inconclusive"]
     assert (inconclusive["detail"].str.len() > 0).all()
+
+
+def test_paired_interval_never_collapses():
+    est, lo, hi = F.paired_diff_ci(0, 0, 8)          # no discordant pair among 8
+    assert est == 0 and lo < -0.15 and hi > 0.15
+    est, lo, hi = F.paired_diff_ci(30, 10, 200)
+    assert est == pytest.approx(0.1) and lo < 0.1 < hi and hi - lo < 0.15
+    # small N without discordance: inconclusive, not "not reproduced"
+    assert F.verdict(est, *F.paired_diff_ci(0, 0, 8)[1:], 1.0, 0.05) == "inconclusive"
