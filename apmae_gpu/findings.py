@@ -225,7 +225,10 @@ def apmae_claims(run: Path) -> list[dict]:
     else:
         ck = own["checkpoint_name"].iloc[0]
         sel = own[own["checkpoint_name"] == ck].set_index("method")["mse_mean"]
-        base = sel.drop("apmae", errors="ignore").idxmin()
+        if "apmae" not in sel or len(sel) < 2:
+            return [_not_run(C_RECON, "not run: no baseline evaluated beside AP-MAE"),
+                    _not_run(C_LOG, "not run: no baseline evaluation")]
+        base = sel.drop("apmae").idxmin()
         pick = maps[(maps["dataset_name"] == dataset) & (maps["checkpoint_name"] == ck)]
         d, scale, n_maps = _paired_rel(pick[pick["method"] == "apmae"],
                                        pick[pick["method"] == base], "mse")

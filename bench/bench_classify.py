@@ -135,6 +135,16 @@ def compare_task(X: np.ndarray, y: np.ndarray, L: int, H: int, folds: int, seed:
                 seconds_reference=round(sec_r, 1), seconds_fast=round(sec_f, 1))
 
 
+COMPARE_NOTES = (
+    "Same data and folds (StratifiedKFold with the same seed) for both settings. reference: "
+    "CatBoost as the paper's notebook (1000 trees, depth 6, LR 0.1, early stopping 25, CatBoost's "
+    "target statistics); fast: " + ", ".join(f"{k}={v}" for k, v in FAST.__dict__.items()
+                                            if v != getattr(CatBoostSettings(), k)) +
+    ". fold_diff: fast minus reference accuracy per fold; oof_agreement: share of inferences "
+    "both predict alike; importance_spearman: rank correlation of the per-head SHAP importance "
+    "(max difference of category mean SHAP, out-of-fold); top10_overlap: heads in both top 10s.")
+
+
 def compare(run: Path, tasks: list[str] | None, folds: int, seed: int) -> list[dict]:
     settings = {"reference": CatBoostSettings(), "fast": FAST}
     rows = []
@@ -200,7 +210,7 @@ def main() -> None:
         print(tree_rows[-1], flush=True)
     result = dict(machine=describe_machine(), versions=versions(), cases=rows, per_tree=tree_rows,
                   fast=FAST.__dict__,
-                  notes="10-fold CV per task = CatBoost (early stopping 25 on a stratified 10% "
+                  notes=COMPARE_NOTES if args.compare else "10-fold CV per task = CatBoost (early stopping 25 on a stratified 10% "
                         "of each training fold, at most `iterations` trees, depth 6, LR 0.1) + "
                         "majority + one-hot logistic regression + out-of-fold SHAP. Machine "
                         "shared with other jobs: wall timings are upper bounds; cpu_seconds "
