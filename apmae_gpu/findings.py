@@ -441,7 +441,9 @@ def intervene_claims(run: Path) -> list[dict]:
     if "n_better_than_random" not in r:
         why = "results.parquet predates the discordant counts: rerun apmae intervene"
         return [_not_run(few, why), _not_run(many, why)]
-    r = r[r["group"].isin(["positive", "negative"]) & (r["n_better_than_random"] >= 0)]
+    # per-task rows only (an aggregate row over tasks would be counted twice when pooling)
+    r = r[r["task"].isin(TASKS) & r["group"].isin(["positive", "negative"])
+          & (r["n_better_than_random"] >= 0)]
     total = int(r["n_heads"].max()) if len(r) else 0
     imp = run / "classify" / "head_importance.parquet"
     if imp.exists():
@@ -452,8 +454,7 @@ def intervene_claims(run: Path) -> list[dict]:
     for c, sel, label in ((few, r[r["k"] <= FEW_K], f"k <= {FEW_K}"),
                           (many, r[(r["k"] >= many_k) & (r["k"] < total)],
                            f"{many_k} <= k < {total}")):
-        tasks = [t for t in TASKS if t in set(sel["task"])] + \
-            sorted(set(sel["task"]) - set(TASKS))
+        tasks = [t for t in TASKS if t in set(sel["task"])]
         claims = [Claim(f"{c.claim}/{t}", f"{t}: {c.statement}", c.paper, c.paper_value,
                         c.direction) for t in tasks]
         per_task = [_ablation_row(cl, sel[sel["task"] == t], label)

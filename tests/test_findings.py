@@ -170,3 +170,13 @@ def test_paired_interval_never_collapses():
     assert est == pytest.approx(0.1) and lo < 0.1 < hi and hi - lo < 0.15
     # small N without discordance: inconclusive, not "not reproduced"
     assert F.verdict(est, *F.paired_diff_ci(0, 0, 8)[1:], 1.0, 0.05) == "inconclusive"
+
+
+def test_aggregate_rows_are_not_pooled_twice(tmp_path):
+    t = _intervention(tmp_path, 50, better=0.2, worse=0.4).loc["few_heads/all"]
+    path = tmp_path / "intervene" / "results.parquet"
+    r = pd.read_parquet(path)
+    total = r[r["task"] == "identifiers"].assign(task="all", n=9999, n_better_than_random=999)
+    pd.concat([r, total]).to_parquet(path)
+    again = F.findings(tmp_path).set_index("claim").loc["few_heads/all"]
+    assert again["n"] == t["n"] and again["estimate"] == t["estimate"]
