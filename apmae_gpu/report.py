@@ -150,6 +150,7 @@ def findings_section(run: Path, man: dict) -> Section:
     tab = findings(run)
     write_parquet(tab, run / REPORT_DIR / "findings.parquet")
     s.blocks.append(para(summary(tab)))
+    log.info("findings: %s", summary(tab))
     if (tab["verdict"] == "inconclusive").mean() > 0.5:
         s.blocks.append(para("Most claims are inconclusive here: this run has too few "
                              "inferences (or skipped stages) to tell; the detail column says "

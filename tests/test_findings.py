@@ -157,8 +157,13 @@ def test_findings_of_a_pipeline_run(e2e_run):
     pd.testing.assert_frame_equal(t, F.findings(e2e_run))
     # classify rows count the run's labelled inferences with maps
     pred = pd.read_parquet(e2e_run / "classify" / "predictions.parquet")
+    metrics = pd.read_parquet(e2e_run / "classify" / "metrics.parquet").set_index(
+        ["task", "method"])
     for task, g in pred.groupby("task"):
-        assert t.set_index("claim").loc[f"predictable/{task}", "n"] == len(g)
+        row = t.set_index("claim").loc[f"predictable/{task}"]
+        assert row["n"] == len(g)
+        cb = metrics.loc[(task, "catboost")]
+        assert f"CatBoost {cb.accuracy_mean:.3f} [{cb.ci_low:.3f}, {cb.ci_high:.3f}]" in row["detail"]
     inconclusive = t[t["verdict"] == "inconclusive"]
     assert (inconclusive["detail"].str.len() > 0).all()
 
