@@ -2,14 +2,14 @@
 
 ``RUN/report/index.html`` reads every stage's outputs (see ``docs/contracts.md``) and shows,
 one section each: the findings against the paper (``apmae_gpu.findings``, also written to
-``RUN/report/findings.parquet``), the run (manifest: model, corpus, counts, timings, versions), the tasks and
-the target model's accuracy with example maps, AP-MAE (training curve, reconstructions,
-evaluation against the baselines), clusters (per-head heatmaps, gallery, largest clusters),
-pattern locations (the paper's Table 5), correctness classifiers (accuracy with confidence
-intervals beside the baselines and the target model), SHAP head importance, and the
-intervention curves.  Numbers are HTML tables; figures are PNGs embedded as base64 data URIs,
-so the page is one file that can be mailed or archived.  A section whose inputs are missing
-says which stage has not run instead of disappearing.
+``RUN/report/findings.parquet``), the run (manifest: model, corpus, counts, timings,
+versions), the tasks and the target model's accuracy with example maps, AP-MAE (training
+curve, reconstructions, evaluation against the baselines), clusters (per-head heatmaps,
+gallery, largest clusters), pattern locations (the paper's Table 5), correctness classifiers
+(accuracy with confidence intervals beside the baselines and the target model), SHAP head
+importance, and the intervention curves.  Numbers are HTML tables; figures are PNGs embedded
+as base64 data URIs, so the page is one file that can be mailed or archived.  A section whose
+inputs are missing says which stage has not run instead of disappearing.
 
 ``report(run, notebook=True)`` also executes ``notebooks/findings.ipynb`` on the run and keeps
 the executed copy as ``RUN/report/findings.ipynb``.
@@ -31,7 +31,8 @@ import numpy as np
 import pandas as pd
 
 from apmae_gpu import TASKS, __version__, task_rank
-from apmae_gpu.runs import ApmaeError, atomic_path, read_manifest, update_manifest
+from apmae_gpu.findings import findings, summary
+from apmae_gpu.runs import ApmaeError, atomic_path, read_manifest, update_manifest, write_parquet
 
 log = logging.getLogger("apmae_gpu.report")
 
@@ -138,9 +139,6 @@ def _need(run: Path, *paths: str, stage: str) -> str | None:
 def findings_section(run: Path, man: dict) -> Section:
     """The paper's claims against this run (``apmae_gpu.findings``); also writes
     ``report/findings.parquet``."""
-    from apmae_gpu.findings import findings, summary
-    from apmae_gpu.runs import write_parquet
-
     s = Section("findings", "Findings against the paper",
                 "One row per claim of the paper: this run's estimate with its 95% interval, "
                 "the test and its p-value (Holm-adjusted where claims are tested together). "
@@ -515,8 +513,8 @@ def intervene_section(run: Path, man: dict) -> Section:
 
 
 # The page's sections in order: key (HTML id, manifest entry) -> builder.
-SECTIONS = {"findings": findings_section, "run": run_section, "tasks": tasks_section, "apmae": apmae_section,
-            "clusters": cluster_section, "locations": locations_section,
+SECTIONS = {"findings": findings_section, "run": run_section, "tasks": tasks_section,
+            "apmae": apmae_section, "clusters": cluster_section, "locations": locations_section,
             "classify": classify_section, "shap": shap_section, "intervene": intervene_section}
 
 

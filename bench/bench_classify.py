@@ -135,6 +135,13 @@ def compare_task(X: np.ndarray, y: np.ndarray, L: int, H: int, folds: int, seed:
                 seconds_reference=round(sec_r, 1), seconds_fast=round(sec_f, 1))
 
 
+CV_NOTES = (
+    "10-fold CV per task = CatBoost (early stopping 25 on a stratified 10% of each training "
+    "fold, at most `iterations` trees, depth 6, LR 0.1) + majority + one-hot logistic "
+    "regression + out-of-fold SHAP. Machine shared with other jobs: wall timings are upper "
+    "bounds; cpu_seconds (CPU time of all threads) does not grow with the other jobs' load.")
+
+
 COMPARE_NOTES = (
     "Same data and folds (StratifiedKFold with the same seed) for both settings. reference: "
     "CatBoost as the paper's notebook (1000 trees, depth 6, LR 0.1, early stopping 25, CatBoost's "
@@ -210,11 +217,7 @@ def main() -> None:
         print(tree_rows[-1], flush=True)
     result = dict(machine=describe_machine(), versions=versions(), cases=rows, per_tree=tree_rows,
                   fast=FAST.__dict__,
-                  notes=COMPARE_NOTES if args.compare else "10-fold CV per task = CatBoost (early stopping 25 on a stratified 10% "
-                        "of each training fold, at most `iterations` trees, depth 6, LR 0.1) + "
-                        "majority + one-hot logistic regression + out-of-fold SHAP. Machine "
-                        "shared with other jobs: wall timings are upper bounds; cpu_seconds "
-                        "(CPU time of all threads) does not grow with the other jobs' load.")
+                  notes=COMPARE_NOTES if args.compare else CV_NOTES)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
     md = [f"# {title}", "",

@@ -163,7 +163,8 @@ def test_findings_of_a_pipeline_run(e2e_run):
         row = t.set_index("claim").loc[f"predictable/{task}"]
         assert row["n"] == len(g)
         cb = metrics.loc[(task, "catboost")]
-        assert f"CatBoost {cb.accuracy_mean:.3f} [{cb.ci_low:.3f}, {cb.ci_high:.3f}]" in row["detail"]
+        assert (f"CatBoost {cb.accuracy_mean:.3f} [{cb.ci_low:.3f}, {cb.ci_high:.3f}]"
+                in row["detail"])
     inconclusive = t[t["verdict"] == "inconclusive"]
     assert (inconclusive["detail"].str.len() > 0).all()
 
