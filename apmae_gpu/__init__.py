@@ -3,6 +3,7 @@
 Stages, one module each, in the order one run's data flows through them:
 ``mining`` -> ``capture`` -> ``training`` (model in ``model``) -> ``evaluation`` ->
 ``encoding`` -> ``clustering`` -> ``classification`` -> ``intervention`` -> ``report``.
+``findings`` tests the paper's claims on a run's outputs (the report's first section).
 ``cli`` is the command line, ``pipeline`` runs every stage from one config.
 """
 

@@ -69,6 +69,8 @@ class CatBoostSettings:
     # cross-validates a task 15.7x faster on 2 CPU cores; see bench/results/classify.md.
     one_hot_max_size: int | None = None
     max_ctr_complexity: int | None = None
+    # None: CatBoost's choice (Ordered on small CPU data sets); "Plain" is cheaper per tree
+    boosting_type: str | None = None
 
 
 @dataclass
@@ -209,7 +211,7 @@ def _catboost(settings: CatBoostSettings, task_type: str, seed: int, early_stop:
                   learning_rate=settings.learning_rate, loss_function=settings.loss_function,
                   random_seed=seed, task_type=task_type, verbose=False,
                   allow_writing_files=False)
-    for name in ("one_hot_max_size", "max_ctr_complexity"):
+    for name in ("one_hot_max_size", "max_ctr_complexity", "boosting_type"):
         if getattr(settings, name) is not None:
             kwargs[name] = getattr(settings, name)
     if task_type == "CPU":
@@ -409,7 +411,8 @@ def classify(run: str | os.PathLike, folds: int = 10, gpu: str = "auto", seed: i
              early_stopping_rounds: int = 25, eval_fraction: float = 0.1,
              tasks: list[str] | None = None, shap_on: str = "oof",
              thread_count: int = -1, one_hot_max_size: int | None = None,
-             max_ctr_complexity: int | None = None) -> pd.DataFrame:
+             max_ctr_complexity: int | None = None,
+             boosting_type: str | None = None) -> pd.DataFrame:
     """Classify correctness per task from per-head cluster ids; write ``RUN/classify/``.
 
     Returns the metrics frame (one row per task and method).
@@ -421,11 +424,14 @@ def classify(run: str | os.PathLike, folds: int = 10, gpu: str = "auto", seed: i
         raise ApmaeError(f"--eval-fraction {eval_fraction}: expected a fraction in [0, 1)")
     if shap_on not in ("oof", "full"):
         raise ApmaeError(f"--shap-on {shap_on}: expected oof or full")
+    if boosting_type not in (None, "Plain", "Ordered"):
+        raise ApmaeError(f"--boosting-type {boosting_type}: expected Plain or Ordered")
     settings = CatBoostSettings(iterations=iterations, depth=depth, learning_rate=learning_rate,
                                 early_stopping_rounds=early_stopping_rounds,
                                 eval_fraction=eval_fraction, thread_count=thread_count,
                                 one_hot_max_size=one_hot_max_size,
-                                max_ctr_complexity=max_ctr_complexity)
+                                max_ctr_complexity=max_ctr_complexity,
+                                boosting_type=boosting_type)
     task_type = resolve_task_type(gpu)
     t_start = time.perf_counter()
     inf = analysis_inferences(run)

@@ -369,6 +369,9 @@ def classify(
     max_ctr_complexity: Annotated[Optional[int], typer.Option(
         "--max-ctr-complexity", min=1, help="Most heads combined in one categorical feature "
                                             "combination (default: CatBoost's).")] = None,
+    boosting_type: Annotated[Optional[str], typer.Option(
+        "--boosting-type", help="Plain or Ordered (default: CatBoost's choice, Ordered on "
+                                "small CPU data sets; Plain is cheaper per tree).")] = None,
 ) -> None:
     """CatBoost per task on per-head cluster ids; SHAP head importance."""
     from apmae_gpu import classification
@@ -379,7 +382,8 @@ def classify(
                                 early_stopping_rounds=early_stopping, eval_fraction=eval_fraction,
                                 tasks=_split_csv(tasks) if tasks else None, shap_on=shap_on,
                                 one_hot_max_size=one_hot_max_size,
-                                max_ctr_complexity=max_ctr_complexity)
+                                max_ctr_complexity=max_ctr_complexity,
+                                boosting_type=boosting_type)
 
 
 # --------------------------------------------------------------------------- intervene

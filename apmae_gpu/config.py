@@ -221,6 +221,7 @@ class ClassifyConfig(_Strict):
     # per task on 2 CPU cores (bench/results/classify.md)
     one_hot_max_size: Optional[int] = Field(None, ge=0)
     max_ctr_complexity: Optional[int] = Field(None, ge=0)
+    boosting_type: Optional[Literal["Plain", "Ordered"]] = None   # None: CatBoost's choice
 
 
 class InterveneConfig(_Strict):

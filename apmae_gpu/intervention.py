@@ -31,7 +31,8 @@ Outcomes
     other changes (a different prediction, correctness unchanged), net change; McNemar's
     exact test against the unablated model (``p_vs_baseline``) and, paired on the same
     samples, against the random group at the same k (``p_vs_random``: the discordant pairs
-    are exactly what makes the two net changes differ), with Holm's correction per task.
+    are exactly what makes the two net changes differ; stored as ``n_better_than_random`` /
+    ``n_worse_than_random``, so tests can pool tasks), with Holm's correction per task.
     First token as in the paper, or (``multi_token``) greedy completion of the whole target
     with the KV cache, exact match.
 

@@ -194,7 +194,7 @@ def _classify(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
              depth=c.depth, learning_rate=c.learning_rate,
              early_stopping_rounds=c.early_stopping_rounds, eval_fraction=c.eval_fraction,
              tasks=c.tasks, shap_on=c.shap_on, one_hot_max_size=c.one_hot_max_size,
-             max_ctr_complexity=c.max_ctr_complexity)
+             max_ctr_complexity=c.max_ctr_complexity, boosting_type=c.boosting_type)
 
 
 def _intervene(cfg: PipelineConfig, run: Path, fresh: bool) -> None:

@@ -1,14 +1,15 @@
 """The report (``apmae report RUN``): one self-contained HTML page over a whole run.
 
 ``RUN/report/index.html`` reads every stage's outputs (see ``docs/contracts.md``) and shows,
-one section each: the run (manifest: model, corpus, counts, timings, versions), the tasks and
-the target model's accuracy with example maps, AP-MAE (training curve, reconstructions,
-evaluation against the baselines), clusters (per-head heatmaps, gallery, largest clusters),
-pattern locations (the paper's Table 5), correctness classifiers (accuracy with confidence
-intervals beside the baselines and the target model), SHAP head importance, and the
-intervention curves.  Numbers are HTML tables; figures are PNGs embedded as base64 data URIs,
-so the page is one file that can be mailed or archived.  A section whose inputs are missing
-says which stage has not run instead of disappearing.
+one section each: the findings against the paper (``apmae_gpu.findings``, also written to
+``RUN/report/findings.parquet``), the run (manifest: model, corpus, counts, timings,
+versions), the tasks and the target model's accuracy with example maps, AP-MAE (training
+curve, reconstructions, evaluation against the baselines), clusters (per-head heatmaps,
+gallery, largest clusters), pattern locations (the paper's Table 5), correctness classifiers
+(accuracy with confidence intervals beside the baselines and the target model), SHAP head
+importance, and the intervention curves.  Numbers are HTML tables; figures are PNGs embedded
+as base64 data URIs, so the page is one file that can be mailed or archived.  A section whose
+inputs are missing says which stage has not run instead of disappearing.
 
 ``report(run, notebook=True)`` also executes ``notebooks/findings.ipynb`` on the run and keeps
 the executed copy as ``RUN/report/findings.ipynb``.
@@ -30,7 +31,8 @@ import numpy as np
 import pandas as pd
 
 from apmae_gpu import TASKS, __version__, task_rank
-from apmae_gpu.runs import ApmaeError, atomic_path, read_manifest, update_manifest
+from apmae_gpu.findings import findings, summary
+from apmae_gpu.runs import ApmaeError, atomic_path, read_manifest, update_manifest, write_parquet
 
 log = logging.getLogger("apmae_gpu.report")
 
@@ -134,6 +136,28 @@ def _need(run: Path, *paths: str, stage: str) -> str | None:
 
 
 # --------------------------------------------------------------------------- sections
+def findings_section(run: Path, man: dict) -> Section:
+    """The paper's claims against this run (``apmae_gpu.findings``); also writes
+    ``report/findings.parquet``."""
+    s = Section("findings", "Findings against the paper",
+                "One row per claim of the paper: this run's estimate with its 95% interval, "
+                "the test and its p-value (Holm-adjusted where claims are tested together). "
+                "reproduced: the test rejects at 0.05 in the paper's direction; not "
+                "reproduced: the interval excludes the paper's effect; inconclusive: neither "
+                "(the detail gives the N a test would need for 80% power).")
+    tab = findings(run)
+    write_parquet(tab, run / REPORT_DIR / "findings.parquet")
+    s.blocks.append(para(summary(tab)))
+    log.info("findings: %s", summary(tab))
+    if (tab["verdict"] == "inconclusive").mean() > 0.5:
+        s.blocks.append(para("Most claims are inconclusive here: this run has too few "
+                             "inferences (or skipped stages) to tell; the detail column says "
+                             "what is missing or how many would be needed."))
+    s.blocks.append(table(tab, "claims, estimates, tests and verdicts "
+                               "(report/findings.parquet)"))
+    return s
+
+
 def run_section(run: Path, man: dict) -> Section:
     s = Section("run", "Run", "What was run, on what, and how long each stage took.")
     if not man:
@@ -489,8 +513,8 @@ def intervene_section(run: Path, man: dict) -> Section:
 
 
 # The page's sections in order: key (HTML id, manifest entry) -> builder.
-SECTIONS = {"run": run_section, "tasks": tasks_section, "apmae": apmae_section,
-            "clusters": cluster_section, "locations": locations_section,
+SECTIONS = {"findings": findings_section, "run": run_section, "tasks": tasks_section,
+            "apmae": apmae_section, "clusters": cluster_section, "locations": locations_section,
             "classify": classify_section, "shap": shap_section, "intervene": intervene_section}
 
 

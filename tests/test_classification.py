@@ -214,11 +214,14 @@ def test_classify_cli_and_bad_input(tmp_path, capsys):
     assert "error: --tasks: no labelled analysis inferences for noise" in capsys.readouterr().err
     main(["classify", str(run), "--gpu", "no", "--folds", "3", "--iterations", "20",
           "--tasks", "end_of_line,string_literals", "--shap-on", "full",
-          "--one-hot-max-size", "8"])
+          "--one-hot-max-size", "8", "--boosting-type", "Plain"])
     assert "end_of_line" in capsys.readouterr().out
     section = read_manifest(run)["classify"]
     assert section["shap"].endswith("full-data model") and section["folds"] == 3
     assert section["catboost"]["one_hot_max_size"] == 8
+    assert section["catboost"]["boosting_type"] == "Plain"
+    with pytest.raises(ApmaeError, match="--boosting-type Fast: expected Plain or Ordered"):
+        C.classify(run, gpu="no", boosting_type="Fast")
     assert list(section["tasks"]) == ["end_of_line"] and list(section["skipped"]) == [
         "string_literals"]
 

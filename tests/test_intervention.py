@@ -316,6 +316,14 @@ def test_intervene_results(intervened):
     assert r.loc[r.group == "random", "p_vs_random"].isna().all()
     assert r.loc[r.group != "random", "p_vs_random"].between(0, 1).all()
     assert (r["p_vs_random_holm"].fillna(1) >= r["p_vs_random"].fillna(1)).all()
+    # the discordant pairs against random give the stored p-value and the accuracy gap
+    rand = r[r.group == "random"].set_index(["task", "k"])
+    for x in r[r.group != "random"].itertuples():
+        assert x.p_vs_random == pytest.approx(I.mcnemar_exact(x.n_better_than_random,
+                                                              x.n_worse_than_random))
+        gap = x.accuracy_after - rand.loc[(x.task, x.k), "accuracy_after"]
+        assert (x.n_better_than_random - x.n_worse_than_random) / x.n == pytest.approx(gap)
+    assert (r.loc[r.group == "random", "n_better_than_random"] == -1).all()
     assert (r["n_heads"] == r["k"]).all()
     zero = r.set_index(["task", "group", "k"]).loc[("identifiers", "zero", 2)]
     assert zero["heads"] == "2 drawn per inference from 2 heads (with replacement)"

@@ -36,6 +36,26 @@ def test_shipped_configs_validate(name):
         assert "encode" not in stage_order(cfg)
 
 
+def test_study_config_is_sized_by_its_power_calculation():
+    from apmae_gpu.findings import n_mcnemar, n_proportion
+
+    cfg = load_config(CONFIGS / "study.yaml")
+    assert cfg.model == "smollm2" and cfg.mine.corpus == "jdk"
+    assert cfg.capture.encode_analysis and "encode" not in stage_order(cfg)
+    assert (cfg.classify.folds, cfg.classify.one_hot_max_size, cfg.classify.boosting_type) == \
+        (10, 16, "Plain")
+    a = cfg.capture.analysis
+    # a balanced task reaches the N that detects accuracy 0.65 against 0.50 (alpha 0.05)
+    assert 2 * a.per_task >= n_proportion(0.5, 0.65) == 85
+    # worst case: every task capped; at 0.6 inferences/s that is under 50 minutes
+    assert 10 * a.max_attempts + a.per_task <= 0.6 * 50 * 60
+    # pooled intervention pairs detect a collapse (claim 7) after Holm over two conditions
+    tasks = cfg.intervene.task.split(",")
+    assert len(tasks) * 2 * cfg.intervene.per_group >= n_mcnemar(0.45, 0.35, alpha=0.025)
+    assert min(cfg.intervene.k) <= 20 and max(cfg.intervene.k) >= 90   # a few; many of 270
+    assert cfg.mine.per_task >= a.max_attempts + 4 * cfg.intervene.per_group
+
+
 @pytest.mark.parametrize("text,message", [
     ("capture:\n  batch_sise: 4\n", "unknown key 'capture.batch_sise'"),
     ("train:\n  steps: many\n", "train.steps: input should be a valid integer"),

@@ -88,10 +88,22 @@ def test_page_content_matches_the_run(page, e2e_run):
         assert f">{task}<" in text
 
 
+def test_findings_come_first(page, e2e_run):
+    text = page.read_text()
+    assert re.findall(r'<section id="([^"]+)"', text)[0] == "findings"
+    body = html.unescape(text.split('<section id="findings"')[1].split("</section>")[0])
+    findings = pd.read_parquet(e2e_run / "report" / "findings.parquet")
+    for r in findings.itertuples():
+        assert f">{r.claim}<" in body and f">{r.verdict}<" in body
+        assert f">{r.detail}<" in body      # escaped in the page, equal once unescaped
+
+
 @pytest.mark.skipif(CHROMIUM is None, reason="no chromium binary (apt-get install chromium)")
-def test_page_renders_in_chromium(page, tmp_path):
+def test_page_renders_in_chromium(page, tmp_path, e2e_run):
     result = render_in_chromium(page, tmp_path)
-    assert result["sections"] == list(SECTIONS)
+    assert result["sections"] == list(SECTIONS) and result["sections"][0] == "findings"
+    findings = pd.read_parquet(e2e_run / "report" / "findings.parquet")
+    assert result["tables"][0] == len(findings)
     assert result["broken"] == [], f"images that did not load: {result['broken']}"
     assert result["images"] >= 10 and result["shown"] == result["images"]
     assert result["empty"] == [] and result["missing"] == []
