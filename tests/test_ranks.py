@@ -1,0 +1,111 @@
+"""Capture and encode under a real torchrun (gloo, 2 ranks on CPU): the merged run equals the
+one-process run bit for bit, also after one rank is killed mid-way and the command rerun."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from apmae_gpu.store import MapStore
+from apmae_gpu.synthetic import synthetic_tasks
+
+ARGS = ["--model", "random:tiny-llama", "--per-task", "3", "--batch-size", "2", "--device", "cpu"]
+
+
+def _cli(args, nproc: int = 1):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc_per_node={nproc}", "-m", "apmae_gpu.cli"] if nproc > 1
+                else [sys.executable, "-m", "apmae_gpu.cli"])
+    return subprocess.Popen([*launcher, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _ok(proc, timeout=240):
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert rc == 0, proc.stdout.read().decode()[-3000:]
+
+
+def _snapshot(run: Path):
+    store = MapStore(run)
+    return store.inferences(), store.index(), store.read(np.arange(store.n_maps))
+
+
+def _assert_same(a: Path, b: Path):
+    x, y = _snapshot(a), _snapshot(b)
+    pd.testing.assert_frame_equal(x[0], y[0])
+    pd.testing.assert_frame_equal(x[1], y[1])
+    assert x[2].shape == y[2].shape and np.array_equal(x[2].view(np.uint16), y[2].view(np.uint16))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process: the train split, then the analysis split."""
+    run = synthetic_tasks(tmp_path_factory.mktemp("ref") / "run", "random:tiny-llama",
+                          n_per_task=14, window=32)
+    _ok(_cli(["capture", str(run), "--split", "train", *ARGS]))
+    _ok(_cli(["capture", str(run), *ARGS]))
+    return run
+
+
+def test_two_ranks_store_exactly_what_one_process_stores(reference, tmp_path):
+    run = synthetic_tasks(tmp_path / "run", "random:tiny-llama", n_per_task=14, window=32)
+    _ok(_cli(["capture", str(run), "--split", "train", *ARGS], nproc=2))
+    _ok(_cli(["capture", str(run), *ARGS], nproc=2))
+    assert not (run / "shards").exists()
+    _assert_same(reference, run)
+    inf = MapStore(run).inferences()
+    kept = inf[inf.has_maps & (inf.split == "analysis") & (inf.task == "identifiers")]
+    assert kept.correct.sum() == 3 and (~kept.correct.astype(bool)).sum() == 3
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int | None:
+    for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(child)
+    return None
+
+
+def test_a_killed_rank_reruns_to_the_same_run(reference, tmp_path):
+    run = synthetic_tasks(tmp_path / "run", "random:tiny-llama", n_per_task=14, window=32)
+    _ok(_cli(["capture", str(run), "--split", "train", *ARGS], nproc=2))
+    proc = _cli(["capture", str(run), *ARGS], nproc=2)
+    parts = run / "shards" / "1-of-2" / "inferences.parquet"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if parts.is_dir() and len(list(parts.glob("part-*.parquet"))) >= 2:
+            break
+        time.sleep(0.02)
+    pid = _rank_pid(proc.pid, 1)
+    assert proc.poll() is None and pid is not None, "capture finished before it could be killed"
+    os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0          # torchrun stops the group
+    assert (run / "shards").exists()
+    _ok(_cli(["capture", str(run), *ARGS], nproc=2))
+    _assert_same(reference, run)
+
+
+def test_one_process_refuses_a_run_with_unmerged_shards(tmp_path):
+    run = synthetic_tasks(tmp_path / "run", "random:tiny-llama", n_per_task=6, window=32)
+    (run / "shards" / "0-of-2").mkdir(parents=True)
+    proc = _cli(["capture", str(run), *ARGS])
+    assert proc.wait(timeout=120) == 2
+    assert "unfinished multi-process capture" in proc.stdout.read().decode()
+    shutil.rmtree(run / "shards")
