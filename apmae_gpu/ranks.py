@@ -426,3 +426,65 @@ def merge_capture(run: Path) -> dict:
     log.info("merged %d shards into %s: %d inferences (%d surplus attempts left out)",
              len(dirs), run, merged, surplus)
     return {"shards": len(dirs), "inferences": merged, "surplus_attempts": surplus}
+
+
+# --------------------------------------------------------------------------- encode
+ENCODE_SHARDS = "shards-encode"
+
+
+def encode_block_owner(j: int, world: int) -> int:
+    return j % world
+
+
+def encode_shard_dirs(run: Path) -> list[Path]:
+    return sorted((Path(run) / ENCODE_SHARDS).glob("*-of-*"))
+
+
+def blocks_in_shards(run: Path, target: np.ndarray, block: int) -> dict[int, tuple[Path, int]]:
+    """Block number -> (shard's embeddings.zarr, position in it) of every committed block."""
+    import zarr
+
+    out = {}
+    for d in encode_shard_dirs(run):
+        path = d / "embeddings.zarr"
+        if not path.exists():
+            continue
+        group = zarr.open_group(path, mode="r")
+        n = int(group.attrs.get("n_committed", 0))
+        ids = np.asarray(group["inference_id"][:n], dtype=np.int64)
+        for pos in range(0, n, block):
+            j = int(np.searchsorted(target, ids[pos])) // block
+            out.setdefault(j, (path, pos))
+    return out
+
+
+def merge_encode(run: Path, writer, target: np.ndarray, complete: bool = True) -> int:
+    """Append the shards' blocks to the run's writer in order (resumable), then remove the
+    shards; returns the number of inferences appended.  ``complete=False`` stops at the
+    first missing block (one process encodes the rest)."""
+    import shutil
+
+    import zarr
+
+    block = writer.block
+    have = blocks_in_shards(run, target, block)
+    n_blocks = math.ceil(target.size / block)
+    appended = 0
+    for j in range(writer.committed // block, n_blocks):
+        if j not in have and not complete:
+            break
+        if j not in have:
+            raise ApmaeError(f"block {j} of the embeddings was not encoded by any rank; rerun "
+                             "`apmae encode` (it resumes)")
+        path, pos = have[j]
+        group = zarr.open_group(path, mode="r")
+        n = min(block, target.size - j * block)
+        ids = np.asarray(group["inference_id"][pos:pos + n])
+        emb = np.asarray(group["embeddings"][:, :, pos:pos + n, :]).transpose(2, 0, 1, 3)
+        if not np.array_equal(ids, target[j * block:j * block + n]):
+            raise ApmaeError(f"{path}: block {j} holds other inferences (capture changed?); "
+                             "remove RUN/shards-encode and rerun `apmae encode`")
+        writer.append(ids, emb)
+        appended += n
+    shutil.rmtree(Path(run) / ENCODE_SHARDS, ignore_errors=True)
+    return appended

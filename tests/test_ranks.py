@@ -109,3 +109,27 @@ def test_one_process_refuses_a_run_with_unmerged_shards(tmp_path):
     assert proc.wait(timeout=120) == 2
     assert "unfinished multi-process capture" in proc.stdout.read().decode()
     shutil.rmtree(run / "shards")
+
+
+def _embeddings(run: Path):
+    import zarr
+
+    g = zarr.open_group(run / "embeddings.zarr", mode="r")
+    assert g.attrs["complete"]
+    return np.asarray(g["inference_id"][:]), np.asarray(g["embeddings"][:])
+
+
+def test_encode_on_two_ranks_equals_one_process(synthetic_run_dir, tmp_path):
+    from tests.tiny_models import save_tiny_apmae
+
+    ckpt = save_tiny_apmae(tmp_path / "ckpt", image_size=64, patch_size=16)
+    runs = {}
+    for nproc in (1, 2):
+        run = runs[nproc] = tmp_path / f"run{nproc}"
+        shutil.copytree(synthetic_run_dir, run)
+        _ok(_cli(["encode", str(run), "--checkpoint", str(ckpt), "--block", "16",
+                  "--batch-size", "32", "--device", "cpu"], nproc=nproc))
+    (ids1, e1), (ids2, e2) = _embeddings(runs[1]), _embeddings(runs[2])
+    assert ids1.size == 126 and np.array_equal(ids1, ids2)
+    assert np.array_equal(e1.view(np.uint16), e2.view(np.uint16))
+    assert not (runs[2] / "shards-encode").exists()
