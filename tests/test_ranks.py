@@ -133,3 +133,25 @@ def test_encode_on_two_ranks_equals_one_process(synthetic_run_dir, tmp_path):
     assert ids1.size == 126 and np.array_equal(ids1, ids2)
     assert np.array_equal(e1.view(np.uint16), e2.view(np.uint16))
     assert not (runs[2] / "shards-encode").exists()
+
+
+def test_pipeline_launches_capture_and_encode_with_torchrun(monkeypatch, tmp_path):
+    from apmae_gpu import pipeline
+    from apmae_gpu.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
+    keys = pipeline.stage_keys(cfg)
+    cfg.capture.nproc = cfg.encode.nproc = 2
+    assert pipeline.stage_keys(cfg) == keys      # the process count never changes a result
+    calls = []
+    monkeypatch.setattr(pipeline.subprocess, "call", lambda argv: calls.append(argv) or 0)
+    pipeline.RUNNERS["capture_train"](cfg, tmp_path, False)
+    pipeline.RUNNERS["encode"](cfg, tmp_path, True)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "apmae_gpu.cli"]
+    assert calls[0][:9] == [*launcher, "capture", str(tmp_path)]
+    assert calls[0][calls[0].index("--split") + 1] == "train"
+    assert calls[1][:9] == [*launcher, "encode", str(tmp_path)] and calls[1][-1] == "--restart"
+    monkeypatch.setattr(pipeline.subprocess, "call", lambda argv: 1)
+    with pytest.raises(pipeline.ApmaeError, match="distributed encoding failed"):
+        pipeline.RUNNERS["encode"](cfg, tmp_path, False)
