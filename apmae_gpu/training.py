@@ -374,7 +374,42 @@ def _masked_mse(model: APMAEModel, maps: torch.Tensor, noise: torch.Tensor, batc
 
 
 # --------------------------------------------------------------------------- train
-def train(run, preset: str = "small", steps: int = 1000, batch_size: int = 64,
+def _tf32_settings() -> list[tuple[object, str]]:
+    """(object, attribute) pairs that decide TF32: torch's ``fp32_precision`` API where it
+    exists, else the older ``allow_tf32`` flags."""
+    import torch
+
+    b = torch.backends
+    if hasattr(b.cuda.matmul, "fp32_precision") and hasattr(b.cudnn, "conv"):
+        return [(b.cuda.matmul, "fp32_precision"), (b.cudnn.conv, "fp32_precision")]
+    return [(b.cuda.matmul, "allow_tf32"), (b.cudnn, "allow_tf32")]
+
+
+def enable_tf32() -> None:
+    """TF32 for float32 matmuls and convolutions (training only: see :func:`tf32_scope`)."""
+    for obj, attr in _tf32_settings():
+        setattr(obj, attr, "tf32" if attr == "fp32_precision" else True)
+
+
+@contextlib.contextmanager
+def tf32_scope():
+    """Restore the TF32 settings on exit, so later stages in the same process (capture,
+    encoding, kNN) compute in full float32."""
+    saved = [(obj, attr, getattr(obj, attr)) for obj, attr in _tf32_settings()]
+    try:
+        yield
+    finally:
+        for obj, attr, value in saved:
+            setattr(obj, attr, value)
+
+
+def train(*args, **kwargs) -> dict:
+    """Train AP-MAE (see :func:`_train`); TF32, enabled on CUDA, is scoped to the call."""
+    with tf32_scope():
+        return _train(*args, **kwargs)
+
+
+def _train(run, preset: str = "small", steps: int = 1000, batch_size: int = 64,
           lr: float | None = None, resume: bool = False, out=None, raw: bool = False,
           device: str = "auto", seed: int = 0, compile: bool = False, val_fraction: float = 0.1,
           *, model_config=None, warmup_steps: int | None = None, save_every: int | None = None,
@@ -527,8 +562,7 @@ def _train(run, preset, steps, batch_size, lr, resume, out, raw, device, seed, c
     if compile:
         net = torch.compile(net)
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        enable_tf32()   # train() restores the previous setting when it returns
 
     def amp():
         return (torch.autocast("cuda", dtype=torch.bfloat16) if cuda
