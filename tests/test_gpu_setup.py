@@ -86,3 +86,18 @@ def test_no_package_index_is_named_anywhere():
             continue
         hits += [f"{name}: {m.group(0)}" for m in INDEX_URL.finditer(text)]
     assert hits == []
+
+
+def test_gpu_check_dry_run_parses_every_step():
+    import os
+    import sys
+
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+    out = subprocess.run([str(ROOT / "bench" / "gpu_check.sh"), "--dry-run"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    steps = [line.split("]")[0][1:] for line in out.stdout.splitlines() if line.startswith("[")]
+    assert [s.split(",")[0] for s in steps] == ["parity", "capture", "train", "encode", "knn",
+                                                "summary"]
+    assert sum(int(s.split(", ")[1].rstrip("s")) for s in steps) <= 8 * 60
+    assert "random:starcoder2-3b" in out.stdout and "--peak-tflops 989" in out.stdout
