@@ -124,6 +124,9 @@ def _capture(split: str):
                     argv += [flag, str(value)]
             argv += ["--trust-remote-code"] * cfg.trust_remote_code
             return _torchrun(c.nproc, argv, f"capture of the {split} split")
+        if c.nproc > 1:
+            log.info("capture of the %s split: one process (encode_analysis encodes while it "
+                     "captures, which runs in one process)", split)
         capture(run=run, model=cfg.model, split=split, per_task=s.per_task, heads=s.heads,
                 scaler=c.scaler, batch_size=c.batch_size, device=cfg.device, seed=cfg.seed,
                 max_attempts=s.max_attempts, device_map=c.device_map, chunk_maps=c.chunk_maps,
