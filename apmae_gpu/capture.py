@@ -49,7 +49,6 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from apmae_gpu import TASKS
 from apmae_gpu.runs import ApmaeError, progress, read_manifest, update_manifest
 
 log = logging.getLogger("apmae_gpu.capture")

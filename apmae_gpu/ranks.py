@@ -184,11 +184,16 @@ class Outcomes:
     def __init__(self, plan: RoundPlan, run: Path):
         self.plan, self.run = plan, Path(run)
         self.codes = {t: np.full(len(o), UNKNOWN, np.int8) for t, o in plan.order.items()}
+        # per task: prefix counts [correct, incorrect, unknown] of codes[:i], valid for i <= lo
+        self._prefix = {t: (np.zeros((3, 1), np.int64), 0) for t in self.codes}
+        self._lo = {t: 0 for t in self.codes}       # rounds before it are all known
         self._read: set[Path] = set()
         self.refresh()
 
     def record(self, task: str, attempt: int, code: int) -> None:
         self.codes[task][attempt] = code
+        arr, valid = self._prefix[task]
+        self._prefix[task] = (arr, min(valid, attempt))
 
     def refresh(self) -> int:
         """Read inference parts committed since the last call; returns how many."""
@@ -208,16 +213,38 @@ class Outcomes:
                 df = df[df.split == self.plan.split]
                 for row in df.itertuples():
                     if row.task in self.codes and row.attempt < len(self.codes[row.task]):
-                        self.codes[row.task][row.attempt] = outcome_code(row.correct)
+                        self.record(row.task, int(row.attempt), outcome_code(row.correct))
                 self._read.add(p)
                 new += 1
         return new
 
     # ------------------------------------------------------------------ predicates
-    def _counts(self, task: str, upto: int, optimistic: bool) -> tuple[int, int, int, int]:
-        c = self.codes[task][:upto]
-        unknown = int((c == UNKNOWN).sum())
-        return int((c == CORRECT).sum()), int((c == INCORRECT).sum()), upto - unknown, unknown
+    def _counts(self, task: str, upto: int, optimistic: bool = False) -> tuple[int, int, int, int]:
+        """(correct, incorrect, known, unknown) among the first ``upto`` candidates, from
+        prefix sums kept per task (recomputed only past the first changed position)."""
+        arr, valid = self._prefix[task]
+        codes = self.codes[task]
+        if upto > valid + 4 * self.plan.batch:
+            arr = np.zeros((3, len(codes) + 1), np.int64)
+            for row, code in enumerate((CORRECT, INCORRECT, UNKNOWN)):
+                np.cumsum(codes == code, out=arr[row, 1:])
+            valid = len(codes)
+            self._prefix[task] = (arr, valid)
+        base = min(upto, valid)
+        c, i, u = (int(x) for x in arr[:, base])
+        rest = codes[base:upto]
+        if rest.size:
+            c, i, u = (c + int((rest == CORRECT).sum()), i + int((rest == INCORRECT).sum()),
+                       u + int((rest == UNKNOWN).sum()))
+        return c, i, upto - u, u
+
+    def first_open(self, task: str) -> int:
+        """The lowest round with an unknown attempt (``n_rounds`` when every one is known)."""
+        lo = self._lo[task]
+        while lo < self.plan.n_rounds(task) and self.round_known(task, lo):
+            lo += 1
+        self._lo[task] = lo
+        return lo
 
     def met_before(self, task: str, k: int, optimistic: bool = False) -> bool:
         """Whether the rounds before ``k`` meet the quota: surely (lower bound, the default)
@@ -242,13 +269,8 @@ class Outcomes:
 
     def task_done(self, task: str) -> bool:
         """No further round of ``task`` can be needed."""
-        p = self.plan
-        for k in range(p.n_rounds(task)):
-            if self.met_before(task, k):
-                return True
-            if not self.round_known(task, k):
-                return False
-        return True
+        lo = self.first_open(task)
+        return lo >= self.plan.n_rounds(task) or self.met_before(task, lo)
 
     def needed_rounds(self) -> list[tuple[int, int, str]]:
         """``(k, task position, task)`` of every needed round, in commit order; every round
@@ -278,10 +300,12 @@ def next_round(known: Outcomes, rank: int, world: int, wait: bool) -> tuple[str,
     earlier rounds hold, polling the other shards until one is or every task is done.
     Otherwise (or with one rank, which knows everything): every possibly needed round."""
     plan = known.plan
+    if world > 1:
+        known.refresh()          # what the other shards committed meanwhile
     while True:
         best = None
         for task in plan.order:
-            for k in range(plan.n_rounds(task)):
+            for k in range(known.first_open(task), plan.n_rounds(task)):
                 if best is not None and (k, TASKS.index(task)) >= best[0]:
                     break
                 if known.met_before(task, k, optimistic=wait and world > 1):
@@ -350,12 +374,15 @@ def merge_capture(run: Path) -> dict:
     srcs = [MapStore(d) for d in dirs]
     infs = [s.inferences() for s in srcs]
     indexes = [s.index() for s in srcs]
-    merged, surplus = 0, 0
+    merged, surplus, t0 = 0, 0, time.perf_counter()
     section = read_manifest(run).get("capture", {})
-    for man in (read_manifest(d) for d in dirs):
+    shard_calls: dict[str, dict] = {}
+    for d, man in ((d, read_manifest(d)) for d in dirs):
         for key, value in man.get("capture", {}).items():
             if key != "splits":
                 section.setdefault(key, value)
+        for split, info in man.get("capture", {}).get("splits", {}).items():
+            shard_calls.setdefault(split, {})[d.name] = info.get("this_call")
     for plan_file in plans:
         plan, extra = load_plan(plan_file)
         known = Outcomes(plan, run)
@@ -416,11 +443,12 @@ def merge_capture(run: Path) -> dict:
         splits[plan.split] = {**{k: extra.get(k) for k in ("per_task", "heads", "batch_size",
                                                            "seed", "max_attempts")},
                               "quota": plan.quota, "shard": None, "tasks": summary(known),
-                              "shards": [d.name for d in dirs],
+                              "shards": shard_calls.get(plan.split, {}),
                               "surplus_attempts": int(n_split - sum(
                                   len(plan.attempts(t, k)) for k, _, t in needed)),
                               "n_maps_total": dst.n_maps}
     section["merged_shards"] = [d.name for d in dirs]
+    section["merge_seconds"] = round(time.perf_counter() - t0, 2)
     update_manifest(run, "capture", section)
     shutil.rmtree(run / "shards")
     log.info("merged %d shards into %s: %d inferences (%d surplus attempts left out)",
