@@ -403,13 +403,7 @@ def tf32_scope():
             setattr(obj, attr, value)
 
 
-def train(*args, **kwargs) -> dict:
-    """Train AP-MAE (see :func:`_train`); TF32, enabled on CUDA, is scoped to the call."""
-    with tf32_scope():
-        return _train(*args, **kwargs)
-
-
-def _train(run, preset: str = "small", steps: int = 1000, batch_size: int = 64,
+def train(run, preset: str = "small", steps: int = 1000, batch_size: int = 64,
           lr: float | None = None, resume: bool = False, out=None, raw: bool = False,
           device: str = "auto", seed: int = 0, compile: bool = False, val_fraction: float = 0.1,
           *, model_config=None, warmup_steps: int | None = None, save_every: int | None = None,
@@ -422,7 +416,8 @@ def _train(run, preset: str = "small", steps: int = 1000, batch_size: int = 64,
     ``{"image_size": 64, "patch_size": 8}`` for small maps.  ``threads``: torch CPU threads
     while training (default: torch's choice, but 1 on machines with at most 2 cores, where one
     thread measured 2-7x faster than two for the small presets).  Returns the manifest's
-    ``train`` section.
+    ``train`` section.  TF32 (on CUDA) is scoped to the call: the previous setting comes back
+    when it returns.
     """
     cpu_threads = torch.get_num_threads()
     if threads is None and (os.cpu_count() or 1) <= 2:
@@ -430,9 +425,11 @@ def _train(run, preset: str = "small", steps: int = 1000, batch_size: int = 64,
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _train(run, preset, steps, batch_size, lr, resume, out, raw, device, seed, compile,
-                      val_fraction, model_config, warmup_steps, save_every, eval_every, log_every,
-                      keep_checkpoints, max_val_maps, buffer_maps, workers)
+        with tf32_scope():
+            return _train(run, preset, steps, batch_size, lr, resume, out, raw, device, seed,
+                          compile, val_fraction, model_config, warmup_steps, save_every,
+                          eval_every, log_every, keep_checkpoints, max_val_maps, buffer_maps,
+                          workers)
     finally:
         torch.set_num_threads(cpu_threads)
 
