@@ -526,7 +526,7 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
         if rank == 0:
             ranks.merge_capture(run)
             splits = read_manifest(run)["capture"]["splits"]
-        ranks.barrier(device)
+        ranks.finish(device)
         return splits[split]
     short = {t: s["status"] for t, s in summary.items() if s["status"] != "quota met"}
     if short and out_run == run:

@@ -441,7 +441,7 @@ def _encode_ranked(run, checkpoint, store, model, index, target, n_layers, n_hea
             "dtype": "bfloat16" if device.startswith("cuda") else "float32",
             "inferences": int(target.size), "layers": n_layers, "heads": n_heads, "dim": dim,
             "block": writer.block, "seconds": round(time.perf_counter() - t0, 2)})
-    ranks.barrier(device)
+    ranks.finish(device)
     return main
 
 

@@ -79,6 +79,14 @@ def barrier(device: str) -> None:
         dist.barrier()
 
 
+def finish(device: str) -> None:
+    """Wait for every rank, then leave the process group."""
+    import torch.distributed as dist
+
+    barrier(device)
+    dist.destroy_process_group()
+
+
 def rank_device(device: str, local_rank: int) -> str:
     """Each rank on its own GPU (``cuda`` -> ``cuda:LOCAL_RANK``)."""
     if device == "cuda":
