@@ -155,3 +155,32 @@ def test_pipeline_launches_capture_and_encode_with_torchrun(monkeypatch, tmp_pat
     monkeypatch.setattr(pipeline.subprocess, "call", lambda argv: 1)
     with pytest.raises(pipeline.ApmaeError, match="distributed encoding failed"):
         pipeline.RUNNERS["encode"](cfg, tmp_path, False)
+
+
+def test_shard_processes_and_a_killed_merge_give_the_one_process_run(tmp_path, monkeypatch):
+    """``--shard K/N`` processes run one after the other (a SLURM array), the merge dies after
+    its second commit, ``merge-shards`` again: the one-process run, bit for bit."""
+    from apmae_gpu.capture import capture, merge_shards
+
+    kw = dict(per_task=2, batch_size=3, device="cpu")
+    ref = synthetic_tasks(tmp_path / "ref", "random:tiny-llama", n_per_task=10, window=32)
+    capture(ref, "random:tiny-llama", **kw)
+    run = synthetic_tasks(tmp_path / "run", "random:tiny-llama", n_per_task=10, window=32)
+    for k in (0, 1):
+        capture(run, "random:tiny-llama", shard=f"{k}/2", **kw)
+    original, calls = MapStore.commit, {"n": 0}
+
+    def dying(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(MapStore, "commit", dying)
+    with pytest.raises(KeyboardInterrupt):
+        merge_shards(run)
+    monkeypatch.setattr(MapStore, "commit", original)
+    assert (run / "shards").exists() and len(MapStore(run).inferences()) > 0
+    result = merge_shards(run)
+    assert not (run / "shards").exists() and result["shards"] == 2
+    _assert_same(ref, run)
