@@ -26,10 +26,14 @@ Splits
 A split prompts only the rows mined for it (``tasks.parquet``'s ``split``: training and analysis
 rows never share a source file); a task row is prompted at most once per run, and a split skips
 any row from a source file another split already prompted (this also holds for tasks mined
-before the ``split`` column, whose rows either split may take).  Every
-attempt gets a row in ``inferences.parquet``; only kept ones have maps.  Batches are composed
-from the committed state only and each batch is one commit, so a killed capture rerun with
-the same command gives exactly the uninterrupted result.
+before the ``split`` column, whose rows either split may take).  Each
+task's candidates are prompted in a seeded order, one forward batch of ``--batch-size``
+candidates of one task at a time (a *round*); round ``k`` runs only while the rounds before
+it fall short of the task's quota, and an attempt is kept while its class is short of it
+(:mod:`apmae_gpu.ranks`).  Every attempt gets a row in ``inferences.parquet``; only kept ones
+have maps.  Each round is one commit, so a killed capture rerun with the same command gives
+exactly the uninterrupted result, and N processes (torchrun ranks or ``--shard K/N``) give
+exactly the result of one once their shards are merged.
 """
 
 from __future__ import annotations
@@ -46,7 +50,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from apmae_gpu import TASKS
+from apmae_gpu.ranks import kept_target, split_rows  # noqa: F401  (part of capture's API)
 from apmae_gpu.runs import ApmaeError, progress, read_manifest, read_parquet, update_manifest
 from apmae_gpu.scaling import FILL_VALUES, FLOOR, SCALERS, scale_maps
 
@@ -192,7 +196,9 @@ def parse_heads(heads: str | None, split: str) -> float | None:
 
 def choose_heads(inference_ids, n_layers: int, n_heads: int, frac: float | None, seed: int):
     """Per layer a LongTensor [B, K] of sorted head indices (None = all heads): a seeded
-    ``round(frac * n_heads)`` (at least 1) heads of each layer, drawn per inference."""
+    ``round(frac * n_heads)`` (at least 1) heads of each layer, drawn per prompt from its
+    ``inference_ids`` (capture passes the task ids, so the draw does not depend on which
+    process prompts it)."""
     import torch
 
     if frac is None:
@@ -204,129 +210,6 @@ def choose_heads(inference_ids, n_layers: int, n_heads: int, frac: float | None,
         for layer in range(n_layers):
             per_layer[layer, b] = np.sort(rng.choice(n_heads, size=k, replace=False))
     return [torch.from_numpy(per_layer[layer]) for layer in range(n_layers)]
-
-
-# --------------------------------------------------------------------------- planning
-def kept_target(split: str, task: str, per_task: int) -> int:
-    """Inferences a split keeps of one task: ``train`` per_task correct ones; ``analysis``
-    per_task correct + per_task incorrect, and for noise (no correctness) the same total."""
-    return per_task if split == "train" else 2 * per_task
-
-
-@dataclass
-class _TaskState:
-    order: np.ndarray               # task_ids in prompting order
-    pointer: int = 0
-    correct: int = 0
-    incorrect: int = 0
-    kept: int = 0
-
-    def needs(self, task: str, split: str, quota: int) -> bool:
-        if split == "train":
-            return self.kept < quota
-        if task == "noise":
-            return self.kept < kept_target(split, task, quota)
-        return self.correct < quota or self.incorrect < quota
-
-    def wants(self, task: str, split: str, quota: int, correct) -> bool:
-        """Whether an inference with this outcome fills a quota (and so is kept)."""
-        if split == "train":
-            return bool(correct) and self.kept < quota
-        if task == "noise":
-            return self.kept < kept_target(split, task, quota)
-        return (self.correct < quota) if correct else (self.incorrect < quota)
-
-
-def split_rows(tasks: pd.DataFrame, split: str, used_elsewhere: set) -> pd.DataFrame:
-    """The rows of ``tasks`` that ``split`` may prompt: mined for it (or for no split, in
-    tables mined before the ``split`` column), not prompted by another split, and not from a
-    source file another split prompted (``used_elsewhere``: task ids)."""
-    keep = np.ones(len(tasks), bool)
-    if "split" in tasks.columns:
-        keep &= (tasks["split"].isna() | (tasks["split"] == split)).to_numpy()
-    if used_elsewhere:
-        used = tasks["task_id"].isin(list(used_elsewhere)).to_numpy()
-        files = tasks["task"].ne("noise").to_numpy()
-        sources = set(tasks.loc[used & files, "source"])
-        keep &= ~used & ~(tasks["source"].isin(sources).to_numpy() & files)
-    return tasks[keep]
-
-
-class Planner:
-    """Deterministic batch composition from the committed state (see module docstring)."""
-
-    def __init__(self, tasks: pd.DataFrame, split: str, quota: int, seed: int,
-                 max_attempts: int | None, used_elsewhere: set, done: pd.DataFrame,
-                 shard: tuple[int, int] | None = None):
-        self.split, self.quota, self.max_attempts = split, quota, max_attempts
-        names = ["random_masking"] if split == "train" else [t for t in TASKS
-                                                             if t in set(tasks.task)]
-        self.states: dict[str, _TaskState] = {}
-        tasks = split_rows(tasks, split, used_elsewhere)
-        for task in names:
-            ids = tasks.loc[tasks.task == task, "task_id"].to_numpy()
-            ids = np.sort(ids)
-            order = np.random.default_rng([seed, 11, TASKS.index(task)]).permutation(ids)
-            if shard is not None:
-                order = order[shard[0]::shard[1]]
-            self.states[task] = _TaskState(order)
-        for row in done.itertuples():
-            st = self.states.get(row.task)
-            if st is None:
-                continue
-            st.pointer += 1
-            if row.has_maps:
-                st.kept += 1
-                if row.correct is True:
-                    st.correct += 1
-                elif row.correct is False:
-                    st.incorrect += 1
-
-    def active(self) -> list[str]:
-        out = []
-        for task, st in self.states.items():
-            capped = self.max_attempts is not None and st.pointer >= self.max_attempts
-            if st.needs(task, self.split, self.quota) and st.pointer < len(st.order) and not capped:
-                out.append(task)
-        return out
-
-    def next_batch(self, size: int) -> list[tuple[str, int, int]]:
-        """Up to ``size`` (task, task_id, attempt) candidates, round robin over active tasks."""
-        batch: list[tuple[str, int, int]] = []
-        pointers = {t: st.pointer for t, st in self.states.items()}
-        while len(batch) < size:
-            progressed = False
-            for task in self.active():
-                st = self.states[task]
-                p = pointers[task]
-                capped = self.max_attempts is not None and p >= self.max_attempts
-                if p < len(st.order) and not capped and len(batch) < size:
-                    batch.append((task, int(st.order[p]), p))
-                    pointers[task] = p + 1
-                    progressed = True
-            if not progressed:
-                break
-        return batch
-
-    def record(self, task: str, keep: bool, correct) -> None:
-        st = self.states[task]
-        st.pointer += 1
-        if keep:
-            st.kept += 1
-            if correct is True:
-                st.correct += 1
-            elif correct is False:
-                st.incorrect += 1
-
-    def summary(self) -> dict:
-        out = {}
-        for task, st in self.states.items():
-            met = not st.needs(task, self.split, self.quota)
-            capped = self.max_attempts is not None and st.pointer >= self.max_attempts
-            status = "quota met" if met else ("max attempts" if capped else "candidates exhausted")
-            out[task] = {"attempts": st.pointer, "kept": st.kept, "correct": st.correct,
-                         "incorrect": st.incorrect, "candidates": len(st.order), "status": status}
-        return out
 
 
 # --------------------------------------------------------------------------- writer
@@ -402,10 +285,14 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
     ``encode_with`` (an AP-MAE checkpoint, analysis split only) encodes the kept maps in the
     same pass and stores only their embeddings (``embeddings.zarr``), not the maps: the way to
     run at paper scale.  Inference rows are still written (``has_maps`` marks the kept ones).
+
+    Under ``torchrun`` (or with ``--shard K/N``) every process captures its share of the
+    rounds into ``RUN/shards/K-of-N`` and the shards are merged into the same run one process
+    writes (:mod:`apmae_gpu.ranks`); under torchrun rank 0 merges at the end.
     """
     import torch
 
-    from apmae_gpu import llm
+    from apmae_gpu import llm, ranks
     from apmae_gpu.runs import resolve_device
     from apmae_gpu.store import MapStore
 
@@ -419,6 +306,13 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
                          "stored maps of the train split)")
     frac = parse_heads(heads, split)
     shard_kn = _parse_shard(shard)
+    dist = ranks.dist_env()
+    if dist is not None and shard_kn is not None:
+        raise ApmaeError("--shard is for processes launched one by one; under torchrun every "
+                         "rank takes its share by itself")
+    if (dist is not None or shard_kn is not None) and encode_with is not None:
+        raise ApmaeError("--encode-with runs in one process; with several, capture the maps "
+                         "and run `apmae encode` (also under torchrun)")
     if not run.is_dir():
         raise ApmaeError(f"run directory {run} does not exist (run `apmae mine` first)")
     tasks_path = run / "tasks.parquet"
@@ -430,9 +324,17 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
     window = len(tasks.input_ids.iloc[0])
     if split == "train" and not (tasks.task == "random_masking").any():
         raise ApmaeError("--split train needs random_masking tasks (mine them with --tasks)")
-    out_run = run if shard_kn is None else run / "shards" / f"{shard_kn[0]}-of-{shard_kn[1]}"
+    if dist is None and shard_kn is None and ranks.shard_dirs(run):
+        raise ApmaeError(f"{run}/shards holds an unfinished multi-process capture: finish it "
+                         "with the same torchrun command (or --shard K/N processes), then "
+                         "`apmae merge-shards`")
+    rank, world = (dist[0], dist[1]) if dist else (shard_kn or (0, 1))
+    out_run = run if world == 1 and shard_kn is None else run / "shards" / f"{rank}-of-{world}"
 
     device = resolve_device(device)
+    if dist is not None:
+        device = ranks.rank_device(device, dist[2])
+        ranks.init_group(device)
     spec = llm.resolve(model)
     lm = llm.load_model(spec, device=device, dtype=llm.parse_dtype(dtype, device), device_map=device_map,
                         trust_remote_code=trust_remote_code, seed=seed)
@@ -445,8 +347,7 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
     if top >= vocab:
         raise ApmaeError(f"tasks hold token id {top} but {model} has a vocabulary of {vocab}: "
                          "mine with this model's tokenizer")
-    quota = per_task if shard_kn is None else (
-        per_task // shard_kn[1] + (1 if shard_kn[0] < per_task % shard_kn[1] else 0))
+    quota = per_task
 
     store = MapStore.create_or_open(out_run, window=window, scaler=scaler,
                                     fill_value=FILL_VALUES[scaler], floor=FLOOR if scaler == "log" else None,
@@ -460,47 +361,56 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
         _roll_back_unencoded(store, split, encoder.committed_ids)
     encoded_upto = (int(encoder.committed_ids[-1]) if encoder is not None
                     and len(encoder.committed_ids) else -1)
-    done_all = store.inferences()
     used_elsewhere: set = set()
-    if shard_kn is not None and (run / "maps.zarr").exists():
-        main_done = MapStore(run).inferences()
-        if not main_done.empty:
-            used_elsewhere |= set(main_done.loc[main_done.split != split, "task_id"].tolist())
-    if not done_all.empty:
-        used_elsewhere |= set(done_all.loc[done_all.split != split, "task_id"].tolist())
-        done = done_all[done_all.split == split]
-        next_id = int(done_all.inference_id.max()) + 1
-        next_batch = int(done.batch.max()) + 1 if not done.empty else 0
-    else:
-        done, next_id, next_batch = done_all, 0, 0
-    planner = Planner(tasks, split, quota, seed, max_attempts, used_elsewhere, done, shard_kn)
+    for src in [run, *ranks.shard_dirs(run)]:
+        if (src / "maps.zarr").exists():
+            other = MapStore(src).inferences(columns=["inference_id", "split", "task_id"])
+            if not other.empty:
+                used_elsewhere |= set(other.loc[other.split != split, "task_id"].tolist())
+    done_all = store.inferences(columns=["inference_id", "split", "batch"])
+    next_id = int(done_all.inference_id.max()) + 1 if not done_all.empty else 0
+    done = done_all[done_all.split == split] if not done_all.empty else done_all
+    next_batch = int(done.batch.max()) + 1 if not done.empty else 0
+    plan = ranks.RoundPlan.build(tasks, split, quota, batch_size, seed, max_attempts,
+                                 used_elsewhere)
+    if out_run != run:
+        ranks.check_plan(run, plan, seed)
+        plan.save(ranks.plan_path(run, split), {
+            "seed": seed, "per_task": per_task, "batch_size": batch_size,
+            "max_attempts": max_attempts, "capped": plan.capped,
+            "heads": heads or ("layerwise:0.25" if split == "train" else "all")})
+    known = ranks.Outcomes(plan, run)
     by_id = tasks.set_index("task_id")
 
-    log.info("capture %s split of %s with %s on %s (%s, %d layers x %d heads, scaler %s)",
+    log.info("capture %s split of %s with %s on %s (%s, %d layers x %d heads, scaler %s%s)",
              split, run, spec.spec, device, str(lm.dtype).replace("torch.", ""), fam.n_layers,
-             fam.n_heads, scaler)
+             fam.n_heads, scaler, f", rank {rank} of {world}" if world > 1 else "")
     writer = _Writer(store)
     t0 = time.perf_counter()
     stats = Counter()
     bar = progress(desc=f"capture {split}", unit="inf")
     try:
         while True:
-            batch = planner.next_batch(batch_size)
-            if not batch:
+            nxt = ranks.next_round(known, rank, world, wait=dist is not None)
+            if nxt is None:
                 break
-            ids = np.arange(next_id, next_id + len(batch), dtype=np.int64)
+            task, k = nxt
+            attempts = plan.attempts(task, k)
+            task_ids = plan.order[task][attempts]
+            ids = np.arange(next_id, next_id + len(attempts), dtype=np.int64)
             input_ids = torch.tensor(np.stack([np.asarray(by_id.at[t, "input_ids"], dtype=np.int64)
-                                               for _, t, _ in batch]), device=device)
-            targets = torch.tensor([int(by_id.at[t, "target_token_id"]) for _, t, _ in batch])
-            head_sel = choose_heads(ids, fam.n_layers, fam.n_heads, frac, seed)
+                                               for t in task_ids]), device=device)
+            targets = torch.tensor([int(by_id.at[t, "target_token_id"]) for t in task_ids])
+            head_sel = choose_heads(task_ids, fam.n_layers, fam.n_heads, frac, seed)
             logits, maps = forward_with_maps(lm, fam, input_ids, head_sel, scaler)
             verdict = llm.judge(logits, targets.to(logits.device))
             rows, keep_idx, index_parts = [], [], []
-            for b, (task, task_id, attempt) in enumerate(batch):
+            for b, (task_id, attempt) in enumerate(zip(task_ids, attempts)):
                 has_target = int(targets[b]) >= 0
                 correct = bool(verdict["correct"][b]) if has_target else None
-                keep = planner.states[task].wants(task, split, planner.quota, correct)
-                planner.record(task, keep, correct)
+                code = ranks.outcome_code(correct)
+                keep = known.may_keep(task, int(attempt), code)
+                known.record(task, int(attempt), code)
                 n_maps = 0
                 if keep:
                     keep_idx.append(b)
@@ -514,7 +424,7 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
                                                      "head": head_ids}))
                 rows.append({
                     "inference_id": int(ids[b]), "split": split, "task": task,
-                    "task_id": task_id, "batch": next_batch, "attempt": attempt,
+                    "task_id": int(task_id), "batch": next_batch, "attempt": int(attempt),
                     "input_ids": input_ids[b].cpu().numpy().astype(np.int32),
                     "target_token_id": int(targets[b]),
                     "predicted_token_id": int(verdict["predicted"][b]), "correct": correct,
@@ -540,9 +450,9 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
                 stats["maps"] += kept_maps.shape[0]
             index = pd.concat(index_parts, ignore_index=True) if index_parts else None
             writer.put((kept_maps, index, pd.DataFrame(rows)))
-            next_id += len(batch)
+            next_id += len(attempts)
             next_batch += 1
-            bar.update(len(batch))
+            bar.update(len(attempts))
             bar.set_postfix(kept=stats["kept"], maps=stats["maps"])
         writer.close()
         if encoder is not None:
@@ -556,7 +466,7 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
         raise
     bar.close()
     seconds = time.perf_counter() - t0
-    summary = planner.summary()
+    summary = ranks.summary(known)
     section = read_manifest(out_run).get("capture", {})
     section.update({
         "model": spec.describe(), "model_revision": llm.model_revision(spec),
@@ -579,14 +489,23 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
                                          "maps": stats["maps"], "seconds": round(seconds, 2)},
         "n_maps_total": store.n_maps,
     }
+    if world > 1:
+        splits[split]["rank"] = f"{rank} of {world}"
     update_manifest(out_run, "capture", section)
-    short = {t: s["status"] for t, s in summary.items() if s["status"] != "quota met"}
-    if short:
-        log.warning("quotas not met: %s", short)
     rate = stats["attempts"] / max(seconds, 1e-9)
     log.info("captured %d inferences (%d kept, %d maps) in %.1fs: %.2f inferences/s, %.0f maps/s",
              stats["attempts"], stats["kept"], stats["maps"], seconds, rate,
              stats["maps"] / max(seconds, 1e-9))
+    if dist is not None:
+        ranks.barrier(device)
+        if rank == 0:
+            ranks.merge_capture(run)
+            splits = read_manifest(run)["capture"]["splits"]
+        ranks.finish(device)
+        return splits[split]
+    short = {t: s["status"] for t, s in summary.items() if s["status"] != "quota met"}
+    if short and out_run == run:
+        log.warning("quotas not met: %s", short)
     return splits[split]
 
 
@@ -611,46 +530,8 @@ def _roll_back_unencoded(store, split: str, committed_ids) -> None:
 
 
 def merge_shards(run: Path) -> dict:
-    """Append every ``RUN/shards/K-of-N`` store to RUN's own store (inference ids renumbered
-    after RUN's, maps copied in order), then remove the merged shards."""
-    import shutil
+    """Merge ``RUN/shards/K-of-N`` (torchrun ranks or ``--shard`` processes) into RUN's own
+    store: the same inferences, maps and order as one process (:func:`ranks.merge_capture`)."""
+    from apmae_gpu.ranks import merge_capture
 
-    from apmae_gpu.store import INFERENCE_SCHEMA, MapStore
-
-    run = Path(run)
-    shard_dirs = sorted((run / "shards").glob("*-of-*"), key=lambda p: int(p.name.split("-")[0]))
-    if not shard_dirs:
-        raise ApmaeError(f"{run}/shards holds no shard to merge")
-    manifests = [read_manifest(sd) for sd in shard_dirs]
-    merged = 0
-    for sd in shard_dirs:
-        src = MapStore(sd)
-        dst = MapStore.create_or_open(run, window=src.info.window, scaler=src.info.scaler,
-                                      fill_value=src.info.fill_value, floor=src.info.floor,
-                                      chunk_maps=src.info.chunk_maps)
-        infs, index = src.inferences(), src.index()
-        done = dst.inferences()
-        offset = int(done.inference_id.max()) + 1 if not done.empty else 0
-        for _, part in infs.groupby("batch", sort=True):
-            ids = part.inference_id.to_numpy()
-            sel = index[index.inference_id.isin(ids)]
-            maps = src.read(sel.map_id.to_numpy()) if len(sel) else None
-            sel = sel.assign(inference_id=sel.inference_id + offset)
-            dst.commit(maps, sel[["inference_id", "layer", "head"]] if len(sel) else None,
-                       part.assign(inference_id=part.inference_id + offset),
-                       inference_schema=INFERENCE_SCHEMA)
-        merged += len(infs)
-        shutil.rmtree(sd)
-    section = read_manifest(run).get("capture", {})
-    for man in manifests:
-        shard_cap = man.get("capture", {})
-        for key, value in shard_cap.items():
-            if key != "splits":
-                section.setdefault(key, value)
-        for split, info in shard_cap.get("splits", {}).items():
-            section.setdefault("splits", {}).setdefault(split, {}).setdefault(
-                "shards", []).append(info)
-    section["merged_shards"] = [p.name for p in shard_dirs]
-    update_manifest(run, "capture", section)
-    log.info("merged %d shards (%d inferences) into %s", len(shard_dirs), merged, run)
-    return {"shards": len(shard_dirs), "inferences": merged}
+    return merge_capture(Path(run))

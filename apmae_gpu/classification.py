@@ -433,6 +433,10 @@ def classify(run: str | os.PathLike, folds: int = 10, gpu: str = "auto", seed: i
                                 max_ctr_complexity=max_ctr_complexity,
                                 boosting_type=boosting_type)
     task_type = resolve_task_type(gpu)
+    if task_type == "GPU":
+        from apmae_gpu.cluster_backends import free_torch_cuda_cache
+
+        free_torch_cuda_cache()   # CatBoost allocates GPU memory outside torch's cache
     t_start = time.perf_counter()
     inf = analysis_inferences(run)
     if inf.empty:

@@ -151,9 +151,10 @@ def capture(
     seed: SeedOpt = 0,
     max_attempts: Annotated[Optional[int], typer.Option("--max-attempts", help="Stop prompting a "
                                                         "task after this many attempts.")] = None,
-    shard: Annotated[Optional[str], typer.Option("--shard", help="K/N: capture the K-th of N "
-                                                 "disjoint shards (one process per GPU); merge "
-                                                 "with `apmae merge-shards`.")] = None,
+    shard: Annotated[Optional[str], typer.Option("--shard", help="K/N: this process is rank K "
+                                                 "of N started by a scheduler (SLURM arrays); "
+                                                 "merge with `apmae merge-shards`. Under "
+                                                 "torchrun ranks need no --shard.")] = None,
     device_map: Annotated[Optional[str], typer.Option("--device-map", help="e.g. auto: spread a "
                                                       "model larger than one GPU.")] = None,
     chunk_maps: Annotated[int, typer.Option("--chunk-maps", min=1, help="Maps per Zarr chunk.")] = 32,
@@ -181,7 +182,8 @@ def capture(
 
 @app.command("merge-shards")
 def merge_shards(run: RunArg) -> None:
-    """Merge the shards written by `apmae capture --shard K/N` into RUN's own store."""
+    """Merge the shards of `apmae capture --shard K/N` (or of an interrupted torchrun capture)
+    into RUN's own store: the run one process would have written."""
     from apmae_gpu import capture as capture_mod
 
     with _writing(run):

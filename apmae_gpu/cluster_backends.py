@@ -138,6 +138,34 @@ def cuml_available() -> tuple[bool, str]:
     return True, "cuML and a GPU are present"
 
 
+# cuML 26.x: UMAP's documented ``metric`` values (fewer than umap-learn's) and HDBSCAN's
+# largest ``min_samples`` (its core-distance kNN is limited to 1024 neighbours).
+CUML_UMAP_METRICS = ("l1", "cityblock", "taxicab", "manhattan", "euclidean", "l2",
+                     "sqeuclidean", "canberra", "minkowski", "chebyshev", "linf", "cosine",
+                     "correlation", "hellinger", "hamming", "jaccard")
+CUML_MAX_MIN_SAMPLES = 1023
+
+
+def check_cuml_settings(metric: str, min_samples: int) -> None:
+    """One-line errors, before any work, for settings cuML refuses (every head would fail)."""
+    if metric not in CUML_UMAP_METRICS:
+        raise ApmaeError(f"--metric {metric}: cuML's UMAP supports "
+                         f"{', '.join(CUML_UMAP_METRICS)} (or use --backend cpu)")
+    if min_samples > CUML_MAX_MIN_SAMPLES:
+        raise ApmaeError(f"--min-samples {min_samples}: cuML's HDBSCAN allows at most "
+                         f"{CUML_MAX_MIN_SAMPLES} (or use --backend cpu)")
+
+
+def free_torch_cuda_cache() -> None:
+    """Hand the blocks torch's caching allocator holds back to the driver, so cuML / CatBoost
+    on the GPU in the same process (after capture, training or kNN) find the memory free."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def resolve_backend(backend: str) -> str:
     """``auto`` -> ``cuml`` or ``cpu`` (logged); explicit names are validated."""
     if backend not in BACKENDS:

@@ -48,7 +48,9 @@ import pandas as pd
 from apmae_gpu.cluster_backends import (
     BACKENDS,
     KNN_METHODS,
+    check_cuml_settings,
     clusterer_class,
+    free_torch_cuda_cache,
     jitter_duplicates,
     resolve_backend,
 )
@@ -114,6 +116,14 @@ class ClusterParams:
                     min_cluster_size=self.min_cluster_size,
                     allow_single_cluster=self.allow_single_cluster, random_state=random_state,
                     knn=self.knn, n_epochs=self.n_epochs)
+
+
+def _gpu_ready(backend, params: ClusterParams) -> None:
+    """On cuML: refuse settings it does not take (before any work) and free torch's CUDA
+    cache for it."""
+    if backend == "cuml":
+        check_cuml_settings(params.metric, params.min_samples)
+        free_torch_cuda_cache()
 
 
 def head_seed(seed: int, layer: int, head: int) -> int:
@@ -275,6 +285,11 @@ def dask_client(workers: int, scheduler: str | None = None, backend: str = "cpu"
             cluster.close()
 
 
+def call_job(fn: Callable, job: dict):
+    """``fn(**job)``: what a dask worker runs for one job."""
+    return fn(**job)
+
+
 def run_jobs(fn: Callable, jobs: list[dict], workers: int = 1, scheduler: str | None = None,
              backend: str = "cpu", desc: str = "heads") -> Iterator[tuple[dict, object]]:
     """Run ``fn(**job)`` for every job: in-process when ``workers == 1`` and no scheduler is
@@ -294,7 +309,9 @@ def run_jobs(fn: Callable, jobs: list[dict], workers: int = 1, scheduler: str | 
         from distributed import as_completed
 
         with dask_client(workers, scheduler, backend) as client:
-            futures = {client.submit(fn, **job, pure=False): job for job in jobs}
+            # the job travels as one argument: its own keys (``retries``, ...) must reach fn,
+            # not client.submit's keywords of the same name
+            futures = {client.submit(call_job, fn, job, pure=False): job for job in jobs}
             for future in as_completed(futures):
                 try:
                     result = future.result()
@@ -374,6 +391,7 @@ def cluster(run: str | os.PathLike, backend: str = "auto", workers: int = 1, uma
         if backend not in BACKENDS:
             raise ApmaeError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
         backend = resolve_backend(backend)
+    _gpu_ready(backend, params)
     group = open_embeddings(run)
     L, H, N, D = group["embeddings"].shape
     dirs = _dirs(run)
@@ -884,6 +902,7 @@ def trust(run: str | os.PathLike, dims: tuple[int, ...] = (2, 4, 8, 16), heads: 
     params = ClusterParams(n_neighbors=neighbors, min_dist=min_dist, metric=metric,
                            seed=seed).validate()
     backend = resolve_backend(backend)
+    _gpu_ready(backend, params)
     group = open_embeddings(run)
     L, H = group["embeddings"].shape[:2]
     chosen = select_heads(heads, L, H, seed)
@@ -1026,6 +1045,7 @@ def stability(run: str | os.PathLike, seeds: tuple[int, ...] = (1, 2, 3), heads:
     if not seeds:
         raise ApmaeError(f"--seeds must include seeds other than the reference seed {params.seed}")
     backend = resolve_backend(backend)
+    _gpu_ready(backend, params)
     group = open_embeddings(run)
     L, H = group["embeddings"].shape[:2]
     chosen = select_heads(heads, L, H, params.seed)

@@ -134,6 +134,8 @@ class CaptureConfig(_Strict):
     encode_analysis: bool = Field(False, description="capture the analysis split after AP-MAE "
                                   "training and keep only its embeddings (paper scale)")
     pool: Literal["cls", "mean"] = "cls"
+    nproc: int = Field(1, ge=1, description="processes (GPUs) for torchrun; the result does "
+                       "not depend on it")
     train: CaptureSplitConfig = CaptureSplitConfig(per_task=400_000, heads="layerwise:0.25")
     analysis: CaptureSplitConfig = CaptureSplitConfig(per_task=5000, heads="all")
 
@@ -186,6 +188,8 @@ class EncodeConfig(_Strict):
     batch_size: int = Field(256, ge=1)
     pool: Literal["cls", "mean"] = "cls"
     block: Optional[int] = None
+    nproc: int = Field(1, ge=1, description="processes (GPUs) for torchrun; the result does "
+                       "not depend on it")
 
 
 class ClusterConfig(_Strict):

@@ -412,6 +412,97 @@ def _prefetch(reader, spans) -> Iterator[tuple[tuple[int, int], np.ndarray]]:
             futures[i] = None
 
 
+class _Blocks:
+    """The maps still to encode (inferences ``target[done:]``), a block at a time."""
+
+    def __init__(self, store, index, target, done: int, n_layers: int, n_heads: int, dim: int):
+        self.store, self.shape = store, (n_layers, n_heads, dim)
+        self.todo = target[done:]
+        index = index[index["inference_id"].isin(self.todo)].sort_values("map_id")
+        self.pos = np.searchsorted(self.todo, index["inference_id"].to_numpy())
+        self.map_ids = index["map_id"].to_numpy(np.int64)
+        self.layers = index["layer"].to_numpy(np.int64)
+        self.heads = index["head"].to_numpy(np.int64)
+        self.n_maps = 0
+
+    def encode(self, model, lo: int, hi: int, pool: str, batch_size: int, bar) -> np.ndarray:
+        """Embeddings [hi - lo, layers, heads, dim] float16 of inferences todo[lo:hi]."""
+        sel = np.nonzero((self.pos >= lo) & (self.pos < hi))[0]
+        buf = np.full((hi - lo, *self.shape), np.nan, np.float16)
+        spans = [(s, min(s + batch_size, len(sel))) for s in range(0, len(sel), batch_size)]
+
+        def reader(s, e):
+            return self.store.read(self.map_ids[sel[s:e]])
+
+        for (s, e), maps in _prefetch(reader, spans):
+            rows = sel[s:e]
+            _refuse_non_finite(maps, self.map_ids[rows], self.store)
+            emb = encode_maps(model, maps, pool=pool, batch_size=batch_size)
+            buf[self.pos[rows] - lo, self.layers[rows], self.heads[rows]] = \
+                emb.cpu().numpy().astype(np.float16)
+            self.n_maps += len(rows)
+            bar.update(len(rows))
+        return buf
+
+
+def _encode_ranked(run, checkpoint, store, model, index, target, n_layers, n_heads, pool,
+                   batch_size, block, restart, dist, device) -> Path:
+    """torchrun: rank r encodes the blocks ``j`` with ``j % N == r`` into
+    ``RUN/shards-encode/r-of-N``; rank 0 appends them in order to the run's own store.
+    Blocks are the one-process commits, so the result is the same bit for bit."""
+    import zarr
+
+    from apmae_gpu import ranks
+
+    rank, world, _ = dist
+    dim = int(model.config.hidden_size)
+    main = Path(run) / EMBEDDINGS
+    if restart and rank == 0:
+        shutil.rmtree(main, ignore_errors=True)
+        shutil.rmtree(Path(run) / ranks.ENCODE_SHARDS, ignore_errors=True)
+    ranks.barrier(device)
+    committed, blk = 0, block or default_block(n_layers, n_heads, dim)
+    if main.exists():
+        group = zarr.open_group(main, mode="r")
+        committed = int(group.attrs.get("n_committed", 0))
+        blk = int(group["embeddings"].chunks[2])
+    have = ranks.blocks_in_shards(run, target, blk)
+    mine = [j for j in range(committed // blk, -(-target.size // blk))
+            if ranks.encode_block_owner(j, world) == rank and j not in have]
+    t0 = time.perf_counter()
+    if mine:
+        fingerprint = checkpoint_fingerprint(checkpoint)
+        out = Path(run) / ranks.ENCODE_SHARDS / f"{rank}-of-{world}"
+        writer = EmbeddingWriter(out, n_layers, n_heads, dim, block=blk,
+                                 attrs={"checkpoint": str(checkpoint), "pool": pool,
+                                        "checkpoint_sha256": fingerprint})
+        blocks = _Blocks(store, index, target, 0, n_layers, n_heads, dim)
+        bar = progress(total=None, desc=f"encode rank {rank}", unit="map")
+        for j in mine:
+            lo, hi = j * blk, min((j + 1) * blk, target.size)
+            writer.append(target[lo:hi], blocks.encode(model, lo, hi, pool, batch_size, bar))
+        writer.close()
+        bar.close()
+        log.info("rank %d encoded %d maps of %d blocks in %.1f s", rank, blocks.n_maps,
+                 len(mine), time.perf_counter() - t0)
+    ranks.barrier(device)
+    if rank == 0:
+        writer, fingerprint = open_writer(run, checkpoint, model, n_layers, n_heads, pool, blk,
+                                          False)
+        writer.group.attrs.update({"complete": False})
+        ranks.merge_encode(run, writer, target)
+        writer.close()
+        update_manifest(run, "encode", {
+            "mode": "store", "checkpoint": str(checkpoint), "checkpoint_sha256": fingerprint,
+            "pool": pool, "device": device, "ranks": world,
+            "dtype": "bfloat16" if device.startswith("cuda") else "float32",
+            "inferences": int(target.size), "layers": n_layers, "heads": n_heads, "dim": dim,
+            "block": writer.block, "seconds": round(time.perf_counter() - t0, 2)})
+    ranks.finish(device)
+    return main
+
+
+
 def encode(run: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
            batch_size: int = 256, pool: str = "cls", device: str = "auto",
            block: int | None = None, restart: bool = False) -> Path:
@@ -442,6 +533,12 @@ def encode(run: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
     index = index[index["inference_id"].isin(target)]
     n_layers, n_heads = int(index["layer"].max()) + 1, int(index["head"].max()) + 1
 
+    from apmae_gpu import ranks
+
+    dist = ranks.dist_env()
+    if dist is not None:
+        device = ranks.rank_device(device, dist[2])
+        ranks.init_group(device)
     model = load_encoder(checkpoint, device)
     cfg = model.config
     if cfg.image_size != store.info.window:
@@ -450,6 +547,9 @@ def encode(run: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
     if getattr(cfg, "stored_scaler", store.info.scaler) != store.info.scaler:
         raise ApmaeError(f"{checkpoint} expects maps scaled with {cfg.stored_scaler!r}; {run} "
                          f"stores {store.info.scaler!r}")
+    if dist is not None:
+        return _encode_ranked(run, checkpoint, store, model, index, target, n_layers, n_heads,
+                              pool, batch_size, block, restart, dist, device)
     writer, fingerprint = open_writer(run, checkpoint, model, n_layers, n_heads, pool, block,
                                       restart)
     dim = writer.shape_lhd[2]
@@ -464,37 +564,20 @@ def encode(run: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
     if done.size:
         log.info("resuming: %d of %d inferences already encoded", done.size, target.size)
     writer.group.attrs.update({"complete": False})
-
-    # Positions of every map of the remaining inferences, sorted by map id.
-    todo = target[done.size:]
-    index = index[index["inference_id"].isin(todo)].sort_values("map_id")
-    pos = np.searchsorted(todo, index["inference_id"].to_numpy())
-    map_ids = index["map_id"].to_numpy(np.int64)
-    layers, heads = index["layer"].to_numpy(np.int64), index["head"].to_numpy(np.int64)
     t0 = time.perf_counter()
-    n_maps = 0
-    bar = progress(total=len(map_ids), desc="encode", unit="map")
+    if (run / ranks.ENCODE_SHARDS).exists():   # blocks a torchrun encode left
+        ranks.merge_encode(run, writer, target, complete=False)
+        done = writer.committed_ids
+    blocks = _Blocks(store, index, target, done.size, n_layers, n_heads, dim)
+    bar = progress(total=len(blocks.map_ids), desc="encode", unit="map")
     # Work a block of inferences at a time (host buffer [b, L, H, D]); maps in batches.
     first = writer.block - done.size % writer.block   # commits stay aligned to the chunks
-    bounds = sorted({0, todo.size, *range(first, todo.size, writer.block)})
+    bounds = sorted({0, blocks.todo.size, *range(first, blocks.todo.size, writer.block)})
     for lo, hi in zip(bounds[:-1], bounds[1:]):
-        sel = np.nonzero((pos >= lo) & (pos < hi))[0]
-        buf = np.full((hi - lo, n_layers, n_heads, dim), np.nan, np.float16)
-        spans = [(s, min(s + batch_size, len(sel))) for s in range(0, len(sel), batch_size)]
-
-        def reader(s, e, sel=sel):
-            return store.read(map_ids[sel[s:e]])
-
-        for (s, e), maps in _prefetch(reader, spans):
-            rows = sel[s:e]
-            _refuse_non_finite(maps, map_ids[rows], store)
-            emb = encode_maps(model, maps, pool=pool, batch_size=batch_size)
-            buf[pos[rows] - lo, layers[rows], heads[rows]] = emb.cpu().numpy().astype(np.float16)
-            n_maps += len(rows)
-            bar.update(len(rows))
-        writer.append(todo[lo:hi], buf)
+        writer.append(blocks.todo[lo:hi], blocks.encode(model, lo, hi, pool, batch_size, bar))
     writer.close()
     bar.close()
+    n_maps = blocks.n_maps
     seconds = time.perf_counter() - t0
     update_manifest(run, "encode", {
         "mode": "store", "checkpoint": str(checkpoint), "checkpoint_sha256": fingerprint,

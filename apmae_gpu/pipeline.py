@@ -64,7 +64,9 @@ def stage_keys(cfg: PipelineConfig) -> dict[str, str]:
     keys, prev = {}, json.dumps({"model": cfg.model, "seed": cfg.seed}, sort_keys=True)
     dump = cfg.model_dump(mode="json")
     for stage in stage_order(cfg):
-        part = {s: dump[s] for s in SECTIONS[stage]}
+        # the number of processes never changes a capture's or encoding's result
+        part = {s: {k: v for k, v in dump[s].items() if not (k == "nproc" and s != "train")}
+                for s in SECTIONS[stage]}
         prev = hashlib.sha256((prev + json.dumps(part, sort_keys=True)).encode()).hexdigest()[:16]
         keys[stage] = prev
     return keys
@@ -115,12 +117,37 @@ def _capture(split: str):
         c = cfg.capture
         s = getattr(c, split)
         encode_with = (run / "apmae" / "final") if split == "analysis" and c.encode_analysis else None
+        if c.nproc > 1 and encode_with is None:
+            argv = ["capture", str(run), "--model", cfg.model, "--split", split, "--per-task",
+                    str(s.per_task), "--scaler", c.scaler, "--batch-size", str(c.batch_size),
+                    "--device", cfg.device, "--seed", str(cfg.seed), "--chunk-maps",
+                    str(c.chunk_maps)]
+            for flag, value in (("--heads", s.heads), ("--max-attempts", s.max_attempts),
+                                ("--device-map", c.device_map)):
+                if value is not None:
+                    argv += [flag, str(value)]
+            argv += ["--trust-remote-code"] * cfg.trust_remote_code
+            return _torchrun(c.nproc, argv, f"capture of the {split} split")
+        if c.nproc > 1:
+            log.info("capture of the %s split: one process (encode_analysis encodes while it "
+                     "captures, which runs in one process)", split)
         capture(run=run, model=cfg.model, split=split, per_task=s.per_task, heads=s.heads,
                 scaler=c.scaler, batch_size=c.batch_size, device=cfg.device, seed=cfg.seed,
                 max_attempts=s.max_attempts, device_map=c.device_map, chunk_maps=c.chunk_maps,
                 trust_remote_code=cfg.trust_remote_code, encode_with=encode_with, pool=c.pool,
                 dtype=c.dtype)
     return run_split
+
+
+def _torchrun(nproc: int, argv: list[str], what: str) -> None:
+    """Run ``apmae ARGV`` on ``nproc`` processes of one machine (torch's launcher)."""
+    import sys
+
+    argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+            f"--nproc_per_node={nproc}", "-m", "apmae_gpu.cli", *argv]
+    log.info("launching %s", " ".join(argv))
+    if subprocess.call(argv) != 0:
+        raise ApmaeError(f"distributed {what} failed (see its output above)")
 
 
 def _train(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
@@ -170,6 +197,11 @@ def _encode(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
     from apmae_gpu.encoding import encode
 
     e = cfg.encode
+    if e.nproc > 1:
+        argv = ["encode", str(run), "--checkpoint", str(run / "apmae" / "final"),
+                "--batch-size", str(e.batch_size), "--pool", e.pool, "--device", cfg.device]
+        argv += ["--block", str(e.block)] * (e.block is not None) + ["--restart"] * fresh
+        return _torchrun(e.nproc, argv, "encoding")
     encode(run=run, checkpoint=run / "apmae" / "final", batch_size=e.batch_size, pool=e.pool,
            device=cfg.device, block=e.block, restart=fresh)
 

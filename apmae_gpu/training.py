@@ -58,6 +58,7 @@ from apmae_gpu.runs import (
     update_manifest,
     write_json,
 )
+from apmae_gpu.scaling import FLOOR
 from apmae_gpu.store import MapStore
 
 log = logging.getLogger("apmae_gpu.training")
@@ -381,6 +382,35 @@ def _masked_mse(model: APMAEModel, maps: torch.Tensor, noise: torch.Tensor, batc
 
 
 # --------------------------------------------------------------------------- train
+def _tf32_settings() -> list[tuple[object, str]]:
+    """(object, attribute) pairs that decide TF32: torch's ``fp32_precision`` API where it
+    exists, else the older ``allow_tf32`` flags."""
+    import torch
+
+    b = torch.backends
+    if hasattr(b.cuda.matmul, "fp32_precision") and hasattr(b.cudnn, "conv"):
+        return [(b.cuda.matmul, "fp32_precision"), (b.cudnn.conv, "fp32_precision")]
+    return [(b.cuda.matmul, "allow_tf32"), (b.cudnn, "allow_tf32")]
+
+
+def enable_tf32() -> None:
+    """TF32 for float32 matmuls and convolutions (training only: see :func:`tf32_scope`)."""
+    for obj, attr in _tf32_settings():
+        setattr(obj, attr, "tf32" if attr == "fp32_precision" else True)
+
+
+@contextlib.contextmanager
+def tf32_scope():
+    """Restore the TF32 settings on exit, so later stages in the same process (capture,
+    encoding, kNN) compute in full float32."""
+    saved = [(obj, attr, getattr(obj, attr)) for obj, attr in _tf32_settings()]
+    try:
+        yield
+    finally:
+        for obj, attr, value in saved:
+            setattr(obj, attr, value)
+
+
 def train(run, preset: str = "small", steps: int = 1000, batch_size: int = 64,
           lr: float | None = None, resume: bool = False, out=None, raw: bool = False,
           device: str = "auto", seed: int = 0, compile: bool = False, val_fraction: float = 0.1,
@@ -394,7 +424,8 @@ def train(run, preset: str = "small", steps: int = 1000, batch_size: int = 64,
     ``{"image_size": 64, "patch_size": 8}`` for small maps.  ``threads``: torch CPU threads
     while training (default: torch's choice, but 1 on machines with at most 2 cores, where one
     thread measured 2-7x faster than two for the small presets).  Returns the manifest's
-    ``train`` section.
+    ``train`` section.  TF32 (on CUDA) is scoped to the call: the previous setting comes back
+    when it returns.
     """
     cpu_threads = torch.get_num_threads()
     if threads is None and (os.cpu_count() or 1) <= 2:
@@ -402,9 +433,11 @@ def train(run, preset: str = "small", steps: int = 1000, batch_size: int = 64,
     if threads:
         torch.set_num_threads(threads)
     try:
-        return _train(run, preset, steps, batch_size, lr, resume, out, raw, device, seed, compile,
-                      val_fraction, model_config, warmup_steps, save_every, eval_every, log_every,
-                      keep_checkpoints, max_val_maps, buffer_maps, workers)
+        with tf32_scope():
+            return _train(run, preset, steps, batch_size, lr, resume, out, raw, device, seed,
+                          compile, val_fraction, model_config, warmup_steps, save_every,
+                          eval_every, log_every, keep_checkpoints, max_val_maps, buffer_maps,
+                          workers)
     finally:
         torch.set_num_threads(cpu_threads)
 
@@ -534,8 +567,7 @@ def _train(run, preset, steps, batch_size, lr, resume, out, raw, device, seed, c
     if compile:
         net = torch.compile(net)
     if cuda:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
+        enable_tf32()   # train() restores the previous setting when it returns
 
     def amp():
         return (torch.autocast("cuda", dtype=torch.bfloat16) if cuda

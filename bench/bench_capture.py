@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--batch-size", type=int, default=None)
     ap.add_argument("--window", type=int, default=256)
     ap.add_argument("--repeat", type=int, default=3)
-    ap.add_argument("--reference-batches", type=int, default=1)
+    ap.add_argument("--reference-batches", type=int, default=1, help="0: skip the reference")
     args = ap.parse_args()
     device = resolve_device("auto")
     model = args.model or ("random:starcoder2-3b" if device == "cuda" else "smollm2")
@@ -138,7 +138,17 @@ def main() -> None:
     table.append({"path": "capture + write to maps.zarr (serial)", "inferences_per_s": B / t_e2e,
                   "maps_per_s": B * maps_per_inf / t_e2e, "vs_plain": t_plain / t_e2e})
 
-    # 5. the reference approach: eager output_attentions, float32 to host, one write per map.
+    # 5. the reference approach: eager output_attentions, float32 to host, one write per map
+    #    (--reference-batches 0 skips it: minutes for a 3B model).
+    if args.reference_batches < 1:
+        figures["peak_rss_mib"] = peak_rss_mib()
+        if device == "cuda":
+            figures["peak_gpu_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        save("capture", figures, table, [
+            f"{model} ({fam.n_layers} layers x {fam.n_heads} heads, {lm.dtype}), batch {B}, "
+            f"window {W}, device {device}; reference approach skipped",
+            f"capture overhead over the plain forward: {figures['capture_overhead_pct']:.1f}%"])
+        return
     tmp = Path(tempfile.mkdtemp())
     ref = zarr.create_array(store=str(tmp / "r.zarr"), shape=(B * maps_per_inf * args.reference_batches, W, W),
                             chunks=(1, W, W), dtype="float32", compressors=ZstdCodec(level=1))

@@ -49,14 +49,14 @@ def synthetic(n: int, n_layers: int, n_heads: int, seed: int = 0, clusters: int 
     return pd.DataFrame(X.astype(np.int32)), y, informative
 
 
-def run_case(name, n, n_layers, n_heads, folds, settings, clusters=4):
+def run_case(name, n, n_layers, n_heads, folds, settings, clusters=4, task_type="CPU"):
     X, y, informative = synthetic(n, n_layers, n_heads, clusters=clusters)
     t0, c0 = time.perf_counter(), time.process_time()
-    cv = cross_validate(X, y, folds, settings, "CPU", seed=0)
+    cv = cross_validate(X, y, folds, settings, task_type, seed=0)
     seconds, cpu = time.perf_counter() - t0, time.process_time() - c0
     heads, _ = head_importance(cv.shap, X.to_numpy(), n_layers, n_heads)
     top = set(heads.sort_values("importance", ascending=False).index[:5])
-    return dict(case=name, n=n, features=n_layers * n_heads, folds=folds,
+    return dict(case=name, task_type=task_type, n=n, features=n_layers * n_heads, folds=folds,
                 one_hot_max_size=settings.one_hot_max_size, iterations=settings.iterations,
                 boosting=settings.boosting_type or "auto",
                 seconds_per_task=round(seconds, 1),
@@ -205,10 +205,16 @@ def main() -> None:
                      ("SC2-3B shape, reference", 1000, 30, 24, ref),
                      ("SC2-3B shape, one-hot 16", 1000, 30, 24, fast)]
             name = "classify"
-        title = "Classification time per task (CPU)"
+        from apmae_gpu.classification import resolve_task_type
+
+        gpu = resolve_task_type("auto") == "GPU"
+        if not gpu:
+            print("GPU cases skipped: CatBoost sees no CUDA GPU", flush=True)
+        title = f"Classification time per task ({'CPU and GPU' if gpu else 'CPU'})"
         rows = []
         for case in cases:
-            rows.append(run_case(*case))
+            for task_type in ("CPU", "GPU") if gpu else ("CPU",):
+                rows.append(run_case(*case, task_type=task_type))
             print(rows[-1], flush=True)
     tree_rows = []
     for tname, n, L, H, s in trees:
@@ -220,9 +226,10 @@ def main() -> None:
                   notes=COMPARE_NOTES if args.compare else CV_NOTES)
     OUT.mkdir(parents=True, exist_ok=True)
     (OUT / f"{name}.json").write_text(json.dumps(result, indent=2) + "\n")
+    gpu_name = result["machine"].get("gpu")
     md = [f"# {title}", "",
           f"Machine: {result['machine'].get('cpu', '?')}, {result['machine']['cpu_count']} cores, "
-          "shared; no GPU.", "", markdown(rows), ""]
+          f"shared; {'GPU ' + gpu_name if gpu_name else 'no GPU'}.", "", markdown(rows), ""]
     if tree_rows:
         md += ["CatBoost time per tree (no early stopping, 20 trees):", "",
                markdown(tree_rows), ""]

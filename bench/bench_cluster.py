@@ -156,6 +156,47 @@ def bench_knn(sizes: list[int], dim: int, torch_max: int) -> list[dict]:
     return rows
 
 
+def bench_gpu(sizes: list[int], dim: int) -> list[dict]:
+    """The GPU paths, where present: exact torch kNN on CUDA (recall against CPU NN-descent's
+    graph is not needed: it is exact) and cuML UMAP + HDBSCAN per head.  Prints one line and
+    returns nothing for each path this machine cannot run."""
+    import torch
+
+    from apmae_gpu.cluster_backends import CumlClusterer, cuml_available, torch_knn
+
+    rows = []
+    if not torch.cuda.is_available():
+        print("gpu section: skipped torch kNN on CUDA (torch sees no CUDA GPU)", flush=True)
+    else:
+        torch_knn(embeddings(2000, dim), 20, "cosine", "cuda")          # warm-up
+        for n in sizes:
+            X = embeddings(n, dim)
+            torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            torch_knn(X, 20, "cosine", "cuda")
+            torch.cuda.synchronize()
+            rows.append(dict(section="gpu_knn", n=n, dim=dim, torch_cuda_s=round(
+                time.perf_counter() - t0, 2), gpu=torch.cuda.get_device_name(0)))
+            print(rows[-1], flush=True)
+    ok, why = cuml_available()
+    if not ok:
+        print(f"gpu section: skipped cuML UMAP + HDBSCAN ({why})", flush=True)
+        return rows
+    from apmae_gpu.cluster_backends import free_torch_cuda_cache
+
+    free_torch_cuda_cache()
+    CumlClusterer(random_state=0).fit(embeddings(2000, dim))                # warm-up
+    for n in sizes:
+        X = embeddings(n, dim)
+        t0 = time.perf_counter()
+        est = CumlClusterer(random_state=0).fit(X)
+        rows.append(dict(section="gpu_cuml", n=n, dim=dim,
+                         cuml_umap_hdbscan_s=round(time.perf_counter() - t0, 2),
+                         clusters=int(est.labels_.max()) + 1))
+        print(rows[-1], flush=True)
+    return rows
+
+
 def bench_hdbscan(sizes: list[int], store: dict, sklearn_max: int) -> list[dict]:
     import warnings
 
@@ -256,7 +297,8 @@ def to_markdown(results: dict) -> str:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--sections", default="jit,umap,knn,hdbscan,demo")
+    ap.add_argument("--sections", default="jit,umap,knn,hdbscan,demo,gpu",
+                    help="gpu: torch kNN on CUDA and cuML, each skipped with a line when absent")
     ap.add_argument("--sizes", default="5000,20000,50000,110000")
     ap.add_argument("--dim", type=int, default=512)
     ap.add_argument("--torch-knn-max", type=int, default=110000,
@@ -286,6 +328,8 @@ def main() -> None:
                 new += bench_hdbscan([n], store, args.sklearn_max)
     if "knn" in sections:
         new += bench_knn(sizes, args.dim, args.torch_knn_max)
+    if "gpu" in sections:
+        new += bench_gpu(sizes, args.dim)
     if "demo" in sections:
         new += bench_demo(args.demo_points, args.demo_dim,
                           [int(w) for w in args.demo_workers.split(",")], args.demo_epochs)

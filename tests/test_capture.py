@@ -5,7 +5,6 @@ gives exactly the uninterrupted result."""
 from __future__ import annotations
 
 import json
-import math
 import os
 import signal
 import subprocess

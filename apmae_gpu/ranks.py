@@ -1,0 +1,547 @@
+"""Capture on several processes (torchrun ranks or ``--shard K/N``), with a result that does
+not depend on how many there are.
+
+Rounds
+    Each task's candidates are in a seeded order (see :class:`RoundPlan`); round ``k`` of a
+    task is its candidates ``[k*B, (k+1)*B)`` (``B`` = ``--batch-size``), one forward batch of
+    one task.  A round's content depends on nothing but the seed, the tasks and ``B``, so a
+    prompt is always computed in the same batch, whichever process computes it.
+
+The keep rule (one process and N processes alike)
+    An attempt is kept when its class is still short of the quota among the task's earlier
+    attempts in candidate order (analysis: correct / incorrect, ``N`` each; noise: the first
+    ``2N``, a task's total; train: the first ``N`` correct).  Round ``k`` is *needed* when the rounds before
+    it do not meet the task's quota.  One process computes exactly the needed rounds, in the
+    order ``(k, task)``, and commits one round per commit.
+
+N processes
+    Round ``k`` of the task at position ``t`` in ``TASKS`` belongs to rank ``(k + t) % N``.
+    Every rank writes its rounds to ``RUN/shards/K-of-N`` and learns the others' outcomes by
+    reading their committed inference parts (a shared filesystem).  Under torchrun a rank
+    computes a round only once it is certainly needed (whatever the unknown earlier rounds
+    hold) and waits otherwise; with ``--shard`` (processes that may not run at the same time)
+    a rank computes every round that is possibly needed given what it knows, so nothing is
+    ever missing.  A rank stores the maps of every attempt that may still be kept.
+    :func:`merge_capture` then appends, in ``(k, task)`` order, exactly the needed rounds with
+    the keep rule applied to the complete outcomes: the same inference rows, ids, maps and
+    map order as one process.  Surplus rounds and maps stay out of the run (counted in the
+    manifest).  Each merge commit is one round, so a killed merge reruns to the same result.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from apmae_gpu import TASKS
+from apmae_gpu.runs import ApmaeError, atomic_path
+
+log = logging.getLogger("apmae_gpu.ranks")
+
+UNKNOWN, INCORRECT, CORRECT, NONE = -1, 0, 1, 2
+POLL_SECONDS = 0.05
+
+
+# --------------------------------------------------------------------------- process group
+def dist_env() -> tuple[int, int, int] | None:
+    """``(rank, world_size, local_rank)`` when launched by torchrun with more than one
+    process, else None."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return None
+    return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
+
+
+def init_group(device: str) -> None:
+    """Join torchrun's process group (gloo on CPU, nccl on CUDA) if not joined yet."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+
+
+def barrier(device: str) -> None:
+    import torch.distributed as dist
+
+    if device.startswith("cuda"):
+        import torch
+
+        dist.barrier(device_ids=[torch.cuda.current_device()])
+    else:
+        dist.barrier()
+
+
+def finish(device: str) -> None:
+    """Wait for every rank, then leave the process group."""
+    import torch.distributed as dist
+
+    barrier(device)
+    dist.destroy_process_group()
+
+
+def rank_device(device: str, local_rank: int) -> str:
+    """Each rank on its own GPU (``cuda`` -> ``cuda:LOCAL_RANK``)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.set_device(local_rank)
+        return f"cuda:{local_rank}"
+    return device
+
+
+def shard_dirs(run: Path) -> list[Path]:
+    return sorted((Path(run) / "shards").glob("*-of-*"),
+                  key=lambda p: tuple(int(x) for x in p.name.split("-of-")[::-1]))
+
+
+# --------------------------------------------------------------------------- the plan
+@dataclass
+class RoundPlan:
+    """Per task its candidates (task ids, seeded order, capped by max_attempts)."""
+
+    split: str
+    quota: int
+    batch: int
+    order: dict[str, np.ndarray]
+    capped: dict[str, bool]
+
+    @classmethod
+    def build(cls, tasks: pd.DataFrame, split: str, quota: int, batch: int, seed: int,
+              max_attempts: int | None, used_elsewhere: set) -> RoundPlan:
+        names = ["random_masking"] if split == "train" else [t for t in TASKS
+                                                             if t in set(tasks.task)]
+        order, capped = {}, {}
+        tasks = split_rows(tasks, split, used_elsewhere)
+        for task in names:
+            ids = tasks.loc[tasks.task == task, "task_id"].to_numpy()
+            ids = np.random.default_rng([seed, 11, TASKS.index(task)]).permutation(np.sort(ids))
+            capped[task] = max_attempts is not None and len(ids) > max_attempts
+            order[task] = ids[:max_attempts] if max_attempts is not None else ids
+        return cls(split, quota, batch, order, capped)
+
+    def n_rounds(self, task: str) -> int:
+        return math.ceil(len(self.order[task]) / self.batch)
+
+    def attempts(self, task: str, k: int) -> np.ndarray:
+        return np.arange(k * self.batch, min((k + 1) * self.batch, len(self.order[task])))
+
+    def save(self, path: Path, extra: dict) -> None:
+        if path.exists():
+            return
+        data = {"split": self.split, "quota": self.quota, "batch": self.batch,
+                "candidates": {t: int(len(o)) for t, o in self.order.items()},
+                "created_ns": time.time_ns(), **extra}
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def plan_path(run: Path, split: str) -> Path:
+    return Path(run) / "shards" / f"plan-{split}.json"
+
+
+def check_plan(run: Path, plan: RoundPlan, seed: int) -> None:
+    """A rerun must plan the same rounds as the shards already written."""
+    path = plan_path(run, plan.split)
+    if not path.exists():
+        return
+    old = json.loads(path.read_text())
+    if old["batch"] != plan.batch or old.get("seed") != seed or old["quota"] != plan.quota:
+        raise ApmaeError(f"{path}: the shards were captured with --batch-size {old['batch']}, "
+                         f"--seed {old.get('seed')}, --per-task {old['quota']}; rerun with those "
+                         "(or merge them first with `apmae merge-shards`)")
+
+
+def split_rows(tasks: pd.DataFrame, split: str, used_elsewhere: set) -> pd.DataFrame:
+    """The rows of ``tasks`` that ``split`` may prompt: mined for it (or for no split, in
+    tables mined before the ``split`` column), not prompted by another split, and not from a
+    source file another split prompted (``used_elsewhere``: task ids)."""
+    keep = np.ones(len(tasks), bool)
+    if "split" in tasks.columns:
+        keep &= (tasks["split"].isna() | (tasks["split"] == split)).to_numpy()
+    if used_elsewhere:
+        used = tasks["task_id"].isin(list(used_elsewhere)).to_numpy()
+        files = tasks["task"].ne("noise").to_numpy()
+        sources = set(tasks.loc[used & files, "source"])
+        keep &= ~used & ~(tasks["source"].isin(sources).to_numpy() & files)
+    return tasks[keep]
+
+
+# --------------------------------------------------------------------------- the keep rule
+def kept_target(split: str, task: str, per_task: int) -> int:
+    """Inferences a split keeps of one task: ``train`` per_task correct ones; ``analysis``
+    per_task correct + per_task incorrect, and for noise (no correctness) the same total."""
+    return per_task if split == "train" else 2 * per_task
+
+
+def _met(task: str, split: str, quota: int, c: int, i: int, a: int) -> bool:
+    """Whether a task's quota is met by ``c`` correct, ``i`` incorrect of ``a`` attempts."""
+    if split == "train":
+        return c >= quota
+    if task == "noise":
+        return a >= kept_target(split, task, quota)
+    return c >= quota and i >= quota
+
+
+def keeps(task: str, split: str, quota: int, code: int, c: int, i: int, a: int) -> bool:
+    """Whether an attempt with outcome ``code`` is kept after ``c`` correct / ``i`` incorrect
+    of ``a`` earlier attempts (the rule capture has always applied)."""
+    if split == "train":
+        return code == CORRECT and c < quota
+    if task == "noise":
+        return a < kept_target(split, task, quota)
+    return c < quota if code == CORRECT else i < quota
+
+
+def outcome_code(correct) -> int:
+    if correct is None or (isinstance(correct, float) and math.isnan(correct)) or correct is pd.NA:
+        return NONE
+    return CORRECT if bool(correct) else INCORRECT
+
+
+class Outcomes:
+    """What is known of every candidate's outcome, per task (``UNKNOWN`` until committed
+    somewhere: the run's own store or any shard)."""
+
+    def __init__(self, plan: RoundPlan, run: Path):
+        self.plan, self.run = plan, Path(run)
+        self.codes = {t: np.full(len(o), UNKNOWN, np.int8) for t, o in plan.order.items()}
+        # per task: prefix counts [correct, incorrect, unknown] of codes[:i], valid for i <= lo
+        self._prefix = {t: (np.zeros((3, 1), np.int64), 0) for t in self.codes}
+        self._lo = {t: 0 for t in self.codes}       # rounds before it are all known
+        self._read: set[Path] = set()
+        self.refresh()
+
+    def record(self, task: str, attempt: int, code: int) -> None:
+        self.codes[task][attempt] = code
+        arr, valid = self._prefix[task]
+        self._prefix[task] = (arr, min(valid, attempt))
+
+    def refresh(self) -> int:
+        """Read inference parts committed since the last call; returns how many."""
+        import pyarrow.parquet as pq
+
+        from apmae_gpu.store import INFERENCES
+
+        new = 0
+        for src in [self.run, *shard_dirs(self.run)]:
+            d = src / INFERENCES
+            if not d.is_dir():
+                continue
+            for p in sorted(d.glob("part-*.parquet")):
+                if p in self._read:
+                    continue
+                df = pq.read_table(p, columns=["split", "task", "attempt", "correct"]).to_pandas()
+                df = df[df.split == self.plan.split]
+                for row in df.itertuples():
+                    if row.task in self.codes and row.attempt < len(self.codes[row.task]):
+                        self.record(row.task, int(row.attempt), outcome_code(row.correct))
+                self._read.add(p)
+                new += 1
+        return new
+
+    # ------------------------------------------------------------------ predicates
+    def _counts(self, task: str, upto: int, optimistic: bool = False) -> tuple[int, int, int, int]:
+        """(correct, incorrect, known, unknown) among the first ``upto`` candidates, from
+        prefix sums kept per task (recomputed only past the first changed position)."""
+        arr, valid = self._prefix[task]
+        codes = self.codes[task]
+        if upto > valid + 4 * self.plan.batch:
+            arr = np.zeros((3, len(codes) + 1), np.int64)
+            for row, code in enumerate((CORRECT, INCORRECT, UNKNOWN)):
+                np.cumsum(codes == code, out=arr[row, 1:])
+            valid = len(codes)
+            self._prefix[task] = (arr, valid)
+        base = min(upto, valid)
+        c, i, u = (int(x) for x in arr[:, base])
+        rest = codes[base:upto]
+        if rest.size:
+            c, i, u = (c + int((rest == CORRECT).sum()), i + int((rest == INCORRECT).sum()),
+                       u + int((rest == UNKNOWN).sum()))
+        return c, i, upto - u, u
+
+    def first_open(self, task: str) -> int:
+        """The lowest round with an unknown attempt (``n_rounds`` when every one is known)."""
+        lo = self._lo[task]
+        while lo < self.plan.n_rounds(task) and self.round_known(task, lo):
+            lo += 1
+        self._lo[task] = lo
+        return lo
+
+    def met_before(self, task: str, k: int, optimistic: bool = False) -> bool:
+        """Whether the rounds before ``k`` meet the quota: surely (lower bound, the default)
+        or if every unknown attempt among them were of use (``optimistic``)."""
+        p = self.plan
+        c, i, a, u = self._counts(task, k * p.batch, optimistic)
+        if not optimistic:
+            return _met(task, p.split, p.quota, c, i, a)
+        if p.split == "train" or task == "noise":
+            return _met(task, p.split, p.quota, c + u, i + u, a + u)
+        return (c + u >= p.quota and i + u >= p.quota
+                and max(0, p.quota - c) + max(0, p.quota - i) <= u)
+
+    def round_known(self, task: str, k: int) -> bool:
+        return bool((self.codes[task][self.plan.attempts(task, k)] != UNKNOWN).all())
+
+    def may_keep(self, task: str, attempt: int, code: int) -> bool:
+        """Whether an attempt may be kept given what is known of the earlier ones (exact when
+        every earlier attempt is known)."""
+        c, i, a, _ = self._counts(task, attempt, False)
+        return keeps(task, self.plan.split, self.plan.quota, code, c, i, a)
+
+    def task_done(self, task: str) -> bool:
+        """No further round of ``task`` can be needed."""
+        lo = self.first_open(task)
+        return lo >= self.plan.n_rounds(task) or self.met_before(task, lo)
+
+    def needed_rounds(self) -> list[tuple[int, int, str]]:
+        """``(k, task position, task)`` of every needed round, in commit order; every round
+        before the last needed one of a task must be known."""
+        out = []
+        for t, task in enumerate(self.plan.order):
+            for k in range(self.plan.n_rounds(task)):
+                if self.met_before(task, k):
+                    break
+                if not self.round_known(task, k):
+                    raise ApmaeError(f"{self.plan.split} split: round {k} of task {task} was not "
+                                     "captured by any shard; rerun the capture (it resumes), "
+                                     "then merge")
+                out.append((k, TASKS.index(task), task))
+        return sorted(out)
+
+
+# --------------------------------------------------------------------------- scheduling
+def owner(k: int, task: str, world: int) -> int:
+    return (k + TASKS.index(task)) % world
+
+
+def next_round(known: Outcomes, rank: int, world: int, wait: bool) -> tuple[str, int] | None:
+    """The next round this rank computes, or None when no round of any task can be needed.
+
+    ``wait`` (every rank runs at once): only a round that is needed whatever the unknown
+    earlier rounds hold, polling the other shards until one is or every task is done.
+    Otherwise (or with one rank, which knows everything): every possibly needed round."""
+    plan = known.plan
+    if world > 1:
+        known.refresh()          # what the other shards committed meanwhile
+    while True:
+        best = None
+        for task in plan.order:
+            for k in range(known.first_open(task), plan.n_rounds(task)):
+                if best is not None and (k, TASKS.index(task)) >= best[0]:
+                    break
+                if known.met_before(task, k, optimistic=wait and world > 1):
+                    break
+                if owner(k, task, world) == rank and not known.round_known(task, k):
+                    best = ((k, TASKS.index(task)), task, k)
+                    break
+        if best is not None:
+            return best[1], best[2]
+        if not (wait and world > 1) or all(known.task_done(t) for t in plan.order):
+            return None
+        time.sleep(POLL_SECONDS)
+        known.refresh()
+
+
+def summary(known: Outcomes) -> dict:
+    """Per task: attempts, kept, correct, incorrect, candidates, status (as one process)."""
+    p = known.plan
+    out = {}
+    for task, codes in known.codes.items():
+        n = 0
+        for k in range(p.n_rounds(task)):
+            if known.met_before(task, k):
+                break
+            n = int(p.attempts(task, k)[-1]) + 1
+        c = i = a = kc = ki = kn = 0
+        for code in codes[:n]:
+            if keeps(task, p.split, p.quota, int(code), c, i, a):
+                kn += 1
+                kc += int(code == CORRECT)
+                ki += int(code == INCORRECT)
+            c, i, a = c + int(code == CORRECT), i + int(code == INCORRECT), a + 1
+        met = _met(task, p.split, p.quota, c, i, a)
+        capped = p.capped.get(task, False) and n == len(codes)
+        status = "quota met" if met else ("max attempts" if capped else "candidates exhausted")
+        out[task] = {"attempts": n, "kept": kn, "correct": kc, "incorrect": ki,
+                     "candidates": int(len(codes)), "status": status}
+    return out
+
+
+# --------------------------------------------------------------------------- the merge
+def load_plan(path: Path) -> tuple[RoundPlan, dict]:
+    data = json.loads(Path(path).read_text())
+    order = {t: np.zeros(n, np.int64) for t, n in data["candidates"].items()}
+    capped = data.get("capped", {})
+    return RoundPlan(data["split"], int(data["quota"]), int(data["batch"]), order, capped), data
+
+
+def merge_capture(run: Path) -> dict:
+    """Append the needed rounds of every shard under ``RUN/shards`` to RUN's store, in the
+    order one process commits them (see module docstring); resumable; removes the shards."""
+    import shutil
+
+    from apmae_gpu.runs import read_manifest, update_manifest
+    from apmae_gpu.store import INFERENCE_SCHEMA, MapStore
+
+    run = Path(run)
+    dirs = [d for d in shard_dirs(run) if (d / "maps.zarr").exists()]
+    plans = sorted((run / "shards").glob("plan-*.json"),
+                   key=lambda p: json.loads(p.read_text())["created_ns"])
+    if not dirs:
+        raise ApmaeError(f"{run}/shards holds no shard to merge")
+    if not plans:
+        raise ApmaeError(f"{run}/shards has no plan-<split>.json (shards written by an older "
+                         "apmae_gpu cannot be merged by this one)")
+    srcs = [MapStore(d) for d in dirs]
+    infs = [s.inferences() for s in srcs]
+    indexes = [s.index() for s in srcs]
+    merged, surplus, t0 = 0, 0, time.perf_counter()
+    section = read_manifest(run).get("capture", {})
+    shard_calls: dict[str, dict] = {}
+    for d, man in ((d, read_manifest(d)) for d in dirs):
+        for key, value in man.get("capture", {}).items():
+            if key != "splits":
+                section.setdefault(key, value)
+        for split, info in man.get("capture", {}).get("splits", {}).items():
+            shard_calls.setdefault(split, {})[d.name] = info.get("this_call")
+    for plan_file in plans:
+        plan, extra = load_plan(plan_file)
+        known = Outcomes(plan, run)
+        needed = known.needed_rounds()
+        info = srcs[0].info
+        dst = MapStore.create_or_open(run, window=info.window, scaler=info.scaler,
+                                      fill_value=info.fill_value, floor=info.floor,
+                                      chunk_maps=info.chunk_maps)
+        done = dst.inferences()
+        have = set()
+        if not done.empty:
+            mine = done[done.split == plan.split]
+            have = set(zip(mine.task, mine.attempt))
+        next_id = int(done.inference_id.max()) + 1 if not done.empty else 0
+        next_batch = int(done[done.split == plan.split].batch.max()) + 1 if (
+            not done.empty and (done.split == plan.split).any()) else 0
+        by_round = [df[df.split == plan.split].set_index(["task", "attempt"]) for df in infs]
+        positions = [ix.groupby("inference_id").indices for ix in indexes]
+        for k, _, task in needed:
+            attempts = plan.attempts(task, k)
+            present = [(task, int(a)) in have for a in attempts]
+            if all(present):
+                continue
+            if any(present):
+                raise ApmaeError(f"{run}: round {k} of {task} is partly merged; the store is "
+                                 "damaged")
+            s = next((j for j, df in enumerate(by_round)
+                      if all((task, int(a)) in df.index for a in attempts)), None)
+            if s is None:
+                raise ApmaeError(f"round {k} of {task} is split over shards; rerun the capture")
+            part = by_round[s].loc[[(task, int(a)) for a in attempts]].reset_index()
+            rows, maps, index_parts = [], [], []
+            for b, row in enumerate(part.itertuples(index=False)):
+                code = outcome_code(row.correct)
+                keep = known.may_keep(task, int(row.attempt), code)
+                new_id = next_id + b
+                sel = indexes[s].iloc[positions[s].get(row.inference_id, [])]
+                if keep:
+                    if not row.has_maps or len(sel) == 0:
+                        raise ApmaeError(f"{dirs[s]}: inference {row.inference_id} should have "
+                                         "its maps stored; rerun the capture with --restart")
+                    maps.append(srcs[s].read(sel.map_id.to_numpy()))
+                    index_parts.append(pd.DataFrame({"inference_id": new_id,
+                                                     "layer": sel.layer.to_numpy(),
+                                                     "head": sel["head"].to_numpy()}))
+                rows.append({**row._asdict(), "inference_id": new_id, "batch": next_batch,
+                             "has_maps": keep, "n_maps": len(sel) if keep else 0})
+            dst.commit(np.concatenate(maps) if maps else None,
+                       pd.concat(index_parts, ignore_index=True) if index_parts else None,
+                       pd.DataFrame(rows)[[f.name for f in INFERENCE_SCHEMA]],
+                       inference_schema=INFERENCE_SCHEMA)
+            next_id += len(rows)
+            next_batch += 1
+            merged += len(rows)
+        n_split = sum(int((df.split == plan.split).sum()) for df in infs)
+        surplus += n_split - sum(len(plan.attempts(t, k)) for k, _, t in needed)
+        splits = section.setdefault("splits", {})
+        splits[plan.split] = {**{k: extra.get(k) for k in ("per_task", "heads", "batch_size",
+                                                           "seed", "max_attempts")},
+                              "quota": plan.quota, "shard": None, "tasks": summary(known),
+                              "shards": shard_calls.get(plan.split, {}),
+                              "surplus_attempts": int(n_split - sum(
+                                  len(plan.attempts(t, k)) for k, _, t in needed)),
+                              "n_maps_total": dst.n_maps}
+    section["merged_shards"] = [d.name for d in dirs]
+    section["merge_seconds"] = round(time.perf_counter() - t0, 2)
+    update_manifest(run, "capture", section)
+    shutil.rmtree(run / "shards")
+    log.info("merged %d shards into %s: %d inferences (%d surplus attempts left out)",
+             len(dirs), run, merged, surplus)
+    return {"shards": len(dirs), "inferences": merged, "surplus_attempts": surplus}
+
+
+# --------------------------------------------------------------------------- encode
+ENCODE_SHARDS = "shards-encode"
+
+
+def encode_block_owner(j: int, world: int) -> int:
+    return j % world
+
+
+def encode_shard_dirs(run: Path) -> list[Path]:
+    return sorted((Path(run) / ENCODE_SHARDS).glob("*-of-*"))
+
+
+def blocks_in_shards(run: Path, target: np.ndarray, block: int) -> dict[int, tuple[Path, int]]:
+    """Block number -> (shard's embeddings.zarr, position in it) of every committed block."""
+    import zarr
+
+    out = {}
+    for d in encode_shard_dirs(run):
+        path = d / "embeddings.zarr"
+        if not path.exists():
+            continue
+        group = zarr.open_group(path, mode="r")
+        n = int(group.attrs.get("n_committed", 0))
+        ids = np.asarray(group["inference_id"][:n], dtype=np.int64)
+        for pos in range(0, n, block):
+            j = int(np.searchsorted(target, ids[pos])) // block
+            out.setdefault(j, (path, pos))
+    return out
+
+
+def merge_encode(run: Path, writer, target: np.ndarray, complete: bool = True) -> int:
+    """Append the shards' blocks to the run's writer in order (resumable), then remove the
+    shards; returns the number of inferences appended.  ``complete=False`` stops at the
+    first missing block (one process encodes the rest)."""
+    import shutil
+
+    import zarr
+
+    block = writer.block
+    have = blocks_in_shards(run, target, block)
+    n_blocks = math.ceil(target.size / block)
+    appended = 0
+    for j in range(writer.committed // block, n_blocks):
+        if j not in have and not complete:
+            break
+        if j not in have:
+            raise ApmaeError(f"block {j} of the embeddings was not encoded by any rank; rerun "
+                             "`apmae encode` (it resumes)")
+        path, pos = have[j]
+        group = zarr.open_group(path, mode="r")
+        n = min(block, target.size - j * block)
+        ids = np.asarray(group["inference_id"][pos:pos + n])
+        emb = np.asarray(group["embeddings"][:, :, pos:pos + n, :]).transpose(2, 0, 1, 3)
+        if not np.array_equal(ids, target[j * block:j * block + n]):
+            raise ApmaeError(f"{path}: block {j} holds other inferences (capture changed?); "
+                             "remove RUN/shards-encode and rerun `apmae encode`")
+        writer.append(ids, emb)
+        appended += n
+    shutil.rmtree(Path(run) / ENCODE_SHARDS, ignore_errors=True)
+    return appended

@@ -1,0 +1,103 @@
+"""GPU-path defects that can be checked on a CPU: cuML settings, TF32 scope, the gpu extra's
+requirements, and no hard-coded package index anywhere in the repository."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import tomllib
+from pathlib import Path
+
+import pytest
+import torch
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from apmae_gpu import cluster_backends as cb
+from apmae_gpu import clustering, training
+from apmae_gpu.runs import ApmaeError
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+# --------------------------------------------------------------------------- cuML settings
+@pytest.mark.parametrize("metric,min_samples,message", [
+    ("braycurtis", 20, "--metric braycurtis: cuML's UMAP supports l1, cityblock"),
+    ("cosine", 1024, "--min-samples 1024: cuML's HDBSCAN allows at most 1023"),
+])
+def test_cuml_settings_are_refused_before_any_work(synthetic_run_dir, tmp_path, monkeypatch,
+                                                   metric, min_samples, message):
+    cb.check_cuml_settings("cosine", 1023)                   # the limits themselves pass
+    run = tmp_path / "run"
+    shutil.copytree(synthetic_run_dir, run)
+    monkeypatch.setattr(clustering, "resolve_backend", lambda backend: "cuml")
+    with pytest.raises(ApmaeError, match=re.escape(message)):
+        clustering.cluster(run, backend="cuml", metric=metric, min_samples=min_samples)
+    assert not (run / "cluster").exists()
+
+
+# --------------------------------------------------------------------------- TF32
+def test_tf32_is_scoped_to_training(monkeypatch):
+    settings = training._tf32_settings()
+    before = [getattr(obj, attr) for obj, attr in settings]
+    with training.tf32_scope():
+        training.enable_tf32()
+        assert [getattr(obj, attr) for obj, attr in settings] != before or all(
+            v in ("tf32", True) for v in before)
+    assert [getattr(obj, attr) for obj, attr in settings] == before
+    # train() itself restores them, also when it fails
+    monkeypatch.setattr(training, "_train", lambda *a, **k: training.enable_tf32() or 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        training.train("RUN")
+    assert [getattr(obj, attr) for obj, attr in settings] == before
+    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
+        assert settings[0][1] == "fp32_precision"     # torch's current API where present
+
+
+# --------------------------------------------------------------------------- packaging
+def test_gpu_extra_needs_python_311_and_compatible_torch_and_pandas():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    gpu = {Requirement(r).name: Requirement(r) for r in meta["optional-dependencies"]["gpu"]}
+    for name in ("cuml-cu13", "cudf-cu13", "cupy-cuda13x", "dask-cuda"):
+        assert str(gpu[name].marker) == 'python_version >= "3.11"'
+    assert Version("2.13") in gpu["torch"].specifier and Version("2.12") not in gpu["torch"].specifier
+    assert Version("3.0.3") in gpu["pandas"].specifier and Version("3.1.0") not in gpu["pandas"].specifier
+    setup = (ROOT / "scripts" / "setup.sh").read_text()
+    assert "needs Python >= 3.11" in setup
+    assert subprocess.run(["bash", "-n", str(ROOT / "scripts" / "setup.sh")]).returncode == 0
+
+
+INDEX_URL = re.compile(r"(https?://[^\s\"')]*(pypi\.|pytorch\.org|pypi\.nvidia|anaconda\.)"
+                       r"|--(extra-)?index-url\s+https?://)", re.I)
+
+
+def test_no_package_index_is_named_anywhere():
+    files = subprocess.run(["git", "ls-files"], cwd=ROOT, capture_output=True, text=True,
+                           check=True).stdout.split()
+    hits = []
+    for name in files:
+        path = ROOT / name
+        if not path.is_file() or path.suffix in (".png", ".zarr", ".parquet", ".ipynb"):
+            continue
+        try:
+            text = path.read_text()
+        except UnicodeDecodeError:
+            continue
+        hits += [f"{name}: {m.group(0)}" for m in INDEX_URL.finditer(text)]
+    assert hits == []
+
+
+def test_gpu_check_dry_run_parses_every_step():
+    import os
+    import sys
+
+    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+    out = subprocess.run([str(ROOT / "bench" / "gpu_check.sh"), "--dry-run"], env=env,
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    steps = [line.split("]")[0][1:] for line in out.stdout.splitlines() if line.startswith("[")]
+    assert [s.split(",")[0] for s in steps] == ["parity", "capture", "train", "encode", "knn",
+                                                "summary"]
+    assert sum(int(s.split(", ")[1].rstrip("s")) for s in steps) <= 8 * 60
+    assert "random:starcoder2-3b" in out.stdout and "--peak-tflops 989" in out.stdout

@@ -1,0 +1,186 @@
+"""Capture and encode under a real torchrun (gloo, 2 ranks on CPU): the merged run equals the
+one-process run bit for bit, also after one rank is killed mid-way and the command rerun."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from apmae_gpu.store import MapStore
+from apmae_gpu.synthetic import synthetic_tasks
+
+ARGS = ["--model", "random:tiny-llama", "--per-task", "3", "--batch-size", "2", "--device", "cpu"]
+
+
+def _cli(args, nproc: int = 1):
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                 f"--nproc_per_node={nproc}", "-m", "apmae_gpu.cli"] if nproc > 1
+                else [sys.executable, "-m", "apmae_gpu.cli"])
+    return subprocess.Popen([*launcher, *args], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _ok(proc, timeout=240):
+    try:
+        rc = proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise
+    assert rc == 0, proc.stdout.read().decode()[-3000:]
+
+
+def _snapshot(run: Path):
+    store = MapStore(run)
+    return store.inferences(), store.index(), store.read(np.arange(store.n_maps))
+
+
+def _assert_same(a: Path, b: Path):
+    x, y = _snapshot(a), _snapshot(b)
+    pd.testing.assert_frame_equal(x[0], y[0])
+    pd.testing.assert_frame_equal(x[1], y[1])
+    assert x[2].shape == y[2].shape and np.array_equal(x[2].view(np.uint16), y[2].view(np.uint16))
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory):
+    """One process: the train split, then the analysis split."""
+    run = synthetic_tasks(tmp_path_factory.mktemp("ref") / "run", "random:tiny-llama",
+                          n_per_task=14, window=32)
+    _ok(_cli(["capture", str(run), "--split", "train", *ARGS]))
+    _ok(_cli(["capture", str(run), *ARGS]))
+    return run
+
+
+def test_two_ranks_store_exactly_what_one_process_stores(reference, tmp_path):
+    run = synthetic_tasks(tmp_path / "run", "random:tiny-llama", n_per_task=14, window=32)
+    _ok(_cli(["capture", str(run), "--split", "train", *ARGS], nproc=2))
+    _ok(_cli(["capture", str(run), *ARGS], nproc=2))
+    assert not (run / "shards").exists()
+    _assert_same(reference, run)
+    inf = MapStore(run).inferences()
+    kept = inf[inf.has_maps & (inf.split == "analysis") & (inf.task == "identifiers")]
+    assert kept.correct.sum() == 3 and (~kept.correct.astype(bool)).sum() == 3
+
+
+def _rank_pid(launcher_pid: int, rank: int) -> int | None:
+    for child in Path(f"/proc/{launcher_pid}/task/{launcher_pid}/children").read_text().split():
+        try:
+            env = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+        except OSError:
+            continue
+        if f"RANK={rank}".encode() in env:
+            return int(child)
+    return None
+
+
+def test_a_killed_rank_reruns_to_the_same_run(reference, tmp_path):
+    run = synthetic_tasks(tmp_path / "run", "random:tiny-llama", n_per_task=14, window=32)
+    _ok(_cli(["capture", str(run), "--split", "train", *ARGS], nproc=2))
+    proc = _cli(["capture", str(run), *ARGS], nproc=2)
+    parts = run / "shards" / "1-of-2" / "inferences.parquet"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if parts.is_dir() and len(list(parts.glob("part-*.parquet"))) >= 2:
+            break
+        time.sleep(0.02)
+    pid = _rank_pid(proc.pid, 1)
+    assert proc.poll() is None and pid is not None, "capture finished before it could be killed"
+    os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0          # torchrun stops the group
+    assert (run / "shards").exists()
+    _ok(_cli(["capture", str(run), *ARGS], nproc=2))
+    _assert_same(reference, run)
+
+
+def test_one_process_refuses_a_run_with_unmerged_shards(tmp_path):
+    run = synthetic_tasks(tmp_path / "run", "random:tiny-llama", n_per_task=6, window=32)
+    (run / "shards" / "0-of-2").mkdir(parents=True)
+    proc = _cli(["capture", str(run), *ARGS])
+    assert proc.wait(timeout=120) == 2
+    assert "unfinished multi-process capture" in proc.stdout.read().decode()
+    shutil.rmtree(run / "shards")
+
+
+def _embeddings(run: Path):
+    import zarr
+
+    g = zarr.open_group(run / "embeddings.zarr", mode="r")
+    assert g.attrs["complete"]
+    return np.asarray(g["inference_id"][:]), np.asarray(g["embeddings"][:])
+
+
+def test_encode_on_two_ranks_equals_one_process(synthetic_run_dir, tmp_path):
+    from tests.tiny_models import save_tiny_apmae
+
+    ckpt = save_tiny_apmae(tmp_path / "ckpt", image_size=64, patch_size=16)
+    runs = {}
+    for nproc in (1, 2):
+        run = runs[nproc] = tmp_path / f"run{nproc}"
+        shutil.copytree(synthetic_run_dir, run)
+        _ok(_cli(["encode", str(run), "--checkpoint", str(ckpt), "--block", "16",
+                  "--batch-size", "32", "--device", "cpu"], nproc=nproc))
+    (ids1, e1), (ids2, e2) = _embeddings(runs[1]), _embeddings(runs[2])
+    assert ids1.size == 126 and np.array_equal(ids1, ids2)
+    assert np.array_equal(e1.view(np.uint16), e2.view(np.uint16))
+    assert not (runs[2] / "shards-encode").exists()
+
+
+def test_pipeline_launches_capture_and_encode_with_torchrun(monkeypatch, tmp_path):
+    from apmae_gpu import pipeline
+    from apmae_gpu.config import load_config
+
+    cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
+    keys = pipeline.stage_keys(cfg)
+    cfg.capture.nproc = cfg.encode.nproc = 2
+    assert pipeline.stage_keys(cfg) == keys      # the process count never changes a result
+    calls = []
+    monkeypatch.setattr(pipeline.subprocess, "call", lambda argv: calls.append(argv) or 0)
+    pipeline.RUNNERS["capture_train"](cfg, tmp_path, False)
+    pipeline.RUNNERS["encode"](cfg, tmp_path, True)
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                "--nproc_per_node=2", "-m", "apmae_gpu.cli"]
+    assert calls[0][:9] == [*launcher, "capture", str(tmp_path)]
+    assert calls[0][calls[0].index("--split") + 1] == "train"
+    assert calls[1][:9] == [*launcher, "encode", str(tmp_path)] and calls[1][-1] == "--restart"
+    monkeypatch.setattr(pipeline.subprocess, "call", lambda argv: 1)
+    with pytest.raises(pipeline.ApmaeError, match="distributed encoding failed"):
+        pipeline.RUNNERS["encode"](cfg, tmp_path, False)
+
+
+def test_shard_processes_and_a_killed_merge_give_the_one_process_run(tmp_path, monkeypatch):
+    """``--shard K/N`` processes run one after the other (a SLURM array), the merge dies after
+    its second commit, ``merge-shards`` again: the one-process run, bit for bit."""
+    from apmae_gpu.capture import capture, merge_shards
+
+    kw = dict(per_task=2, batch_size=3, device="cpu")
+    ref = synthetic_tasks(tmp_path / "ref", "random:tiny-llama", n_per_task=10, window=32)
+    capture(ref, "random:tiny-llama", **kw)
+    run = synthetic_tasks(tmp_path / "run", "random:tiny-llama", n_per_task=10, window=32)
+    for k in (0, 1):
+        capture(run, "random:tiny-llama", shard=f"{k}/2", **kw)
+    original, calls = MapStore.commit, {"n": 0}
+
+    def dying(self, *a, **k):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(MapStore, "commit", dying)
+    with pytest.raises(KeyboardInterrupt):
+        merge_shards(run)
+    monkeypatch.setattr(MapStore, "commit", original)
+    assert (run / "shards").exists() and len(MapStore(run).inferences()) > 0
+    result = merge_shards(run)
+    assert not (run / "shards").exists() and result["shards"] == 2
+    _assert_same(ref, run)
