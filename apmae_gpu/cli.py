@@ -10,6 +10,7 @@ Every command that writes into a run holds the run's writer lock (``runs.writer_
 from __future__ import annotations
 
 import contextlib
+import os
 import errno
 import json
 import logging
@@ -77,6 +78,15 @@ def _writing(run, shard=None):
     command = " ".join(["apmae", *_STATE["argv"]])
     with writer_lock(run, command, shard=shard):
         yield
+
+
+def _writing_ranked(run, shard=None):
+    """The writer lock of a command that torchrun may launch on several ranks: rank 0 holds
+    RUN's lock for the whole group (its other ranks write only their own shard directories
+    and rank 0 merges them), as in training; ``--shard K/N`` processes lock their shard."""
+    if shard is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        return _writing(run) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    return _writing(run, shard=shard)
 
 
 def _split_csv(value: str) -> list[str]:
@@ -172,7 +182,7 @@ def capture(
 
     kn = capture_mod._parse_shard(shard)
     shard_dir = None if kn is None else Path(run) / "shards" / f"{kn[0]}-of-{kn[1]}"
-    with _writing(run, shard=shard_dir):
+    with _writing_ranked(run, shard=shard_dir):
         capture_mod.capture(run=run, model=model, split=split, per_task=per_task, heads=heads,
                             scaler=scaler, batch_size=batch_size, device=device, seed=seed,
                             max_attempts=max_attempts, shard=shard, device_map=device_map,
@@ -232,7 +242,7 @@ def train(
     from apmae_gpu import training
 
     # under torchrun, rank 0 holds the lock for the job
-    lock = _writing(run) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    lock = _writing_ranked(run)
     _uses(run)
     with lock:
         summary = training.train(run=run, preset=preset, steps=steps, batch_size=batch_size,
@@ -292,7 +302,7 @@ def encode(
     """Encode every analysis map into RUN/embeddings.zarr [layers, heads, inferences, dim]."""
     from apmae_gpu import encoding
 
-    with _writing(run):
+    with _writing_ranked(run):
         encoding.encode(run=run, checkpoint=checkpoint, batch_size=batch_size, pool=pool,
                         device=device, block=block, restart=restart)
 
