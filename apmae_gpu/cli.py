@@ -170,7 +170,12 @@ def capture(
     attention map in RUN/maps.zarr."""
     from apmae_gpu import capture as capture_mod
 
+    from apmae_gpu import ranks
+
     kn = capture_mod._parse_shard(shard)
+    dist = ranks.dist_env()
+    if kn is None and dist is not None:   # a torchrun rank writes its own shard
+        kn = dist[:2]
     shard_dir = None if kn is None else Path(run) / "shards" / f"{kn[0]}-of-{kn[1]}"
     with _writing(run, shard=shard_dir):
         capture_mod.capture(run=run, model=model, split=split, per_task=per_task, heads=heads,
