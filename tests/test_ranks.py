@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from apmae_gpu.runs import ApmaeError
+from apmae_gpu.runs import ApmaeError, read_manifest
 from apmae_gpu.store import MapStore
 from apmae_gpu.synthetic import synthetic_tasks
 
@@ -153,6 +153,13 @@ def test_pipeline_launches_capture_and_encode_with_torchrun(monkeypatch, tmp_pat
     assert calls[0][:9] == [*launcher, "capture", str(tmp_path)]
     assert calls[0][calls[0].index("--split") + 1] == "train"
     assert calls[1][:9] == [*launcher, "encode", str(tmp_path)] and calls[1][-1] == "--restart"
+    cfg.capture.encode_analysis = True   # capture and encode in one pass: also on every rank
+    pipeline.RUNNERS["capture_analysis"](cfg, tmp_path, False)
+    assert calls[2][:9] == [*launcher, "capture", str(tmp_path)]
+    flags = dict(zip(calls[2][9::2], calls[2][10::2]))
+    assert flags["--split"] == "analysis" and flags["--pool"] == cfg.capture.pool
+    assert flags["--encode-with"] == str(tmp_path / "apmae" / "final")
+    assert flags["--dtype"] == cfg.capture.dtype
     monkeypatch.setattr(pipeline.subprocess, "call", lambda argv: 1)
     with pytest.raises(pipeline.ApmaeError, match="distributed encoding failed"):
         pipeline.RUNNERS["encode"](cfg, tmp_path, False)
@@ -254,3 +261,45 @@ def test_shards_encoding_while_they_capture_merge_to_the_one_process_run(tmp_pat
     assert "re-capturing" in caplog.text   # rounds whose embeddings were lost were redone
     assert not (run / "shards").exists() and result["shards"] == 2
     _assert_same_encoded(ref, run)
+
+
+@pytest.fixture(scope="module")
+def encoded_reference(tmp_path_factory, tiny_ckpt):
+    """One process: the analysis split captured and encoded in one pass."""
+    run = synthetic_tasks(tmp_path_factory.mktemp("enc") / "run", "random:tiny-llama",
+                          n_per_task=14, window=32)
+    _ok(_cli(["capture", str(run), *ARGS, "--encode-with", str(tiny_ckpt)]))
+    return run
+
+
+def test_two_ranks_encoding_while_they_capture_equal_one_process(encoded_reference, tiny_ckpt,
+                                                                 tmp_path):
+    run = synthetic_tasks(tmp_path / "run", "random:tiny-llama", n_per_task=14, window=32)
+    _ok(_cli(["capture", str(run), *ARGS, "--encode-with", str(tiny_ckpt)], nproc=2))
+    assert not (run / "shards").exists()
+    _assert_same_encoded(encoded_reference, run)
+    inf = MapStore(run).inferences()
+    kept = inf[inf.has_maps & (inf.task == "identifiers")]
+    assert kept.correct.sum() == 3 and (~kept.correct.astype(bool)).sum() == 3
+    assert read_manifest(run)["encode"]["shards"] == 2
+
+
+def test_a_killed_rank_encoding_while_it_captures_reruns_to_the_same_run(encoded_reference,
+                                                                         tiny_ckpt, tmp_path):
+    run = synthetic_tasks(tmp_path / "run", "random:tiny-llama", n_per_task=14, window=32)
+    args = ["capture", str(run), *ARGS, "--encode-with", str(tiny_ckpt)]
+    proc = _cli(args, nproc=2)
+    parts = run / "shards" / "1-of-2" / "inferences.parquet"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if parts.is_dir() and len(list(parts.glob("part-*.parquet"))) >= 2:
+            break
+        time.sleep(0.02)
+    pid = _rank_pid(proc.pid, 1)
+    assert proc.poll() is None and pid is not None, "capture finished before it could be killed"
+    os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    assert (run / "shards" / "1-of-2" / "embeddings.zarr").exists()
+    _ok(_cli(args, nproc=2))
+    assert not (run / "shards").exists()
+    _assert_same_encoded(encoded_reference, run)
