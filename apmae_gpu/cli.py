@@ -295,9 +295,14 @@ def encode(
                                           "encode from scratch.")] = False,
 ) -> None:
     """Encode every analysis map into RUN/embeddings.zarr [layers, heads, inferences, dim]."""
+    import os
+
     from apmae_gpu import encoding
 
-    with _writing(run):
+    # under torchrun, rank 0 holds the lock for the job (the others write RUN/shards-encode)
+    lock = _writing(run) if os.environ.get("RANK", "0") == "0" else contextlib.nullcontext()
+    _uses(run)
+    with lock:
         encoding.encode(run=run, checkpoint=checkpoint, batch_size=batch_size, pool=pool,
                         device=device, block=block, restart=restart)
 
