@@ -353,9 +353,7 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
                                     chunk_maps=chunk_maps)
     encoder = None
     if encode_with is not None:
-        from apmae_gpu.encoding import StreamingEncoder
-
-        from apmae_gpu.encoding import BLOCK_BUDGET_BYTES
+        from apmae_gpu.encoding import BLOCK_BUDGET_BYTES, StreamingEncoder
 
         # a shard's blocks are smaller (the merge holds one block of every shard in memory)
         encoder = StreamingEncoder(out_run, encode_with, fam.n_layers, fam.n_heads, pool=pool,

@@ -169,7 +169,6 @@ def capture(
     """Prompt the LLM on mined tasks, judge its next token and store every head's scaled
     attention map in RUN/maps.zarr."""
     from apmae_gpu import capture as capture_mod
-
     from apmae_gpu import ranks
 
     kn = capture_mod._parse_shard(shard)

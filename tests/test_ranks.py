@@ -233,7 +233,7 @@ def test_shards_encoding_while_they_capture_merge_to_the_one_process_run(tmp_pat
     from apmae_gpu.capture import capture, merge_shards
 
     monkeypatch.setattr(encoding, "default_block", lambda *a, **k: 3)
-    kw = dict(per_task=2, batch_size=3, device="cpu", encode_with=tiny_ckpt)
+    kw = {"per_task": 2, "batch_size": 3, "device": "cpu", "encode_with": tiny_ckpt}
     ref = synthetic_tasks(tmp_path / "ref", "random:tiny-llama", n_per_task=10, window=32)
     capture(ref, "random:tiny-llama", **kw)
     run = synthetic_tasks(tmp_path / "run", "random:tiny-llama", n_per_task=10, window=32)
