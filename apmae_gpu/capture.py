@@ -285,6 +285,8 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
     ``encode_with`` (an AP-MAE checkpoint, analysis split only) encodes the kept maps in the
     same pass and stores only their embeddings (``embeddings.zarr``), not the maps: the way to
     run at paper scale.  Inference rows are still written (``has_maps`` marks the kept ones).
+    With several processes each shard stores the embeddings of the attempts that may still be
+    kept (``shards/K-of-N/embeddings.zarr``) and the merge copies the kept ones into the run's.
 
     Under ``torchrun`` (or with ``--shard K/N``) every process captures its share of the
     rounds into ``RUN/shards/K-of-N`` and the shards are merged into the same run one process
@@ -310,9 +312,6 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
     if dist is not None and shard_kn is not None:
         raise ApmaeError("--shard is for processes launched one by one; under torchrun every "
                          "rank takes its share by itself")
-    if (dist is not None or shard_kn is not None) and encode_with is not None:
-        raise ApmaeError("--encode-with runs in one process; with several, capture the maps "
-                         "and run `apmae encode` (also under torchrun)")
     if not run.is_dir():
         raise ApmaeError(f"run directory {run} does not exist (run `apmae mine` first)")
     tasks_path = run / "tasks.parquet"
@@ -354,11 +353,15 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
                                     chunk_maps=chunk_maps)
     encoder = None
     if encode_with is not None:
-        from apmae_gpu.encoding import StreamingEncoder
+        from apmae_gpu.encoding import BLOCK_BUDGET_BYTES, StreamingEncoder
 
+        # a shard's blocks are smaller (the merge holds one block of every shard in memory)
         encoder = StreamingEncoder(out_run, encode_with, fam.n_layers, fam.n_heads, pool=pool,
-                                   device=device)
+                                   device=device, block_budget=None if out_run == run
+                                   else BLOCK_BUDGET_BYTES // world)
         _roll_back_unencoded(store, split, encoder.committed_ids)
+    if dist is not None:
+        ranks.barrier(device)   # no rank reads the shards while another rolls its own back
     encoded_upto = (int(encoder.committed_ids[-1]) if encoder is not None
                     and len(encoder.committed_ids) else -1)
     used_elsewhere: set = set()
@@ -374,10 +377,12 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
     plan = ranks.RoundPlan.build(tasks, split, quota, batch_size, seed, max_attempts,
                                  used_elsewhere)
     if out_run != run:
-        ranks.check_plan(run, plan, seed)
+        encoding = {"encode_with": None if encode_with is None else str(encode_with),
+                    "pool": pool if encode_with is not None else None}
+        ranks.check_plan(run, plan, seed, encoding["encode_with"])
         plan.save(ranks.plan_path(run, split), {
             "seed": seed, "per_task": per_task, "batch_size": batch_size,
-            "max_attempts": max_attempts, "capped": plan.capped,
+            "max_attempts": max_attempts, "capped": plan.capped, **encoding,
             "heads": heads or ("layerwise:0.25" if split == "train" else "all")})
     known = ranks.Outcomes(plan, run)
     by_id = tasks.set_index("task_id")

@@ -179,8 +179,12 @@ def capture(
     """Prompt the LLM on mined tasks, judge its next token and store every head's scaled
     attention map in RUN/maps.zarr."""
     from apmae_gpu import capture as capture_mod
+    from apmae_gpu import ranks
 
     kn = capture_mod._parse_shard(shard)
+    dist = ranks.dist_env()
+    if kn is None and dist is not None:   # a torchrun rank writes its own shard
+        kn = dist[:2]
     shard_dir = None if kn is None else Path(run) / "shards" / f"{kn[0]}-of-{kn[1]}"
     with _writing_ranked(run, shard=shard_dir):
         capture_mod.capture(run=run, model=model, split=split, per_task=per_task, heads=heads,
@@ -300,8 +304,11 @@ def encode(
                                           "encode from scratch.")] = False,
 ) -> None:
     """Encode every analysis map into RUN/embeddings.zarr [layers, heads, inferences, dim]."""
+    import os
+
     from apmae_gpu import encoding
 
+    _uses(run)
     with _writing_ranked(run):
         encoding.encode(run=run, checkpoint=checkpoint, batch_size=batch_size, pool=pool,
                         device=device, block=block, restart=restart)

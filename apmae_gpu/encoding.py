@@ -346,14 +346,24 @@ class StreamingEncoder:
     marks the group complete and records the manifest's ``encode`` section.  After a crash,
     a new StreamingEncoder on the same run continues: ``committed_ids`` are durable, so
     capture resumes after ``committed_ids[-1]``.
+
+    Each inference's maps are encoded on their own (forward batches never mix inferences),
+    so an embedding does not depend on which other inferences a batch holds: a capture rank
+    that encodes every attempt that may still be kept stores the same bits as one process
+    that encodes only the kept ones.  ``block_budget`` (bytes) picks a smaller block for a
+    new group (the shards of a multi-process capture).
     """
 
     def __init__(self, run: str | os.PathLike, checkpoint: str | os.PathLike, n_layers: int,
                  n_heads: int, pool: str = "cls", device: str = "auto", batch_size: int = 256,
-                 block: int | None = None, restart: bool = False):
+                 block: int | None = None, restart: bool = False,
+                 block_budget: int | None = None):
         self.run, self.checkpoint = Path(run), Path(checkpoint)
         self.device = resolve_device(device)
         self.model = load_encoder(self.checkpoint, self.device)
+        if block is None and block_budget is not None:
+            block = default_block(n_layers, n_heads, int(self.model.config.hidden_size),
+                                  block_budget)
         self.pool, self.batch_size = pool, batch_size
         self.writer, self.fingerprint = open_writer(run, checkpoint, self.model, n_layers,
                                                     n_heads, pool, block, restart)
@@ -371,7 +381,9 @@ class StreamingEncoder:
             raise ApmaeError(f"{self.checkpoint} encodes {self.model.config.image_size}-wide "
                              f"maps, got {maps.shape[-1]}")
         t0 = time.perf_counter()
-        emb = encode_inference_batch(self.model, maps, self.pool, self.batch_size)
+        emb = [encode_inference_batch(self.model, maps[b:b + 1], self.pool, self.batch_size)
+               for b in range(len(maps))]
+        emb = np.concatenate(emb) if emb else np.empty((0, *self.writer.shape_lhd), np.float16)
         committed = self.writer.append(inference_ids, emb)
         self.seconds += time.perf_counter() - t0
         self.n_maps += int(np.prod(maps.shape[:3]))

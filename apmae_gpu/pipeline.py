@@ -117,20 +117,19 @@ def _capture(split: str):
         c = cfg.capture
         s = getattr(c, split)
         encode_with = (run / "apmae" / "final") if split == "analysis" and c.encode_analysis else None
-        if c.nproc > 1 and encode_with is None:
+        if c.nproc > 1:
             argv = ["capture", str(run), "--model", cfg.model, "--split", split, "--per-task",
                     str(s.per_task), "--scaler", c.scaler, "--batch-size", str(c.batch_size),
                     "--device", cfg.device, "--seed", str(cfg.seed), "--chunk-maps",
-                    str(c.chunk_maps)]
+                    str(c.chunk_maps), "--dtype", c.dtype]
+            if encode_with is not None:
+                argv += ["--encode-with", str(encode_with), "--pool", c.pool]
             for flag, value in (("--heads", s.heads), ("--max-attempts", s.max_attempts),
                                 ("--device-map", c.device_map)):
                 if value is not None:
                     argv += [flag, str(value)]
             argv += ["--trust-remote-code"] * cfg.trust_remote_code
             return _torchrun(c.nproc, argv, f"capture of the {split} split")
-        if c.nproc > 1:
-            log.info("capture of the %s split: one process (encode_analysis encodes while it "
-                     "captures, which runs in one process)", split)
         capture(run=run, model=cfg.model, split=split, per_task=s.per_task, heads=s.heads,
                 scaler=c.scaler, batch_size=c.batch_size, device=cfg.device, seed=cfg.seed,
                 max_attempts=s.max_attempts, device_map=c.device_map, chunk_maps=c.chunk_maps,

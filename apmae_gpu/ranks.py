@@ -21,10 +21,12 @@ N processes
     computes a round only once it is certainly needed (whatever the unknown earlier rounds
     hold) and waits otherwise; with ``--shard`` (processes that may not run at the same time)
     a rank computes every round that is possibly needed given what it knows, so nothing is
-    ever missing.  A rank stores the maps of every attempt that may still be kept.
+    ever missing.  A rank stores the maps of every attempt that may still be kept (with
+    ``--encode-with``: their embeddings, in the shard's ``embeddings.zarr``; see
+    :mod:`apmae_gpu.rank_embeddings`).
     :func:`merge_capture` then appends, in ``(k, task)`` order, exactly the needed rounds with
     the keep rule applied to the complete outcomes: the same inference rows, ids, maps and
-    map order as one process.  Surplus rounds and maps stay out of the run (counted in the
+    map order (or embeddings) as one process.  Surplus rounds and maps stay out of the run (counted in the
     manifest).  Each merge commit is one round, so a killed merge reruns to the same result.
 """
 
@@ -147,7 +149,7 @@ def plan_path(run: Path, split: str) -> Path:
     return Path(run) / "shards" / f"plan-{split}.json"
 
 
-def check_plan(run: Path, plan: RoundPlan, seed: int) -> None:
+def check_plan(run: Path, plan: RoundPlan, seed: int, encode_with: str | None = None) -> None:
     """A rerun must plan the same rounds as the shards already written."""
     path = plan_path(run, plan.split)
     if not path.exists():
@@ -157,6 +159,9 @@ def check_plan(run: Path, plan: RoundPlan, seed: int) -> None:
         raise ApmaeError(f"{path}: the shards were captured with --batch-size {old['batch']}, "
                          f"--seed {old.get('seed')}, --per-task {old['quota']}; rerun with those "
                          "(or merge them first with `apmae merge-shards`)")
+    if old.get("encode_with") != encode_with:
+        raise ApmaeError(f"{path}: the shards were captured with --encode-with "
+                         f"{old.get('encode_with')}, not {encode_with}; rerun with that")
 
 
 def split_rows(tasks: pd.DataFrame, split: str, used_elsewhere: set) -> pd.DataFrame:
@@ -238,7 +243,11 @@ class Outcomes:
             for p in sorted(d.glob("part-*.parquet")):
                 if p in self._read:
                     continue
-                df = pq.read_table(p, columns=["split", "task", "attempt", "correct"]).to_pandas()
+                try:
+                    df = pq.read_table(p, columns=["split", "task", "attempt",
+                                                   "correct"]).to_pandas()
+                except FileNotFoundError:   # rolled back by its shard meanwhile
+                    continue
                 df = df[df.split == self.plan.split]
                 for row in df.itertuples():
                     if row.task in self.codes and row.attempt < len(self.codes[row.task]):
@@ -420,6 +429,12 @@ def merge_capture(run: Path) -> dict:
         dst = MapStore.create_or_open(run, window=info.window, scaler=info.scaler,
                                       fill_value=info.fill_value, floor=info.floor,
                                       chunk_maps=info.chunk_maps)
+        emb = None
+        if extra.get("encode_with"):
+            from apmae_gpu.rank_embeddings import EmbeddingMerge
+
+            emb = EmbeddingMerge(run, dst, plan.split, extra, dirs, int(section["n_layers"]),
+                                 int(section["n_heads"]))
         done = dst.inferences()
         have = set()
         if not done.empty:
@@ -449,7 +464,12 @@ def merge_capture(run: Path) -> dict:
                 keep = known.may_keep(task, int(row.attempt), code)
                 new_id = next_id + b
                 sel = indexes[s].iloc[positions[s].get(row.inference_id, [])]
-                if keep:
+                if keep and emb is not None:
+                    if not row.has_maps:
+                        raise ApmaeError(f"{dirs[s]}: inference {row.inference_id} should have "
+                                         "its embedding stored; rerun the capture, then merge")
+                    emb.take(s, row.inference_id, new_id)
+                elif keep:
                     if not row.has_maps or len(sel) == 0:
                         raise ApmaeError(f"{dirs[s]}: inference {row.inference_id} should have "
                                          "its maps stored; rerun the capture with --restart")
@@ -459,6 +479,8 @@ def merge_capture(run: Path) -> dict:
                                                      "head": sel["head"].to_numpy()}))
                 rows.append({**row._asdict(), "inference_id": new_id, "batch": next_batch,
                              "has_maps": keep, "n_maps": len(sel) if keep else 0})
+            if emb is not None:
+                emb.flush()
             dst.commit(np.concatenate(maps) if maps else None,
                        pd.concat(index_parts, ignore_index=True) if index_parts else None,
                        pd.DataFrame(rows)[[f.name for f in INFERENCE_SCHEMA]],
@@ -466,6 +488,8 @@ def merge_capture(run: Path) -> dict:
             next_id += len(rows)
             next_batch += 1
             merged += len(rows)
+        if emb is not None:
+            emb.close()
         n_split = sum(int((df.split == plan.split).sum()) for df in infs)
         surplus += n_split - sum(len(plan.attempts(t, k)) for k, _, t in needed)
         splits = section.setdefault("splits", {})

@@ -314,6 +314,11 @@ def _acquire(path: Path, exclusive: bool, what: str, command: str) -> None:
         fcntl.flock(fh, (fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH) | fcntl.LOCK_NB)
     except BlockingIOError:
         holder = _lock_holder(path)
+        for _ in range(20):   # the holder records itself just after it takes the lock
+            if holder != "another process":
+                break
+            time.sleep(0.05)
+            holder = _lock_holder(path)
         if holder == "another process" and path.parent.joinpath("shards").is_dir():
             holders = [_lock_holder(p) for p in sorted(path.parent.glob(f"shards/*/{LOCK_FILE}"))]
             holder = ", ".join(h for h in holders if h != "another process") or holder

@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
+from apmae_gpu.runs import ApmaeError, read_manifest
 from apmae_gpu.store import MapStore
 from apmae_gpu.synthetic import synthetic_tasks
 
@@ -152,6 +153,13 @@ def test_pipeline_launches_capture_and_encode_with_torchrun(monkeypatch, tmp_pat
     assert calls[0][:9] == [*launcher, "capture", str(tmp_path)]
     assert calls[0][calls[0].index("--split") + 1] == "train"
     assert calls[1][:9] == [*launcher, "encode", str(tmp_path)] and calls[1][-1] == "--restart"
+    cfg.capture.encode_analysis = True   # capture and encode in one pass: also on every rank
+    pipeline.RUNNERS["capture_analysis"](cfg, tmp_path, False)
+    assert calls[2][:9] == [*launcher, "capture", str(tmp_path)]
+    flags = dict(zip(calls[2][9::2], calls[2][10::2]))
+    assert flags["--split"] == "analysis" and flags["--pool"] == cfg.capture.pool
+    assert flags["--encode-with"] == str(tmp_path / "apmae" / "final")
+    assert flags["--dtype"] == cfg.capture.dtype
     monkeypatch.setattr(pipeline.subprocess, "call", lambda argv: 1)
     with pytest.raises(pipeline.ApmaeError, match="distributed encoding failed"):
         pipeline.RUNNERS["encode"](cfg, tmp_path, False)
@@ -184,3 +192,114 @@ def test_shard_processes_and_a_killed_merge_give_the_one_process_run(tmp_path, m
     result = merge_shards(run)
     assert not (run / "shards").exists() and result["shards"] == 2
     _assert_same(ref, run)
+
+
+def _run_embeddings(run: Path):
+    """ids, embeddings (as uint16 bits) and attributes of RUN/embeddings.zarr."""
+    import zarr
+
+    g = zarr.open_group(run / "embeddings.zarr", mode="r")
+    assert g.attrs["complete"]
+    return (np.asarray(g["inference_id"][:]), np.asarray(g["embeddings"][:]).view(np.uint16),
+            dict(g.attrs))
+
+
+def _assert_same_encoded(a: Path, b: Path):
+    """Same inference rows, no maps stored, the same embeddings bit for bit."""
+    x, y = MapStore(a), MapStore(b)
+    pd.testing.assert_frame_equal(x.inferences(), y.inferences())
+    assert x.n_maps == y.n_maps == 0
+    (ia, ea, aa), (ib, eb, ab) = _run_embeddings(a), _run_embeddings(b)
+    assert np.array_equal(ia, ib) and np.array_equal(ea, eb)
+    assert aa == ab
+    inf = x.inferences()
+    assert np.array_equal(ia, np.sort(inf.loc[inf.has_maps, "inference_id"].to_numpy()))
+
+
+@pytest.fixture(scope="module")
+def tiny_ckpt(tmp_path_factory):
+    from tests.tiny_models import save_tiny_apmae
+
+    return save_tiny_apmae(tmp_path_factory.mktemp("apmae") / "final", image_size=32,
+                           patch_size=4)
+
+
+def test_shards_encoding_while_they_capture_merge_to_the_one_process_run(tmp_path, tiny_ckpt,
+                                                                         monkeypatch, caplog):
+    """``--shard K/N --encode-with``: each shard keeps embeddings (no maps); a merge killed
+    while a committed round's embedding waits in the writer's block (blocks of 3) reruns to
+    the one-process run."""
+    from apmae_gpu import encoding
+    from apmae_gpu.capture import capture, merge_shards
+
+    monkeypatch.setattr(encoding, "default_block", lambda *a, **k: 3)
+    kw = {"per_task": 2, "batch_size": 3, "device": "cpu", "encode_with": tiny_ckpt}
+    ref = synthetic_tasks(tmp_path / "ref", "random:tiny-llama", n_per_task=10, window=32)
+    capture(ref, "random:tiny-llama", **kw)
+    run = synthetic_tasks(tmp_path / "run", "random:tiny-llama", n_per_task=10, window=32)
+    for k in (0, 1):
+        capture(run, "random:tiny-llama", shard=f"{k}/2", **kw)
+        shard = MapStore(run / "shards" / f"{k}-of-2")
+        assert shard.n_maps == 0 and (run / "shards" / f"{k}-of-2" / "embeddings.zarr").exists()
+        if k == 0:   # every shard of a split encodes with the same checkpoint, or none does
+            with pytest.raises(ApmaeError, match="captured with --encode-with .*final, not None"):
+                capture(run, "random:tiny-llama", shard="1/2", per_task=2, batch_size=3,
+                        device="cpu")
+    original = encoding.EmbeddingWriter.append
+
+    def dying(self, *a, **k):
+        if self.path.parent == run and self._n_pending():   # a committed round's embedding
+            raise KeyboardInterrupt                          # is still in the buffer
+        return original(self, *a, **k)
+
+    monkeypatch.setattr(encoding.EmbeddingWriter, "append", dying)
+    with pytest.raises(KeyboardInterrupt):
+        merge_shards(run)
+    monkeypatch.setattr(encoding.EmbeddingWriter, "append", original)
+    assert len(MapStore(run).inferences()) > 0
+    result = merge_shards(run)
+    assert "re-capturing" in caplog.text   # rounds whose embeddings were lost were redone
+    assert not (run / "shards").exists() and result["shards"] == 2
+    _assert_same_encoded(ref, run)
+
+
+@pytest.fixture(scope="module")
+def encoded_reference(tmp_path_factory, tiny_ckpt):
+    """One process: the analysis split captured and encoded in one pass."""
+    run = synthetic_tasks(tmp_path_factory.mktemp("enc") / "run", "random:tiny-llama",
+                          n_per_task=14, window=32)
+    _ok(_cli(["capture", str(run), *ARGS, "--encode-with", str(tiny_ckpt)]))
+    return run
+
+
+def test_two_ranks_encoding_while_they_capture_equal_one_process(encoded_reference, tiny_ckpt,
+                                                                 tmp_path):
+    run = synthetic_tasks(tmp_path / "run", "random:tiny-llama", n_per_task=14, window=32)
+    _ok(_cli(["capture", str(run), *ARGS, "--encode-with", str(tiny_ckpt)], nproc=2))
+    assert not (run / "shards").exists()
+    _assert_same_encoded(encoded_reference, run)
+    inf = MapStore(run).inferences()
+    kept = inf[inf.has_maps & (inf.task == "identifiers")]
+    assert kept.correct.sum() == 3 and (~kept.correct.astype(bool)).sum() == 3
+    assert read_manifest(run)["encode"]["shards"] == 2
+
+
+def test_a_killed_rank_encoding_while_it_captures_reruns_to_the_same_run(encoded_reference,
+                                                                         tiny_ckpt, tmp_path):
+    run = synthetic_tasks(tmp_path / "run", "random:tiny-llama", n_per_task=14, window=32)
+    args = ["capture", str(run), *ARGS, "--encode-with", str(tiny_ckpt)]
+    proc = _cli(args, nproc=2)
+    parts = run / "shards" / "1-of-2" / "inferences.parquet"
+    deadline = time.time() + 180
+    while time.time() < deadline and proc.poll() is None:
+        if parts.is_dir() and len(list(parts.glob("part-*.parquet"))) >= 2:
+            break
+        time.sleep(0.02)
+    pid = _rank_pid(proc.pid, 1)
+    assert proc.poll() is None and pid is not None, "capture finished before it could be killed"
+    os.kill(pid, signal.SIGKILL)
+    assert proc.wait(timeout=120) != 0
+    assert (run / "shards" / "1-of-2" / "embeddings.zarr").exists()
+    _ok(_cli(args, nproc=2))
+    assert not (run / "shards").exists()
+    _assert_same_encoded(encoded_reference, run)
