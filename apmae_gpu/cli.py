@@ -304,8 +304,6 @@ def encode(
                                           "encode from scratch.")] = False,
 ) -> None:
     """Encode every analysis map into RUN/embeddings.zarr [layers, heads, inferences, dim]."""
-    import os
-
     from apmae_gpu import encoding
 
     _uses(run)
