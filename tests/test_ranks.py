@@ -84,10 +84,10 @@ def _rank_pid(launcher_pid: int, rank: int) -> int | None:
     return None
 
 
-def test_a_killed_rank_reruns_to_the_same_run(reference, tmp_path):
-    run = synthetic_tasks(tmp_path / "run", "random:tiny-llama", n_per_task=14, window=32)
-    _ok(_cli(["capture", str(run), "--split", "train", *ARGS], nproc=2))
-    proc = _cli(["capture", str(run), *ARGS], nproc=2)
+def _kill_rank_1_midway(run: Path, args: list[str]) -> None:
+    """Start ``args`` on 2 torchrun ranks, SIGKILL rank 1 once it committed two parts, and
+    check that torchrun stops the group."""
+    proc = _cli(args, nproc=2)
     parts = run / "shards" / "1-of-2" / "inferences.parquet"
     deadline = time.time() + 180
     while time.time() < deadline and proc.poll() is None:
@@ -98,6 +98,12 @@ def test_a_killed_rank_reruns_to_the_same_run(reference, tmp_path):
     assert proc.poll() is None and pid is not None, "capture finished before it could be killed"
     os.kill(pid, signal.SIGKILL)
     assert proc.wait(timeout=120) != 0          # torchrun stops the group
+
+
+def test_a_killed_rank_reruns_to_the_same_run(reference, tmp_path):
+    run = synthetic_tasks(tmp_path / "run", "random:tiny-llama", n_per_task=14, window=32)
+    _ok(_cli(["capture", str(run), "--split", "train", *ARGS], nproc=2))
+    _kill_rank_1_midway(run, ["capture", str(run), *ARGS])
     assert (run / "shards").exists()
     _ok(_cli(["capture", str(run), *ARGS], nproc=2))
     _assert_same(reference, run)
@@ -288,17 +294,7 @@ def test_a_killed_rank_encoding_while_it_captures_reruns_to_the_same_run(encoded
                                                                          tiny_ckpt, tmp_path):
     run = synthetic_tasks(tmp_path / "run", "random:tiny-llama", n_per_task=14, window=32)
     args = ["capture", str(run), *ARGS, "--encode-with", str(tiny_ckpt)]
-    proc = _cli(args, nproc=2)
-    parts = run / "shards" / "1-of-2" / "inferences.parquet"
-    deadline = time.time() + 180
-    while time.time() < deadline and proc.poll() is None:
-        if parts.is_dir() and len(list(parts.glob("part-*.parquet"))) >= 2:
-            break
-        time.sleep(0.02)
-    pid = _rank_pid(proc.pid, 1)
-    assert proc.poll() is None and pid is not None, "capture finished before it could be killed"
-    os.kill(pid, signal.SIGKILL)
-    assert proc.wait(timeout=120) != 0
+    _kill_rank_1_midway(run, args)
     assert (run / "shards" / "1-of-2" / "embeddings.zarr").exists()
     _ok(_cli(args, nproc=2))
     assert not (run / "shards").exists()
