@@ -53,6 +53,17 @@ class _Report:
     def ok(self, what: str) -> None:
         self.echo(f"ok: {what}")
 
+    def bad_chunks(self, damaged, store: str, rerun: str, shown: int = 5) -> int:
+        """Report the first ``shown`` damaged chunks (an iterable of descriptions), then
+        their count; returns how many there were."""
+        n = 0
+        for n, what in enumerate(damaged, 1):
+            if n <= shown:
+                self.bad(what, rerun)
+        if n > shown:
+            self.bad(f"... and {n - shown} more chunks of {store}", rerun)
+        return n
+
 
 def _json(path: Path, rep: _Report, rerun: str) -> dict | None:
     if not path.exists():
@@ -141,17 +152,9 @@ def check_maps(run: Path, rep: _Report, manifest: dict) -> None:
                 rep.bad(f"manifest says the {split} split has {want_attempts} inferences "
                         f"({want_kept} with maps); {INFERENCES} holds {len(rows)} "
                         f"({int(rows.has_maps.sum())})", RECAPTURE)
-    bad_chunks = 0
-    for c in range(store.n_chunks()):
-        why = store.verify_chunk(c)
-        if why:
-            bad_chunks += 1
-            if bad_chunks <= 5:
-                rep.bad(f"{run / 'maps.zarr'}: chunk {store.chunk_key(c)} "
-                        f"({store.maps_of_chunk(c)}) is {why}", RECAPTURE)
-    if bad_chunks > 5:
-        rep.bad(f"... and {bad_chunks - 5} more chunks of {run / 'maps.zarr'}", RECAPTURE)
-    if not bad_chunks:
+    damaged = (f"{run / 'maps.zarr'}: chunk {store.chunk_key(c)} ({store.maps_of_chunk(c)}) "
+               f"is {why}" for c in range(store.n_chunks()) if (why := store.verify_chunk(c)))
+    if not rep.bad_chunks(damaged, str(run / "maps.zarr"), RECAPTURE):
         rep.ok(f"maps.zarr ({store.n_maps} maps, {store.n_chunks()} chunks present and "
                f"decoded{', checksums verified' if store.info.checksum else ''}; "
                f"{len(inf)} inferences)")
@@ -195,27 +198,26 @@ def check_embeddings(run: Path, rep: _Report) -> None:
         except ApmaeError:
             pass   # reported by check_maps
     block = int(emb.chunks[2])
-    bad = 0
-    for layer in range(L):
-        for head in range(H):
-            for k in range(-(-n // block)):
-                key = emb.metadata.encode_chunk_key((layer, head, k, 0))
-                why = None
-                if has_checksum(emb) and not (path / "embeddings" / key).is_file():
-                    why = "missing"
-                else:
-                    try:
-                        emb[layer, head, k * block:min((k + 1) * block, n)]
-                    except Exception as exc:
-                        why = "checksum mismatch" if "checksum" in str(exc).lower() else _first(exc)
-                if why:
-                    bad += 1
-                    if bad <= 5:
-                        rep.bad(f"{path}: chunk embeddings/{key} (layer {layer}, head {head}) "
-                                f"is {why if why == 'missing' else f'damaged ({why})'}", rerun)
-    if bad > 5:
-        rep.bad(f"... and {bad - 5} more chunks of {path}", rerun)
-    if not bad:
+
+    def damaged():
+        for layer in range(L):
+            for head in range(H):
+                for k in range(-(-n // block)):
+                    key = emb.metadata.encode_chunk_key((layer, head, k, 0))
+                    why = None
+                    if has_checksum(emb) and not (path / "embeddings" / key).is_file():
+                        why = "missing"
+                    else:
+                        try:
+                            emb[layer, head, k * block:min((k + 1) * block, n)]
+                        except Exception as exc:
+                            why = ("checksum mismatch" if "checksum" in str(exc).lower()
+                                   else _first(exc))
+                    if why:
+                        yield (f"{path}: chunk embeddings/{key} (layer {layer}, head {head}) "
+                               f"is {why if why == 'missing' else f'damaged ({why})'}")
+
+    if not rep.bad_chunks(damaged(), str(path), rerun):
         state = "complete" if group.attrs.get("complete") else "incomplete (resume: `apmae encode`)"
         rep.ok(f"embeddings.zarr ({n} inferences x {L} layers x {H} heads, {state})")
 
