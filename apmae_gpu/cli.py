@@ -506,17 +506,17 @@ def trust(
     seed: SeedOpt = 0,
 ) -> None:
     """Trustworthiness of UMAP per number of dimensions, to choose --umap-dims."""
-    from apmae_gpu import clustering
+    from apmae_gpu import cluster_studies
 
     try:
         dims_list = tuple(int(d) for d in _split_csv(dims))
     except ValueError:
         raise ApmaeError(f"--dims {dims}: expected a comma list of integers") from None
     with _writing(run):
-        clustering.trust(run=run, dims=dims_list, heads=heads, trials=trials, max_points=max_points,
-                         neighbors=neighbors, min_dist=min_dist, metric=metric,
-                         trust_neighbors=trust_neighbors, backend=backend, workers=workers,
-                         scheduler=scheduler, seed=seed)
+        cluster_studies.trust(run=run, dims=dims_list, heads=heads, trials=trials,
+                              max_points=max_points, neighbors=neighbors, min_dist=min_dist,
+                              metric=metric, trust_neighbors=trust_neighbors, backend=backend,
+                              workers=workers, scheduler=scheduler, seed=seed)
 
 
 @app.command()
@@ -532,15 +532,15 @@ def stability(
                                              "cluster counts as stable.")] = 0.75,
 ) -> None:
     """Cluster stability: recluster heads with other seeds; ARI per head, Jaccard per cluster."""
-    from apmae_gpu import clustering
+    from apmae_gpu import cluster_studies
 
     try:
         seed_list = tuple(int(s) for s in _split_csv(seeds))
     except ValueError:
         raise ApmaeError(f"--seeds {seeds}: expected a comma list of integers") from None
     with _writing(run):
-        clustering.stability(run=run, seeds=seed_list, heads=heads, backend=backend,
-                             workers=workers, scheduler=scheduler, stable_at=stable_at)
+        cluster_studies.stability(run=run, seeds=seed_list, heads=heads, backend=backend,
+                                  workers=workers, scheduler=scheduler, stable_at=stable_at)
 
 
 @app.command("cluster-maps")
@@ -553,10 +553,11 @@ def cluster_maps(
     n: Annotated[int, typer.Option("--n", min=1, help="Maps per cluster.")] = 16,
 ) -> None:
     """PNG of the maps within a head's clusters (spread over each cluster) under RUN/cluster/."""
-    from apmae_gpu import clustering
+    from apmae_gpu import cluster_figures
 
     with _writing(run):
-        paths = clustering.cluster_maps(run=run, layer=layer, head=head, cluster=cluster_id, n=n)
+        paths = cluster_figures.cluster_maps(run=run, layer=layer, head=head, cluster=cluster_id,
+                                             n=n)
     for path in paths:
         typer.echo(str(path))
 

@@ -6,14 +6,16 @@ from ``RUN/embeddings.zarr`` (one contiguous chunk column), jitter exact duplica
 cluster with HDBSCAN (min_samples 20, min_cluster_size 25, allow_single_cluster).  The
 estimators live in :mod:`apmae_gpu.cluster_backends` (``cpu``, ``cuml``, ``auto``).
 
-Heads are independent jobs (:func:`cluster_head`, a plain function): run in-process with one
-worker, else on a ``dask.distributed.LocalCluster`` (CPU: one single-threaded process per
-worker), a ``dask_cuda.LocalCUDACluster`` (cuml: one worker per GPU) or an existing scheduler
-(``--scheduler ADDRESS``).  Workers read their head from the zarr themselves.  Each head
-writes ``cluster/parts/L###_H###.parquet`` and then ``cluster/status/L###_H###.json`` (its
-commit point): a rerun skips finished heads and retries failed ones.  A failing head is
-retried (``retries`` times, with the next seed), then recorded as failed with its layer and
-head, never dropped.
+Heads are independent jobs (:func:`cluster_head`, a plain function) that
+:func:`apmae_gpu.dask_jobs.run_jobs` runs in-process with one worker, else on dask workers
+(a ``LocalCluster``, a ``LocalCUDACluster`` or an existing scheduler, ``--scheduler
+ADDRESS``).  Workers read their head from the zarr themselves.  Each head writes
+``cluster/parts/L###_H###.parquet`` and then ``cluster/status/L###_H###.json`` (its commit
+point; names in :mod:`apmae_gpu.cluster_layout`): a rerun skips finished heads and retries
+failed ones.  A failing head is retried (``retries`` times, with the next seed), then recorded
+as failed with its layer and head, never dropped.  The figures are drawn by
+:mod:`apmae_gpu.cluster_figures`; the trustworthiness and stability studies live in
+:mod:`apmae_gpu.cluster_studies`.
 
 Outputs (``RUN/``)::
 
@@ -32,18 +34,21 @@ Outputs (``RUN/``)::
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import os
 import shutil
 import time
-from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+from rich.console import Console
+from rich.table import Table
 
 from apmae_gpu.cluster_backends import (
     BACKENDS,
@@ -54,21 +59,32 @@ from apmae_gpu.cluster_backends import (
     jitter_duplicates,
     resolve_backend,
 )
+from apmae_gpu.cluster_figures import write_figures
+from apmae_gpu.cluster_layout import (
+    CLUSTER_DIR,
+    CLUSTERS,
+    cluster_dirs,
+    head_name,
+    read_status,
+)
+from apmae_gpu.dask_jobs import run_jobs
 from apmae_gpu.encoding import EMBEDDINGS, open_embeddings, read_head
 from apmae_gpu.runs import (
     ApmaeError,
     atomic_path,
     describe_machine,
-    progress,
     update_manifest,
     write_json,
     write_parquet,
 )
+from apmae_gpu.store import INFERENCES
+
+__all__ = ["CLUSTERS", "CLUSTER_DIR", "ClusterParams", "assemble", "cluster", "cluster_head",
+           "cluster_stats", "fit_head", "gpu_ready", "head_name", "head_record", "head_seed",
+           "pattern_locations", "run_jobs", "select_heads"]
 
 log = logging.getLogger("apmae_gpu.clustering")
 
-CLUSTERS = "clusters.parquet"
-CLUSTER_DIR = "cluster"
 # Subsample of members for the mean pairwise intra-cluster distance.
 DISTANCE_SAMPLE = 2000
 
@@ -118,7 +134,7 @@ class ClusterParams:
                     knn=self.knn, n_epochs=self.n_epochs)
 
 
-def _gpu_ready(backend, params: ClusterParams) -> None:
+def gpu_ready(backend, params: ClusterParams) -> None:
     """On cuML: refuse settings it does not take (before any work) and free torch's CUDA
     cache for it."""
     if backend == "cuml":
@@ -129,15 +145,6 @@ def _gpu_ready(backend, params: ClusterParams) -> None:
 def head_seed(seed: int, layer: int, head: int) -> int:
     """A head's own seed: independent of which worker runs it, or in which order."""
     return int(np.random.SeedSequence([int(seed), int(layer), int(head)]).generate_state(1)[0] >> 1)
-
-
-def head_name(layer: int, head: int) -> str:
-    return f"L{int(layer):03d}_H{int(head):03d}"
-
-
-def _dirs(run: Path) -> dict[str, Path]:
-    base = run / CLUSTER_DIR
-    return {"base": base, "parts": base / "parts", "status": base / "status"}
 
 
 # --------------------------------------------------------------------------- one head
@@ -241,88 +248,6 @@ def cluster_head(embeddings: str, layer: int, head: int, out_dir: str, params: d
     return rec
 
 
-# --------------------------------------------------------------------------- workers
-@contextlib.contextmanager
-def dask_client(workers: int, scheduler: str | None = None, backend: str = "cpu"):
-    """A dask ``Client``: to ``scheduler`` if given, else a ``LocalCUDACluster`` (cuml, one
-    worker per GPU) or a process ``LocalCluster`` with single-threaded workers (seeded
-    umap-learn runs on one thread; heads are the parallel unit)."""
-    from distributed import Client, LocalCluster
-
-    if scheduler:
-        client = Client(scheduler)
-        cluster = None
-    elif backend == "cuml":
-        try:
-            from dask_cuda import LocalCUDACluster
-        except ImportError:
-            raise ApmaeError("--backend cuml with --workers > 1 needs dask-cuda "
-                             "(pip install 'apmae_gpu[gpu]')") from None
-        import cupy
-
-        n_gpu = cupy.cuda.runtime.getDeviceCount()
-        if workers > n_gpu:
-            log.info("one worker per GPU: %d workers instead of %d", n_gpu, workers)
-        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
-        ids = visible.split(",") if visible else [str(i) for i in range(n_gpu)]
-        cluster = LocalCUDACluster(CUDA_VISIBLE_DEVICES=ids[:min(workers, n_gpu)],
-                                   dashboard_address=None)
-        client = Client(cluster)
-    else:
-        cores = os.cpu_count() or 1
-        if workers > cores:
-            log.warning("%d workers on %d cores: heads will share cores", workers, cores)
-        cluster = LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                               dashboard_address=None, silence_logs=logging.ERROR)
-        client = Client(cluster)
-    try:
-        log.info("dask: %d workers (%s)", len(client.scheduler_info().get("workers", {})),
-                 scheduler or ("LocalCUDACluster" if backend == "cuml" else "LocalCluster"))
-        yield client
-    finally:
-        client.close()
-        if cluster is not None:
-            cluster.close()
-
-
-def call_job(fn: Callable, job: dict):
-    """``fn(**job)``: what a dask worker runs for one job."""
-    return fn(**job)
-
-
-def run_jobs(fn: Callable, jobs: list[dict], workers: int = 1, scheduler: str | None = None,
-             backend: str = "cpu", desc: str = "heads") -> Iterator[tuple[dict, object]]:
-    """Run ``fn(**job)`` for every job: in-process when ``workers == 1`` and no scheduler is
-    given, else on dask.  Yields ``(job, result)`` as they finish; ``result`` is the
-    exception when the job itself died (e.g. a killed worker)."""
-    bar = progress(total=len(jobs), desc=desc, unit="head")
-    try:
-        if workers <= 1 and not scheduler:
-            for job in jobs:
-                try:
-                    result = fn(**job)
-                except Exception as exc:  # noqa: BLE001
-                    result = exc
-                bar.update(1)
-                yield job, result
-            return
-        from distributed import as_completed
-
-        with dask_client(workers, scheduler, backend) as client:
-            # the job travels as one argument: its own keys (``retries``, ...) must reach fn,
-            # not client.submit's keywords of the same name
-            futures = {client.submit(call_job, fn, job, pure=False): job for job in jobs}
-            for future in as_completed(futures):
-                try:
-                    result = future.result()
-                except Exception as exc:  # noqa: BLE001 - KilledWorker, lost data...
-                    result = exc
-                bar.update(1)
-                yield futures.pop(future), result
-    finally:
-        bar.close()
-
-
 def select_heads(spec: str | None, n_layers: int, n_heads: int,
                  seed: int = 0) -> list[tuple[int, int]]:
     """``all``, a number N (N heads spread over the model, seeded) or ``L:H,L:H``."""
@@ -353,8 +278,6 @@ def select_heads(spec: str | None, n_layers: int, n_heads: int,
 
 
 def _params_hash(params: ClusterParams, group) -> str:
-    import hashlib
-
     key = json.dumps({**dataclasses.asdict(params),
                       "embeddings": group.attrs.get("checkpoint_sha256", ""),
                       "pool": group.attrs.get("pool", ""),
@@ -391,10 +314,10 @@ def cluster(run: str | os.PathLike, backend: str = "auto", workers: int = 1, uma
         if backend not in BACKENDS:
             raise ApmaeError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
         backend = resolve_backend(backend)
-    _gpu_ready(backend, params)
+    gpu_ready(backend, params)
     group = open_embeddings(run)
     L, H, N, D = group["embeddings"].shape
-    dirs = _dirs(run)
+    dirs = cluster_dirs(run)
     phash = _params_hash(params, group)
     saved = dirs["base"] / "params.json"
     if restart:
@@ -414,7 +337,7 @@ def cluster(run: str | os.PathLike, backend: str = "auto", workers: int = 1, uma
                        "embeddings": str(run / EMBEDDINGS), "shape": [L, H, N, D]})
 
     chosen = select_heads(heads, L, H, seed)
-    status = _read_status(dirs["status"])
+    status = read_status(dirs["status"])
     done = {(r["layer"], r["head"]) for r in status.values()
             if r["status"] == "ok" and r.get("params_hash") == phash
             and (dirs["parts"] / f"{head_name(r['layer'], r['head'])}.parquet").exists()}
@@ -445,7 +368,7 @@ def cluster(run: str | os.PathLike, backend: str = "auto", workers: int = 1, uma
     wall = time.perf_counter() - t0
 
     chosen_set = set(chosen)
-    status = {k: v for k, v in _read_status(dirs["status"]).items()
+    status = {k: v for k, v in read_status(dirs["status"]).items()
               if v.get("params_hash") == phash and k in chosen_set}
     heads_df, summary = assemble(run, status, filter_max_distance, filter_min_size)
     if figures:
@@ -472,27 +395,14 @@ def cluster(run: str | os.PathLike, backend: str = "auto", workers: int = 1, uma
     return run / CLUSTERS
 
 
-def _read_status(d: Path) -> dict[tuple[int, int], dict]:
-    out = {}
-    if d.is_dir():
-        for f in sorted(d.glob("L*_H*.json")):
-            rec = json.loads(f.read_text())
-            out[(rec["layer"], rec["head"])] = rec
-    return out
-
-
 # --------------------------------------------------------------------------- assembly
 def _inference_table(run: Path) -> pd.DataFrame:
     """inference_id -> task, correct (from the maps store when present)."""
-    from apmae_gpu.store import INFERENCES
-
     path = run / INFERENCES
     if not path.exists():
         return pd.DataFrame({"inference_id": pd.Series(dtype="int64"),
                              "task": pd.Series(dtype="object"),
                              "correct": pd.Series(dtype="object")})
-    import pyarrow.parquet as pq
-
     return pq.read_table(path, columns=["inference_id", "task", "correct"]).to_pandas()
 
 
@@ -500,10 +410,7 @@ def assemble(run: Path, status: dict, filter_max_distance: float | None = None,
              filter_min_size: int | None = None) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Write clusters.parquet, heads.parquet, clusters_summary.parquet, locations.parquet
     and pattern_locations.parquet from the per-head parts and status records."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
-    dirs = _dirs(run)
+    dirs = cluster_dirs(run)
     rows, crow = [], []
     for (l, h), r in sorted(status.items()):
         for c in r.get("clusters", []):
@@ -636,9 +543,6 @@ def pattern_locations(locations: pd.DataFrame) -> pd.DataFrame:
 
 
 def _print_summary(run: Path, heads_df: pd.DataFrame, summary: pd.DataFrame) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     ok = heads_df[heads_df["status"] == "ok"] if len(heads_df) else heads_df
     console = Console()
     t = Table(title=f"clusters per head ({len(ok)} ok, {len(heads_df) - len(ok)} failed)")
@@ -660,432 +564,3 @@ def _print_summary(run: Path, heads_df: pd.DataFrame, summary: pd.DataFrame) -> 
         console.print(t)
     console.print(f"{len(summary[summary['kept']]) if len(summary) else 0} clusters -> "
                   f"{run / CLUSTERS}, summaries and figures in {run / CLUSTER_DIR}")
-
-
-# --------------------------------------------------------------------------- figures
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def plot_heads_heatmap(heads_df: pd.DataFrame, path: Path) -> Path:
-    """Layer x head heatmaps of clusters per head and share clustered (failed heads grey)."""
-    plt = _plt()
-    from matplotlib.ticker import MaxNLocator
-
-    L, H = int(heads_df["layer"].max()) + 1, int(heads_df["head"].max()) + 1
-    fig, axes = plt.subplots(1, 2, figsize=(min(4 + 0.35 * H, 20) * 2, min(2 + 0.3 * L, 16)))
-    for ax, col, title in ((axes[0], "n_clusters", "clusters per head"),
-                           (axes[1], "share_clustered", "share of maps clustered")):
-        grid = np.full((L, H), np.nan)
-        ok = heads_df[heads_df["status"] == "ok"]
-        grid[ok["layer"].to_numpy(), ok["head"].to_numpy()] = ok[col].to_numpy(float)
-        cmap = plt.get_cmap("viridis").with_extremes(bad="lightgrey")
-        im = ax.imshow(np.ma.masked_invalid(grid), aspect="auto", cmap=cmap, origin="lower",
-                       vmin=0, vmax=1 if col == "share_clustered" else None)
-        ax.set(xlabel="head", ylabel="layer", title=title)
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-        if L * H <= 400:   # small models: print the values
-            for (i, j), v in np.ndenumerate(grid):
-                if np.isfinite(v):
-                    ax.text(j, i, f"{v:.0%}" if col == "share_clustered" else f"{v:.0f}",
-                            ha="center", va="center", fontsize=6, color="white")
-        fig.colorbar(im, ax=ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return path
-
-
-def _maps_for(run: Path, layer: int, head: int, inference_ids) -> np.ndarray:
-    """Stored maps of (inference_ids, layer, head) in that order ([k, W, W] float16)."""
-    import pyarrow.parquet as pq
-
-    from apmae_gpu.store import INDEX, MAPS, MapStore
-
-    if not (run / MAPS).exists():
-        raise ApmaeError(f"{run} keeps no maps ({MAPS}); galleries need them")
-    store = MapStore(run)
-    idx = pq.read_table(run / INDEX, columns=["map_id", "inference_id", "layer", "head"],
-                        filters=[("layer", "=", layer), ("head", "=", head)]).to_pandas()
-    mid = idx.set_index("inference_id")["map_id"].reindex(np.asarray(inference_ids))
-    if mid.isna().any():
-        raise ApmaeError(f"layer {layer} head {head}: some maps are missing from {INDEX}")
-    return store.read(mid.to_numpy(np.int64))
-
-
-def _members(run: Path, layer: int, head: int, cluster: int) -> pd.DataFrame:
-    part = pd.read_parquet(_dirs(run)["parts"] / f"{head_name(layer, head)}.parquet")
-    m = part[part["cluster"] == cluster].reset_index(drop=True)
-    if m.empty:
-        raise ApmaeError(f"layer {layer} head {head} has no cluster {cluster}")
-    coords = m[[c for c in m.columns if c.startswith("umap_")]].to_numpy()
-    m["dist"] = np.linalg.norm(coords - coords.mean(axis=0), axis=1)
-    return m
-
-
-def _spread(coords: np.ndarray, k: int) -> list[int]:
-    """Farthest-point sample of ``k`` rows (spread over the cluster, like its hull)."""
-    chosen = [int(np.argmax(np.linalg.norm(coords - coords.mean(0), axis=1)))]
-    d = np.linalg.norm(coords - coords[chosen[0]], axis=1)
-    while len(chosen) < min(k, len(coords)):
-        chosen.append(int(np.argmax(d)))
-        d = np.minimum(d, np.linalg.norm(coords - coords[chosen[-1]], axis=1))
-    return chosen
-
-
-def _showcase(summary: pd.DataFrame, n: int, max_share: float = 0.5) -> pd.DataFrame:
-    """The clusters worth showing: the largest kept cluster per head, largest first, among
-    those holding at most ``max_share`` of their head's maps (a cluster of a whole head shows
-    no pattern that tells inferences apart); the others fill up when too few qualify."""
-    kept = summary[summary["kept"]].sort_values(["size", "layer", "head", "cluster"],
-                                                ascending=[False, True, True, True])
-    kept = kept.drop_duplicates(["layer", "head"])
-    narrow = kept["share"] <= max_share
-    return pd.concat([kept[narrow], kept[~narrow]]).head(n)
-
-
-def plot_gallery(run: str | os.PathLike, summary: pd.DataFrame, path: Path | None = None,
-                 n_clusters: int = 12, per_side: int = 3) -> Path:
-    """A gallery: one row per cluster (:func:`_showcase`: the largest kept cluster of a head,
-    one per head, preferring clusters of at most half the head's maps), ``per_side`` most
-    central members (closest to the cluster's UMAP centroid) then ``per_side`` most distant
-    ones."""
-    run = Path(run)
-    plt = _plt()
-    pick = _showcase(summary, n_clusters)
-    if pick.empty:
-        raise ApmaeError("no clusters to show")
-    ncol = 2 * per_side
-    fig, axes = plt.subplots(len(pick), ncol, figsize=(1.6 * ncol, 1.7 * len(pick)), squeeze=False)
-    for row, r in enumerate(pick.itertuples()):
-        m = _members(run, r.layer, r.head, r.cluster).sort_values("dist")
-        ids = list(m["inference_id"].head(per_side)) + list(m["inference_id"].tail(per_side))
-        maps = _maps_for(run, r.layer, r.head, ids)
-        for j in range(ncol):
-            ax = axes[row, j]
-            ax.axis("off")
-            if j < len(maps):
-                ax.imshow(maps[j].astype(np.float32), cmap="magma")
-        axes[row, 0].set_title(f"L{r.layer} H{r.head} C{r.cluster} (n={r.size})", fontsize=7,
-                               loc="left")
-    fig.suptitle(f"clusters: {per_side} most central | {per_side} most distant members", fontsize=9)
-    fig.tight_layout()
-    path = path or _dirs(run)["base"] / "gallery.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def plot_cluster_maps(run: str | os.PathLike, layer: int, head: int, cluster: int, n: int = 16,
-                      path: Path | None = None) -> Path:
-    """Maps within one cluster: ``n`` members spread over it (farthest-point sample in the
-    UMAP space, as the paper's most distant points of a cluster)."""
-    run = Path(run)
-    plt = _plt()
-    m = _members(run, layer, head, cluster)
-    coords = m[[c for c in m.columns if c.startswith("umap_")]].to_numpy()
-    rows = _spread(coords, n)
-    maps = _maps_for(run, layer, head, m["inference_id"].to_numpy()[rows])
-    ncol = min(len(maps), 8)
-    nrow = int(np.ceil(len(maps) / ncol))
-    fig, axes = plt.subplots(nrow, ncol, figsize=(1.6 * ncol, 1.7 * nrow), squeeze=False)
-    for k, ax in enumerate(axes.flat):
-        ax.axis("off")
-        if k < len(maps):
-            ax.imshow(maps[k].astype(np.float32), cmap="magma")
-            ax.set_title(f"#{int(m['inference_id'].iloc[rows[k]])}", fontsize=6)
-    fig.suptitle(f"layer {layer} head {head} cluster {cluster}: {len(m)} maps, "
-                 f"{len(maps)} spread over it", fontsize=9)
-    fig.tight_layout()
-    path = path or _dirs(run)["base"] / f"cluster_{head_name(layer, head)}_C{cluster}.png"
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
-
-
-def cluster_maps(run: str | os.PathLike, layer: int, head: int, cluster: int | None = None,
-                 n: int = 16) -> list[Path]:
-    """PNGs of the maps within one cluster (or every cluster) of a clustered head."""
-    run = Path(run)
-    part = _dirs(run)["parts"] / f"{head_name(layer, head)}.parquet"
-    if not part.exists():
-        raise ApmaeError(f"layer {layer} head {head} is not clustered in {run} "
-                         f"(run `apmae cluster` first)")
-    labels = pd.read_parquet(part, columns=["cluster"])["cluster"]
-    ids = sorted(int(c) for c in labels.unique() if c >= 0)
-    if cluster is not None:
-        if cluster not in ids:
-            raise ApmaeError(f"layer {layer} head {head} has no cluster {cluster} "
-                             f"(clusters: {', '.join(map(str, ids)) or 'none'})")
-        ids = [cluster]
-    return [plot_cluster_maps(run, layer, head, c, n=n) for c in ids]
-
-
-def write_figures(run: Path, heads_df: pd.DataFrame, summary: pd.DataFrame) -> list[Path]:
-    """Heatmaps, the gallery and the maps of the largest cluster."""
-    out = []
-    if len(heads_df):
-        out.append(plot_heads_heatmap(heads_df, _dirs(run)["base"] / "heads_heatmap.png"))
-    kept = summary[summary["kept"]] if len(summary) else summary
-    if len(kept):
-        try:
-            out.append(plot_gallery(run, summary))
-            top = _showcase(summary, 1).iloc[0]
-            out.append(plot_cluster_maps(run, int(top["layer"]), int(top["head"]),
-                                         int(top["cluster"])))
-        except ApmaeError as exc:  # e.g. captured with --encode-with: no analysis maps kept
-            log.warning("cluster gallery skipped: %s", exc)
-    return out
-
-
-# --------------------------------------------------------------------------- trustworthiness
-def trust_head(embeddings: str, layer: int, head: int, dims: list[int], trials: int,
-               params: dict, backend="cpu", max_points: int = 5000,
-               trust_neighbors: int = 20, seed: int = 0) -> list[dict]:
-    """Trustworthiness (sklearn.manifold.trustworthiness) of UMAP to each of ``dims`` on one
-    head, ``trials`` times (a new subsample of ``max_points`` and a new UMAP seed each)."""
-    from sklearn.manifold import trustworthiness
-
-    p = ClusterParams(**params)
-    _, X = read_head(embeddings, layer, head)
-    X = X[np.isfinite(X).all(axis=1)]
-    cls = clusterer_class(backend)
-    out = []
-    for t in range(trials):
-        s = head_seed(seed + t, layer, head)
-        rng = np.random.default_rng(s)
-        if len(X) > max_points:
-            sub = X[np.sort(rng.choice(len(X), max_points, replace=False))]
-        else:
-            sub = X
-        sub, _ = jitter_duplicates(sub, p.jitter, s)
-        k = int(min(trust_neighbors, max(1, len(sub) // 2 - 1)))
-        for d in dims:
-            t0 = time.perf_counter()
-            if len(sub) < 2 * d + 4:
-                continue
-            est = cls(**{**p.estimator_kwargs(s), "umap_dims": d})
-            Y = est.reduce(sub)
-            tw = trustworthiness(sub, Y, n_neighbors=k, metric=p.metric)
-            out.append({"layer": layer, "head": head, "dims": int(d), "trial": t,
-                        "n_points": len(sub), "n_neighbors": k, "trustworthiness": float(tw),
-                        "seconds": time.perf_counter() - t0})
-    return out
-
-
-def trust(run: str | os.PathLike, dims: tuple[int, ...] = (2, 4, 8, 16), heads: str = "8",
-          trials: int = 3, max_points: int = 5000, neighbors: int = 20, min_dist: float = 0.05,
-          metric: str = "cosine", trust_neighbors: int | None = None, backend: str = "auto",
-          workers: int = 1, scheduler: str | None = None, seed: int = 0,
-          tolerance: float = 0.01) -> pd.DataFrame:
-    """The trustworthiness study behind the choice of UMAP dimensions (earlier paper: 4 dims
-    from 1,000 neighbours over 5 trials x 10 subsets).
-
-    For each selected head and trial, UMAP to every ``dims`` and score how well the
-    ``trust_neighbors`` nearest neighbours survive.  Writes ``cluster/trustworthiness.parquet``
-    (one row per head x dims x trial) and ``cluster/trustworthiness.png``; returns the
-    summary per dims (mean, std, min).  The suggested dims is the smallest whose mean is
-    within ``tolerance`` of the best mean.
-    """
-    run = Path(run)
-    dims = sorted({int(d) for d in dims})
-    if not dims or dims[0] < 1:
-        raise ApmaeError("--dims needs positive integers, e.g. 2,4,8,16")
-    if trials < 1 or max_points < 10:
-        raise ApmaeError("--trials must be >= 1 and --max-points >= 10")
-    params = ClusterParams(n_neighbors=neighbors, min_dist=min_dist, metric=metric,
-                           seed=seed).validate()
-    backend = resolve_backend(backend)
-    _gpu_ready(backend, params)
-    group = open_embeddings(run)
-    L, H = group["embeddings"].shape[:2]
-    chosen = select_heads(heads, L, H, seed)
-    jobs = [dict(embeddings=str(run / EMBEDDINGS), layer=l, head=h, dims=dims, trials=trials,
-                 params=dataclasses.asdict(params), backend=backend, max_points=max_points,
-                 trust_neighbors=trust_neighbors or neighbors, seed=seed) for l, h in chosen]
-    rows = []
-    for job, result in run_jobs(trust_head, jobs, workers, scheduler, backend, desc="trust"):
-        if isinstance(result, Exception):
-            raise ApmaeError(f"trustworthiness of layer {job['layer']} head {job['head']} failed: "
-                             f"{type(result).__name__}: {result}")
-        rows += result
-    if not rows:
-        raise ApmaeError("no head had enough points for the trustworthiness study")
-    df = pd.DataFrame(rows).sort_values(["layer", "head", "dims", "trial"])
-    base = _dirs(run)["base"]
-    base.mkdir(parents=True, exist_ok=True)
-    write_parquet(df, base / "trustworthiness.parquet")
-    summary = df.groupby("dims")["trustworthiness"].agg(["mean", "std", "min"]).reset_index()
-    best = summary["mean"].max()
-    suggested = int(summary.loc[summary["mean"] >= best - tolerance, "dims"].min())
-    _plot_trust(df, summary, base / "trustworthiness.png")
-    update_manifest(run, "cluster_trust", {
-        "dims": dims, "heads": [list(x) for x in chosen], "trials": trials,
-        "max_points": max_points, "trust_neighbors": trust_neighbors or neighbors,
-        "params": dataclasses.asdict(params), "suggested_dims": suggested,
-        "mean": {int(r.dims): round(float(r.mean), 5) for r in summary.itertuples()}})
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"trustworthiness over {len(chosen)} heads x {trials} trials "
-                    f"({trust_neighbors or neighbors} neighbours)")
-    for col in ("dims", "mean", "std", "min"):
-        t.add_column(col, justify="right")
-    for r in summary.itertuples():
-        t.add_row(str(r.dims), f"{r.mean:.4f}", f"{0 if np.isnan(r.std) else r.std:.4f}",
-                  f"{r.min:.4f}")
-    console = Console()
-    console.print(t)
-    console.print(f"suggested --umap-dims {suggested} (smallest within {tolerance} of the best "
-                  f"mean); rows in {base / 'trustworthiness.parquet'}")
-    return summary.assign(suggested=summary["dims"] == suggested)
-
-
-def _plot_trust(df: pd.DataFrame, summary: pd.DataFrame, path: Path) -> None:
-    plt = _plt()
-    fig, ax = plt.subplots(figsize=(5, 3.5))
-    for _, g in df.groupby(["layer", "head"]):
-        m = g.groupby("dims")["trustworthiness"].mean()
-        ax.plot(m.index, m.values, color="grey", alpha=0.3, lw=0.8)
-    ax.errorbar(summary["dims"], summary["mean"], yerr=summary["std"].fillna(0), color="C0",
-                marker="o", capsize=3, label="mean over heads and trials")
-    ax.set(xscale="log", xlabel="UMAP dimensions", ylabel="trustworthiness",
-           title="trustworthiness per head (grey) and mean")
-    ax.set_xticks(summary["dims"], [str(d) for d in summary["dims"]])
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-
-
-# --------------------------------------------------------------------------- stability
-def jaccard_best_match(ref: np.ndarray, other: np.ndarray) -> dict[int, float]:
-    """For every cluster ``c`` of ``ref`` (noise excluded), the best Jaccard index
-    |A & B| / |A | B| with any cluster ``B`` of ``other`` (0 when ``other`` has none)."""
-    out = {}
-    other_ids = np.unique(other[other >= 0])
-    for c in np.unique(ref[ref >= 0]):
-        a = ref == c
-        best = 0.0
-        for j in other_ids:
-            b = other == j
-            inter = np.count_nonzero(a & b)
-            if inter:
-                best = max(best, inter / np.count_nonzero(a | b))
-        out[int(c)] = best
-    return out
-
-
-def stability_head(embeddings: str, layer: int, head: int, params: dict, backend="cpu",
-                   seeds: list[int] = (1, 2, 3), parts_dir: str | None = None) -> dict:
-    """Recluster one head with other seeds; compare with its reference clustering (its part
-    from ``apmae cluster`` when present, else a fit with the reference seed)."""
-    from sklearn.metrics import adjusted_rand_score
-
-    p = ClusterParams(**params)
-    ids, X = read_head(embeddings, layer, head)
-    keep = np.isfinite(X).all(axis=1)
-    ids, X = ids[keep], X[keep]
-    where = f"layer {layer} head {head}"
-    part = Path(parts_dir or "") / f"{head_name(layer, head)}.parquet"
-    if parts_dir and part.exists():
-        ref_df = pd.read_parquet(part, columns=["inference_id", "cluster"])
-        ref_df = ref_df.set_index("inference_id")
-        ref = ref_df["cluster"].reindex(ids).fillna(-1).to_numpy(np.int32)
-    else:
-        est, _, _, errors = fit_head(X, p, backend, head_seed(p.seed, layer, head), 0, where)
-        if est is None:
-            raise RuntimeError(f"{where}: reference fit failed: {' | '.join(errors)}")
-        ref = est.labels_
-    heads_rows, jac = [], {}
-    for s in seeds:
-        est, _, _, errors = fit_head(X, p, backend, head_seed(s, layer, head), 0, where)
-        if est is None:
-            raise RuntimeError(f"{where} seed {s}: {' | '.join(errors)}")
-        lab = est.labels_
-        both = (ref >= 0) & (lab >= 0)
-        heads_rows.append({
-            "layer": layer, "head": head, "seed": int(s), "n_points": len(ids),
-            "ari": float(adjusted_rand_score(ref, lab)),
-            "ari_clustered": float(adjusted_rand_score(ref[both], lab[both]))
-            if both.sum() > 1 else float("nan"),
-            "n_clusters_ref": int(ref.max() + 1) if len(ref) else 0,
-            "n_clusters": int(est.n_clusters_)})
-        for c, v in jaccard_best_match(ref, lab).items():
-            jac.setdefault(c, []).append(v)
-    clusters = [{"layer": layer, "head": head, "cluster": c, "size": int((ref == c).sum()),
-                 "jaccard_mean": float(np.mean(v)), "jaccard_min": float(np.min(v))}
-                for c, v in sorted(jac.items())]
-    return {"heads": heads_rows, "clusters": clusters}
-
-
-def stability(run: str | os.PathLike, seeds: tuple[int, ...] = (1, 2, 3), heads: str = "16",
-              backend: str = "auto", workers: int = 1, scheduler: str | None = None,
-              stable_at: float = 0.75) -> tuple[pd.DataFrame, pd.DataFrame]:
-    """Cluster stability over seeds (beyond the paper): recluster heads with other seeds and
-    report the adjusted Rand index against the reference clustering, per head, and the best
-    Jaccard match of every reference cluster (Hennig's clusterwise stability: a mean Jaccard
-    >= ``stable_at`` marks a cluster as stable, <= 0.5 as one that dissolves).
-
-    Uses the settings of ``RUN/cluster/params.json`` (defaults if absent).  Writes
-    ``cluster/stability_heads.parquet`` and ``cluster/stability_clusters.parquet``.
-    """
-    run = Path(run)
-    dirs = _dirs(run)
-    saved = dirs["base"] / "params.json"
-    params = ClusterParams(**json.loads(saved.read_text())["params"]) if saved.exists() \
-        else ClusterParams()
-    seeds = [int(s) for s in seeds if int(s) != params.seed]
-    if not seeds:
-        raise ApmaeError(f"--seeds must include seeds other than the reference seed {params.seed}")
-    backend = resolve_backend(backend)
-    _gpu_ready(backend, params)
-    group = open_embeddings(run)
-    L, H = group["embeddings"].shape[:2]
-    chosen = select_heads(heads, L, H, params.seed)
-    jobs = [dict(embeddings=str(run / EMBEDDINGS), layer=l, head=h,
-                 params=dataclasses.asdict(params), backend=backend, seeds=seeds,
-                 parts_dir=str(dirs["parts"])) for l, h in chosen]
-    hrows, crows = [], []
-    for job, result in run_jobs(stability_head, jobs, workers, scheduler, backend,
-                                desc="stability"):
-        if isinstance(result, Exception):
-            raise ApmaeError(f"stability of layer {job['layer']} head {job['head']} failed: "
-                             f"{type(result).__name__}: {result}")
-        hrows += result["heads"]
-        crows += result["clusters"]
-    heads_df = pd.DataFrame(hrows).sort_values(["layer", "head", "seed"])
-    clusters_df = pd.DataFrame(crows, columns=["layer", "head", "cluster", "size",
-                                               "jaccard_mean", "jaccard_min"])
-    clusters_df["stable"] = clusters_df["jaccard_mean"] >= stable_at
-    dirs["base"].mkdir(parents=True, exist_ok=True)
-    write_parquet(heads_df, dirs["base"] / "stability_heads.parquet")
-    write_parquet(clusters_df, dirs["base"] / "stability_clusters.parquet")
-    per_head = heads_df.groupby(["layer", "head"]).agg(ari=("ari", "mean"),
-                                                       ari_min=("ari", "min"),
-                                                       n_clusters_ref=("n_clusters_ref", "first"))
-    update_manifest(run, "cluster_stability", {
-        "seeds": seeds, "reference_seed": params.seed, "heads": [list(x) for x in chosen],
-        "ari_mean": float(heads_df["ari"].mean()),
-        "clusters": len(clusters_df), "clusters_stable": int(clusters_df["stable"].sum())})
-    from rich.console import Console
-    from rich.table import Table
-
-    t = Table(title=f"stability over seeds {seeds} (reference seed {params.seed})")
-    for col in ("layer", "head", "clusters", "ARI mean", "ARI min", "stable clusters"):
-        t.add_column(col, justify="right")
-    for (l, h), r in per_head.iterrows():
-        c = clusters_df[(clusters_df["layer"] == l) & (clusters_df["head"] == h)]
-        t.add_row(str(l), str(h), str(int(r.n_clusters_ref)), f"{r.ari:.3f}", f"{r.ari_min:.3f}",
-                  f"{int(c['stable'].sum())}/{len(c)}")
-    console = Console()
-    console.print(t)
-    console.print(f"mean ARI {heads_df['ari'].mean():.3f}; {int(clusters_df['stable'].sum())} of "
-                  f"{len(clusters_df)} clusters stable (mean Jaccard >= {stable_at})")
-    return heads_df, clusters_df

@@ -1,5 +1,6 @@
-"""Clustering: the per-head estimator, the stage (resume, retries, filtering, outputs), dask
-workers, the trustworthiness and stability studies.  Small seeded data; few UMAP fits."""
+"""Clustering: the per-head estimator, the stage (resume, retries, filtering, outputs) and
+dask workers.  Small seeded data; few UMAP fits.  The studies are in test_cluster_studies.py,
+the figures' helpers in test_cluster_figures.py."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import pytest
 from sklearn.metrics import adjusted_rand_score
 
 from apmae_gpu import cluster_backends as cb
-from apmae_gpu import clustering
+from apmae_gpu import clustering, dask_jobs
 from apmae_gpu.runs import ApmaeError, load_frame
 
 FAST = dict(neighbors=10, min_samples=5, min_cluster_size=10)   # 126 points per head
@@ -160,11 +161,7 @@ def test_pattern_locations_matches_hand_count():
     assert t.loc["a", "share_of_possible"] == pytest.approx(4 / 6)
 
 
-def test_jaccard_and_select_heads():
-    ref = np.array([0, 0, 0, 1, 1, -1])
-    other = np.array([2, 2, -1, 1, 1, 1])
-    assert clustering.jaccard_best_match(ref, other) == {0: pytest.approx(2 / 3),
-                                                         1: pytest.approx(2 / 3)}
+def test_select_heads():
     assert clustering.select_heads("all", 2, 3) == [(l, h) for l in range(2) for h in range(3)]
     assert clustering.select_heads("1:2,0:0", 2, 3) == [(1, 2), (0, 0)]
     four = clustering.select_heads("4", 2, 3, seed=1)
@@ -290,7 +287,7 @@ def test_dask_workers_read_heads_and_match_in_process(clustered_run, tmp_path):
     emb = str(clustered_run / "embeddings.zarr")
     jobs = [dict(path=emb, layer=l, head=h) for l in range(2) for h in range(3)]
     got = dict()
-    for job, result in clustering.run_jobs(read_head, jobs, workers=2):
+    for job, result in dask_jobs.run_jobs(read_head, jobs, workers=2):
         assert not isinstance(result, Exception), result
         got[(job["layer"], job["head"])] = result
     for (l, h), (ids, X) in got.items():
@@ -308,43 +305,6 @@ def test_dask_workers_read_heads_and_match_in_process(clustered_run, tmp_path):
         clustering.cluster(run, backend="cpu", scheduler=lc.scheduler_address, workers=2,
                            figures=False, **FAST)
     pd.testing.assert_frame_equal(before, pd.read_parquet(run / "clusters.parquet"))
-
-
-# --------------------------------------------------------------------------- studies
-def test_trustworthiness_study(clustered_run, tmp_path):
-    from sklearn.manifold import trustworthiness
-
-    from apmae_gpu.encoding import read_head
-
-    run = tmp_path / "run"
-    shutil.copytree(clustered_run, run)
-    summary = clustering.trust(run, dims=(2, 4), heads="0:2", trials=1, neighbors=10,
-                               backend="cpu")
-    rows = pd.read_parquet(run / "cluster" / "trustworthiness.parquet")
-    assert len(rows) == 2 and rows["trustworthiness"].between(0, 1).all()
-    assert summary["suggested"].sum() == 1
-    # same number from sklearn on a refit with the same seed
-    s = clustering.head_seed(0, 0, 2)
-    X, _ = cb.jitter_duplicates(read_head(run / "embeddings.zarr", 0, 2)[1], 1e-3, s)
-    Y = cb.CpuClusterer(umap_dims=2, n_neighbors=10, random_state=s).reduce(X)
-    ref = trustworthiness(X, Y, n_neighbors=10, metric="cosine")
-    assert rows.loc[rows["dims"] == 2, "trustworthiness"].item() == pytest.approx(ref, abs=1e-6)
-    assert (run / "cluster" / "trustworthiness.png").exists()
-
-
-def test_stability_study(clustered_run, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(clustered_run, run)
-    heads_df, clusters_df = clustering.stability(run, seeds=(0, 7), heads="1:1", backend="cpu")
-    assert heads_df["seed"].tolist() == [7]                 # the reference seed is skipped
-    ref = pd.read_parquet(run / "cluster" / "parts" / "L001_H001.parquet")
-    assert heads_df["n_clusters_ref"].item() == ref["cluster"].max() + 1
-    assert -1 <= heads_df["ari"].item() <= 1
-    assert len(clusters_df) == heads_df["n_clusters_ref"].item()
-    assert clusters_df["jaccard_mean"].between(0, 1).all()
-    assert (clusters_df["stable"] == (clusters_df["jaccard_mean"] >= 0.75)).all()
-    with pytest.raises(ApmaeError, match="other than the reference seed"):
-        clustering.stability(run, seeds=(0,), heads="1:1", backend="cpu")
 
 
 def test_cli_errors_are_one_line(clustered_run, capsys):
@@ -388,23 +348,3 @@ def test_torch_knn_on_cuda_matches_cpu():
     idx_g, dist_g = cb.torch_knn(X, 20, "cosine", "cuda", batch=256)
     np.testing.assert_allclose(dist_g, dist_c, atol=1e-4)
     assert np.mean(idx_g == idx_c) > 0.99
-
-
-def test_showcase_prefers_clusters_that_split_a_head():
-    import pandas as pd
-
-    summary = pd.DataFrame([
-        # head (0, 0): one cluster holding every map, the largest of all
-        dict(layer=0, head=0, cluster=0, size=100, share=1.0, kept=True),
-        # head (0, 1): two clusters; its largest holds 60% of the maps
-        dict(layer=0, head=1, cluster=0, size=60, share=0.6, kept=True),
-        dict(layer=0, head=1, cluster=1, size=40, share=0.4, kept=True),
-        # head (1, 0): its largest cluster holds 45%, one that is filtered out is larger
-        dict(layer=1, head=0, cluster=0, size=45, share=0.45, kept=True),
-        dict(layer=1, head=0, cluster=1, size=50, share=0.5, kept=False),
-    ])
-    pick = clustering._showcase(summary, 3)
-    # one row per head; heads whose largest cluster splits them (share <= 0.5) first
-    assert list(zip(pick.layer, pick["head"], pick.cluster)) == [(1, 0, 0), (0, 0, 0), (0, 1, 0)]
-    assert list(clustering._showcase(summary, 1).cluster) == [0]
-    assert clustering._showcase(summary.assign(kept=False), 3).empty

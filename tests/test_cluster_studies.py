@@ -1,0 +1,70 @@
+"""The clustering studies: trustworthiness per UMAP dims (``apmae trust``) and stability
+over seeds (``apmae stability``), on the clustered run of test_clustering.py."""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from apmae_gpu import cluster_backends as cb
+from apmae_gpu import cluster_studies, clustering
+from apmae_gpu.runs import ApmaeError
+from tests.test_clustering import FAST, write_embeddings
+
+
+@pytest.fixture(scope="module")
+def clustered_run(synthetic_run_dir, tmp_path_factory):
+    """The synthetic run, embedded and clustered (no figures: the studies don't read them)."""
+    run = tmp_path_factory.mktemp("studies") / "run"
+    shutil.copytree(synthetic_run_dir, run)
+    write_embeddings(run)
+    clustering.cluster(run, backend="cpu", figures=False, **FAST)
+    return run
+
+
+def test_jaccard_best_match():
+    ref = np.array([0, 0, 0, 1, 1, -1])
+    other = np.array([2, 2, -1, 1, 1, 1])
+    assert cluster_studies.jaccard_best_match(ref, other) == {0: pytest.approx(2 / 3),
+                                                              1: pytest.approx(2 / 3)}
+    assert cluster_studies.jaccard_best_match(ref, np.full(6, -1)) == {0: 0.0, 1: 0.0}
+
+
+def test_trustworthiness_study(clustered_run, tmp_path):
+    from sklearn.manifold import trustworthiness
+
+    from apmae_gpu.encoding import read_head
+
+    run = tmp_path / "run"
+    shutil.copytree(clustered_run, run)
+    summary = cluster_studies.trust(run, dims=(2, 4), heads="0:2", trials=1, neighbors=10,
+                                    backend="cpu")
+    rows = pd.read_parquet(run / "cluster" / "trustworthiness.parquet")
+    assert len(rows) == 2 and rows["trustworthiness"].between(0, 1).all()
+    assert summary["suggested"].sum() == 1
+    # same number from sklearn on a refit with the same seed
+    s = clustering.head_seed(0, 0, 2)
+    X, _ = cb.jitter_duplicates(read_head(run / "embeddings.zarr", 0, 2)[1], 1e-3, s)
+    Y = cb.CpuClusterer(umap_dims=2, n_neighbors=10, random_state=s).reduce(X)
+    ref = trustworthiness(X, Y, n_neighbors=10, metric="cosine")
+    assert rows.loc[rows["dims"] == 2, "trustworthiness"].item() == pytest.approx(ref, abs=1e-6)
+    assert (run / "cluster" / "trustworthiness.png").exists()
+
+
+def test_stability_study(clustered_run, tmp_path):
+    run = tmp_path / "run"
+    shutil.copytree(clustered_run, run)
+    heads_df, clusters_df = cluster_studies.stability(run, seeds=(0, 7), heads="1:1",
+                                                      backend="cpu")
+    assert heads_df["seed"].tolist() == [7]                 # the reference seed is skipped
+    ref = pd.read_parquet(run / "cluster" / "parts" / "L001_H001.parquet")
+    assert heads_df["n_clusters_ref"].item() == ref["cluster"].max() + 1
+    assert -1 <= heads_df["ari"].item() <= 1
+    assert len(clusters_df) == heads_df["n_clusters_ref"].item()
+    assert clusters_df["jaccard_mean"].between(0, 1).all()
+    assert (clusters_df["stable"] == (clusters_df["jaccard_mean"] >= 0.75)).all()
+    with pytest.raises(ApmaeError, match="other than the reference seed"):
+        cluster_studies.stability(run, seeds=(0,), heads="1:1", backend="cpu")
