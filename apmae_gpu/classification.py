@@ -44,6 +44,7 @@ import numpy as np
 import pandas as pd
 
 from apmae_gpu import TASKS, task_rank
+from apmae_gpu.figures import pyplot, save_figure
 from apmae_gpu.runs import (ApmaeError, load_frame, update_manifest, write_json,
                             write_parquet)
 
@@ -560,13 +561,7 @@ def plot_classification(metrics: pd.DataFrame, importance: pd.DataFrame, n_layer
     """Layer x head heatmaps per task (importance and mean SHAP, Figs. 5-6 and appendix A),
     all tasks' importance side by side, and the accuracy chart (Fig. 4).  Returns the files
     written, relative to the run."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from apmae_gpu.runs import atomic_path
-
+    plt = pyplot()
     written = []
     aspect = max(0.25, min(4.0, n_heads / max(n_layers, 1)))
     for task, g in importance.groupby("task", sort=False):
@@ -586,7 +581,7 @@ def plot_classification(metrics: pd.DataFrame, importance: pd.DataFrame, n_layer
             fig.colorbar(im, ax=ax, shrink=0.85)
         fig.suptitle(task)
         fig.tight_layout()
-        written.append(_save(fig, out / "heatmaps" / f"{task}.png", plt, atomic_path))
+        written.append(save_figure(fig, out / "heatmaps" / f"{task}.png", dpi=110, format="png"))
 
     tasks = list(importance["task"].unique())
     cols = min(5, len(tasks))
@@ -606,7 +601,7 @@ def plot_classification(metrics: pd.DataFrame, importance: pd.DataFrame, n_layer
         fig.colorbar(im, ax=ax, shrink=0.8)
     fig.suptitle("head importance per task (max difference of mean SHAP per cluster)")
     fig.tight_layout()
-    written.append(_save(fig, out / "importance.png", plt, atomic_path))
+    written.append(save_figure(fig, out / "importance.png", dpi=110, format="png"))
 
     fig, ax = plt.subplots(figsize=(max(7.0, 1.0 * metrics["task"].nunique() + 3.5), 4))
     order = list(metrics["task"].unique())
@@ -626,7 +621,7 @@ def plot_classification(metrics: pd.DataFrame, importance: pd.DataFrame, n_layer
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     ax.set_title("target model accuracy and correctness classifiers")
     fig.tight_layout()
-    written.append(_save(fig, out / "accuracy.png", plt, atomic_path))
+    written.append(save_figure(fig, out / "accuracy.png", dpi=110, format="png"))
     return [str(Path(p).relative_to(out.parent)) for p in written]
 
 
@@ -635,11 +630,3 @@ def _integer_ticks(ax) -> None:
 
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.yaxis.set_major_locator(MaxNLocator(integer=True))
-
-
-def _save(fig, path: Path, plt, atomic_path) -> str:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return str(path)

@@ -33,11 +33,11 @@ import numpy as np
 import pandas as pd
 import torch
 
+from apmae_gpu.figures import pyplot, save_figure
 from apmae_gpu.model import APMAEModel, lower_mask
 from apmae_gpu.scaling import FLOOR, log_minmax, stored_logs
 from apmae_gpu.runs import (
     ApmaeError,
-    atomic_path,
     progress,
     read_manifest,
     resolve_device,
@@ -192,10 +192,8 @@ def reconstruction_figure(model: APMAEModel, maps: torch.Tensor, noise: torch.Te
                           path, title: str = "") -> Path:
     """Fig. 1-like PNG: per map, original, masked input, reconstruction, and the visible
     original combined with the reconstructed masked patches (model input space)."""
+    plt = pyplot()
     import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     from matplotlib.colors import LogNorm
 
     dev = model.pixel_valid.device
@@ -231,11 +229,7 @@ def reconstruction_figure(model: APMAEModel, maps: torch.Tensor, noise: torch.Te
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()
-    path = Path(path)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=110, format="png")
 
 
 def _slug(s: str) -> str:

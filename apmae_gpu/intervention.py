@@ -57,6 +57,7 @@ import numpy as np
 import pandas as pd
 
 from apmae_gpu import TASKS
+from apmae_gpu.figures import pyplot, save_figure
 from apmae_gpu.runs import (ApmaeError, load_frame, progress, read_manifest, resolve_device,
                             update_manifest, write_json, write_parquet)
 
@@ -741,13 +742,7 @@ COLORS = {"positive": "C3", "negative": "C0", "zero": "C2", "random": "0.4", "im
 def plot_net_change(results: pd.DataFrame, path: Path) -> str:
     """Net change against k per group (log x): all tasks (mean ± sd over tasks) and one panel
     per task, like the paper's Fig. 7; filled markers: p < 0.05 against random."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    from apmae_gpu.runs import atomic_path
-
+    plt = pyplot()
     from matplotlib.ticker import NullLocator
 
     tasks = [t for t in results["task"].unique() if t != "all"]
@@ -780,8 +775,5 @@ def plot_net_change(results: pd.DataFrame, path: Path) -> str:
     fig.suptitle(f"net change in correct generations ({mode})\nfilled: p<0.05 vs random",
                  fontsize=9)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, dpi=110, format="png")
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, format="png")
     return str(path.relative_to(path.parent.parent))

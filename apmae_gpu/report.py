@@ -18,7 +18,6 @@ the executed copy as ``RUN/report/findings.ipynb``.
 from __future__ import annotations
 
 import base64
-import io
 import json
 import logging
 import os
@@ -31,6 +30,7 @@ import numpy as np
 import pandas as pd
 
 from apmae_gpu import TASKS, __version__, task_rank
+from apmae_gpu.figures import png_bytes, pyplot
 from apmae_gpu.findings import findings, summary
 from apmae_gpu.runs import ApmaeError, atomic_path, read_manifest, update_manifest, write_parquet
 
@@ -98,12 +98,7 @@ def image(source, caption: str, max_width: int | None = None) -> str:
     if isinstance(source, (str, Path)):
         data = Path(source).read_bytes()
     else:
-        buf = io.BytesIO()
-        source.savefig(buf, format="png", dpi=100)
-        import matplotlib.pyplot as plt
-
-        plt.close(source)
-        data = buf.getvalue()
+        data = png_bytes(source, dpi=100)
     uri = "data:image/png;base64," + base64.b64encode(data).decode("ascii")
     style = f' style="max-width:min(100%,{max_width}px)"' if max_width else ""
     return (f'<figure><img src="{uri}" alt="{_esc(caption)}"{style}>'
@@ -117,15 +112,6 @@ def grid(blocks: list[str]) -> str:
 
 def para(text: str) -> str:
     return f"<p>{_esc(text)}</p>"
-
-
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def _need(run: Path, *paths: str, stage: str) -> str | None:
@@ -297,7 +283,7 @@ def example_maps(run: Path, store, inf: pd.DataFrame):
         picks[t] = (ids + [int(i) for i in g["inference_id"] if i not in ids])[:2]
     ids = [i for t in tasks for i in picks[t]]
     maps = dict(zip(ids, store.read(at.loc[ids, "map_id"].to_numpy(np.int64)).astype(np.float32)))
-    plt = _plt()
+    plt = pyplot()
     from matplotlib.colors import LogNorm
 
     info = store.info
@@ -371,7 +357,7 @@ def training_curve(path: Path):
     va = pd.DataFrame([r for r in rows if r.get("kind") == "val"])
     if tr.empty:
         return None
-    plt = _plt()
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(7.5, 3.6))
     ax.plot(tr["step"], tr["loss"], lw=1, color="C0", label="train loss")
     for col, style, name in (("val_loss", "o-", "validation loss"),
