@@ -12,17 +12,11 @@ import pytest
 from apmae_gpu import cluster_backends as cb
 from apmae_gpu import cluster_studies, clustering
 from apmae_gpu.runs import ApmaeError
-from tests.test_clustering import FAST, write_embeddings
+from tests import test_clustering
 
-
-@pytest.fixture(scope="module")
-def clustered_run(synthetic_run_dir, tmp_path_factory):
-    """The synthetic run, embedded and clustered (no figures: the studies don't read them)."""
-    run = tmp_path_factory.mktemp("studies") / "run"
-    shutil.copytree(synthetic_run_dir, run)
-    write_embeddings(run)
-    clustering.cluster(run, backend="cpu", figures=False, **FAST)
-    return run
+# the clustered run of test_clustering.py (its module-scoped fixture, built once here too)
+embedded_run = test_clustering.embedded_run
+clustered_run = test_clustering.clustered_run
 
 
 def test_jaccard_best_match():

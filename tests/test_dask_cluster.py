@@ -17,7 +17,7 @@ import pandas as pd
 import pytest
 
 from apmae_gpu import cluster_backends as cb
-from apmae_gpu import clustering
+from apmae_gpu import clustering, dask_jobs
 from tests.test_clustering import FAST, write_embeddings
 
 WAIT = 60  # seconds any one step may take before the test gives up
@@ -75,7 +75,7 @@ def echo_kwargs(**kwargs) -> dict:
 def test_job_keys_named_like_submit_keywords_reach_the_function(scheduler):
     address, _ = scheduler
     jobs = [dict(layer=0, head=1, retries=3, key="k", workers="w")]
-    [(job, result)] = list(clustering.run_jobs(echo_kwargs, jobs, scheduler=address))
+    [(job, result)] = list(dask_jobs.run_jobs(echo_kwargs, jobs, scheduler=address))
     assert result == jobs[0]
 
 
