@@ -16,12 +16,19 @@ import json
 import logging
 import sys
 import traceback
+import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from pydantic import BaseModel, ValidationError
 
 from apmae_gpu import TASKS, __version__
+from apmae_gpu.config import (EXTRA_GROUPS, GROUPS, SECTION_OF, CaptureConfig,
+                              CaptureSplitConfig, ClassifyConfig, ClusterConfig, EncodeConfig,
+                              EvaluateConfig, InterveneConfig, M, MineConfig, PipelineConfig,
+                              ReportConfig, StabilityConfig, TrainConfig, TrustConfig,
+                              load_config)
 from apmae_gpu.runs import ApmaeError, crash_log, setup_logging, writer_lock
 
 app = typer.Typer(
@@ -40,9 +47,8 @@ log = logging.getLogger("apmae_gpu")
 RunArg = Annotated[Path, typer.Argument(help="The run directory.", show_default=False)]
 DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
 SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
-DtypeOpt = Annotated[str, typer.Option("--dtype", help="The target LLM's weights: auto (bfloat16 "
-                                       "on CUDA, float32 elsewhere), float32 (the reference's "
-                                       "choice for StarCoder2), bfloat16 or float16.")]
+DTYPE_HELP = ("The target LLM's weights: auto (bfloat16 on CUDA, float32 elsewhere), float32 "
+              "(the reference's choice for StarCoder2), bfloat16 or float16.")
 
 
 def _version(value: bool) -> None:
@@ -93,105 +99,222 @@ def _split_csv(value: str) -> list[str]:
     return [v.strip() for v in value.split(",") if v.strip()]
 
 
+# --------------------------------------------------------------------------- settings
+# Every option that is a stage setting takes its default and bounds from the setting's field
+# in apmae_gpu/config.py (`_opt`), and the command builds the stage's config section from its
+# options (`_settings`): a setting is written once, in its config model.  `--config FILE`
+# takes a command's settings (and seed, device) from a pipeline config; options given on the
+# command line override it.  tests/test_cli_settings.py compares every option with its field.
+
+ConfigOpt = Annotated[Optional[Path], typer.Option(
+    "--config", help="Take this command's settings (and --seed, --device) from a pipeline "
+    "config's section; options given on the command line override it.")]
+
+
+def _bounds(info) -> dict:
+    """click's min/max for a field's closed bounds (open bounds are checked by the model)."""
+    out = {}
+    for meta in info.metadata:
+        if getattr(meta, "ge", None) is not None:
+            out["min"] = meta.ge
+        if getattr(meta, "le", None) is not None:
+            out["max"] = meta.le
+    return out
+
+
+def _opt(model: type[BaseModel], name: str, *decls: str, help: str | None = None, **kw):
+    """A typer option for the setting ``model.name``: the field's default (a list as a comma
+    list) and bounds, and its description unless ``help`` is given."""
+    info = model.model_fields[name]
+    default = info.get_default(call_default_factory=True)
+    if isinstance(default, (list, tuple)):
+        default = ",".join(map(str, default))
+    text = help if help is not None else (info.description or "").capitalize() + "."
+    return typer.Option(default, *decls, help=text, **_bounds(info), **kw)
+
+
+def _pipeline_config(path: Path | None) -> PipelineConfig | None:
+    return load_config(path) if path is not None else None
+
+
+def _given(ctx: typer.Context, name: str) -> bool:
+    source = ctx.get_parameter_source(name)
+    return source is not None and source.name != "DEFAULT"
+
+
+def _top(ctx: typer.Context, cfg: PipelineConfig | None, name: str, value):
+    """A run-wide setting (seed, device, model, trust_remote_code): the option when given,
+    else the config's when there is one, else the option's default."""
+    if cfg is not None and not _given(ctx, name):
+        return getattr(cfg, name)
+    return value
+
+
+def _settings(ctx: typer.Context, model: type[M], values: dict, cfg: PipelineConfig | None,
+              rename: dict[str, str] | None = None, split: str | None = None) -> M:
+    """The config section ``model`` from a command's options: the pipeline config's section
+    (or the model's defaults) with the options given over it.  A comma-list option fills a
+    list field; a bad value is a one-line error naming the option."""
+    rename = rename or {}
+    base = getattr(cfg, SECTION_OF[model]) if cfg is not None else None
+    data = (base if base is not None else model()).model_dump()
+    flags = {}
+    for param in ctx.command.params:
+        field = rename.get(param.name, param.name)
+        fields = CaptureSplitConfig.model_fields if split and field in SPLIT_FIELDS else model.model_fields
+        if field not in fields or param.name not in values:
+            continue
+        value = values[param.name]
+        if (base is not None or value is None) and not _given(ctx, param.name):
+            continue
+        if isinstance(value, str) and _is_list(fields[field].annotation):
+            value = _split_csv(value)
+        (data[split] if fields is not model.model_fields else data)[field] = value
+        flags[field] = param.opts[0]
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = [str(p) for p in err["loc"]]
+        key = loc[1] if split and loc[:1] == [split] and len(loc) > 1 else loc[0]
+        given = err.get("input")
+        shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
+        raise ApmaeError(f"{flags.get(key, key)}: {err['msg'].lower()}{shown}") from None
+
+
+SPLIT_FIELDS = ("per_task", "heads", "max_attempts")
+
+
+def _without(values: dict, *names: str) -> dict:
+    return {k: v for k, v in values.items() if k not in names}
+
+
+def _is_list(annotation) -> bool:
+    """Whether a field holds a list (also inside Optional)."""
+    if typing.get_origin(annotation) is list:
+        return True
+    return any(_is_list(a) for a in typing.get_args(annotation))
+
+
 # --------------------------------------------------------------------------- mine
 @app.command()
 def mine(
-    corpus: Annotated[str, typer.Option("--corpus", help="Java sources: a directory of .java files, "
-                                        "a .zip/.jar of sources, a .jsonl/.parquet file with a "
-                                        "`content` column, or hf:<dataset id>.")],
+    ctx: typer.Context,
     model: Annotated[str, typer.Option("--model", help="Tokenizer source: smollm2 (embedded), an HF "
                                        "id or directory, a .gguf file, or random:<shape>.")],
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
-    tasks: Annotated[str, typer.Option("--tasks", help="all, or a comma list of: " + ", ".join(TASKS))] = "all",
-    per_task: Annotated[int, typer.Option("--per-task", min=1, help="Analysis rows to mine per task.")] = 100,
-    train_per_task: Annotated[int, typer.Option("--train-per-task", min=0, help="Random-masking rows "
-                                                "for AP-MAE training, from files the analysis rows "
-                                                "never come from.")] = 100,
-    train_corpus: Annotated[Optional[str], typer.Option("--train-corpus", help="Mine the training "
-                                                        "rows from this corpus instead (e.g. a "
-                                                        "dataset's train split while --corpus is "
-                                                        "its test split).")] = None,
-    type_identifiers: Annotated[bool, typer.Option("--type-identifiers", help="Also mask type "
-                                                   "identifiers in the identifiers task (the "
-                                                   "reference takes identifier nodes only).")] = False,
-    window: Annotated[int, typer.Option("--window", min=16, help="Prompt length in tokens.")] = 256,
+    corpus: str = _opt(MineConfig, "corpus", "--corpus", help="Java sources: jdk (the JDK's "
+                       "src.zip), a directory of .java files, a .zip/.jar of sources, a "
+                       ".jsonl/.parquet file with a `content` column, or hf:<dataset id>."),
+    tasks: str = _opt(MineConfig, "tasks", "--tasks", help="all, or a comma list of: "
+                      + ", ".join(TASKS)),
+    per_task: int = _opt(MineConfig, "per_task", "--per-task",
+                         help="Analysis rows to mine per task."),
+    train_per_task: int = _opt(MineConfig, "train_per_task", "--train-per-task",
+                               help="Random-masking rows for AP-MAE training, from files the "
+                                    "analysis rows never come from."),
+    train_corpus: Optional[str] = _opt(MineConfig, "train_corpus", "--train-corpus",
+                                       help="Mine the training rows from this corpus instead "
+                                            "(e.g. a dataset's train split while --corpus is "
+                                            "its test split)."),
+    type_identifiers: bool = _opt(MineConfig, "type_identifiers", "--type-identifiers",
+                                  help="Also mask type identifiers in the identifiers task "
+                                       "(the reference takes identifier nodes only)."),
+    window: int = _opt(MineConfig, "window", "--window", help="Prompt length in tokens."),
     seed: SeedOpt = 0,
-    per_file: Annotated[int, typer.Option("--per-file", min=1, help="At most this many rows per task "
-                                          "from one file (spreads tasks over files).")] = 1,
-    dedup: Annotated[bool, typer.Option("--dedup/--no-dedup", help="Skip exact duplicate files "
-                                        "(SHA-256 of the content).")] = True,
-    max_files: Annotated[Optional[int], typer.Option("--max-files", help="Stop after this many files.")] = None,
-    max_file_bytes: Annotated[int, typer.Option("--max-file-bytes", help="Skip larger files.")] = 1_000_000,
-    content_column: Annotated[str, typer.Option("--content-column", help="Column holding the source "
-                                                "text in JSONL/Parquet/HF corpora.")] = "content",
+    per_file: int = _opt(MineConfig, "per_file", "--per-file", help="At most this many rows "
+                         "per task from one file (spreads tasks over files)."),
+    dedup: bool = _opt(MineConfig, "dedup", "--dedup/--no-dedup", help="Skip exact duplicate "
+                       "files (SHA-256 of the content)."),
+    max_files: Optional[int] = _opt(MineConfig, "max_files", "--max-files",
+                                    help="Stop after this many files."),
+    max_file_bytes: int = _opt(MineConfig, "max_file_bytes", "--max-file-bytes",
+                               help="Skip larger files."),
+    content_column: str = _opt(MineConfig, "content_column", "--content-column",
+                               help="Column holding the source text in JSONL/Parquet/HF "
+                                    "corpora."),
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub "
                                                     "tokenizer's own code to run.")] = False,
+    config: ConfigOpt = None,
 ) -> None:
     """Mine Java completion tasks with tree-sitter into RUN/tasks.parquet."""
     from apmae_gpu import mining
     from apmae_gpu.runs import check_mine_out, new_run_dir
 
+    pcfg = _pipeline_config(config)
+    settings = _settings(ctx, MineConfig, locals(), pcfg)
     check_mine_out(out)
     with new_run_dir(out), _writing(out):
-        mining.mine(corpus=corpus, model=model, out=out, tasks=tasks, per_task=per_task,
-                    window=window, seed=seed, per_file=per_file, dedup=dedup,
-                    max_files=max_files, max_file_bytes=max_file_bytes,
-                    content_column=content_column, trust_remote_code=trust_remote_code,
-                    train_per_task=train_per_task, train_corpus=train_corpus,
-                    type_identifiers=type_identifiers)
+        mining.mine(out, settings, model=model, seed=_top(ctx, pcfg, "seed", seed),
+                    trust_remote_code=_top(ctx, pcfg, "trust_remote_code", trust_remote_code))
 
 
 # --------------------------------------------------------------------------- capture
+_SPLITS = CaptureConfig()
+
+
 @app.command()
 def capture(
+    ctx: typer.Context,
     run: RunArg,
     model: Annotated[str, typer.Option("--model", help="The target LLM (see `apmae mine --help`).")],
     split: Annotated[str, typer.Option("--split", help="train (random masking, correct only, 25% of "
                                        "the heads of each layer) or analysis (every task, all "
                                        "heads, balanced correct/incorrect).")] = "analysis",
-    per_task: Annotated[int, typer.Option("--per-task", min=1, help="train: inferences to keep; "
-                                          "analysis: N correct and N incorrect per task (2N "
-                                          "for noise).")] = 10,
-    heads: Annotated[Optional[str], typer.Option("--heads", help="all, or layerwise:FRACTION "
-                                                 "(default: layerwise:0.25 for train, all for "
-                                                 "analysis).")] = None,
-    scaler: Annotated[str, typer.Option("--scaler", help="log, log_normalize or none.")] = "log",
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Prompts per forward pass.")] = 8,
+    per_task: Annotated[Optional[int], typer.Option(
+        "--per-task", **_bounds(CaptureSplitConfig.model_fields["per_task"]),
+        help=f"train: inferences to keep; analysis: N correct and N incorrect per task (2N for "
+             f"noise) (default: the config's, {_SPLITS.train.per_task:,} for train and "
+             f"{_SPLITS.analysis.per_task:,} for analysis).")] = None,
+    heads: Annotated[Optional[str], typer.Option(
+        "--heads", help=f"all, or layerwise:FRACTION (default: {_SPLITS.train.heads} for train, "
+                        f"{_SPLITS.analysis.heads} for analysis).")] = None,
+    scaler: str = _opt(CaptureConfig, "scaler", "--scaler", help="log, log_normalize or none."),
+    batch_size: int = _opt(CaptureConfig, "batch_size", "--batch-size",
+                           help="Prompts per forward pass."),
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
-    max_attempts: Annotated[Optional[int], typer.Option("--max-attempts", help="Stop prompting a "
-                                                        "task after this many attempts.")] = None,
+    max_attempts: Annotated[Optional[int], typer.Option(
+        "--max-attempts", **_bounds(CaptureSplitConfig.model_fields["max_attempts"]),
+        help="Stop prompting a task after this many attempts.")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="K/N: this process is rank K "
                                                  "of N started by a scheduler (SLURM arrays); "
                                                  "merge with `apmae merge-shards`. Under "
                                                  "torchrun ranks need no --shard.")] = None,
-    device_map: Annotated[Optional[str], typer.Option("--device-map", help="e.g. auto: spread a "
-                                                      "model larger than one GPU.")] = None,
-    chunk_maps: Annotated[int, typer.Option("--chunk-maps", min=1, help="Maps per Zarr chunk.")] = 32,
+    device_map: Optional[str] = _opt(CaptureConfig, "device_map", "--device-map",
+                                     help="e.g. auto: spread a model larger than one GPU."),
+    chunk_maps: int = _opt(CaptureConfig, "chunk_maps", "--chunk-maps",
+                           help="Maps per Zarr chunk."),
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
     encode_with: Annotated[Optional[Path], typer.Option("--encode-with", help="AP-MAE checkpoint: "
                                                         "encode the analysis maps in the same "
                                                         "pass and keep only their embeddings "
                                                         "(paper scale).")] = None,
-    pool: Annotated[str, typer.Option("--pool", help="With --encode-with: cls or mean.")] = "cls",
-    dtype: DtypeOpt = "auto",
+    pool: str = _opt(CaptureConfig, "pool", "--pool", help="With --encode-with: cls or mean."),
+    dtype: str = _opt(CaptureConfig, "dtype", "--dtype", help=DTYPE_HELP),
+    config: ConfigOpt = None,
 ) -> None:
     """Prompt the LLM on mined tasks, judge its next token and store every head's scaled
     attention map in RUN/maps.zarr."""
     from apmae_gpu import capture as capture_mod
     from apmae_gpu import ranks
 
+    if split not in ("train", "analysis"):
+        raise ApmaeError(f"--split {split}: expected train or analysis")
+    pcfg = _pipeline_config(config)
+    settings = _settings(ctx, CaptureConfig, locals(), pcfg, split=split)
     kn = capture_mod._parse_shard(shard)
     dist = ranks.dist_env()
     if kn is None and dist is not None:   # a torchrun rank writes its own shard
         kn = dist[:2]
     shard_dir = None if kn is None else Path(run) / "shards" / f"{kn[0]}-of-{kn[1]}"
     with _writing_ranked(run, shard=shard_dir):
-        capture_mod.capture(run=run, model=model, split=split, per_task=per_task, heads=heads,
-                            scaler=scaler, batch_size=batch_size, device=device, seed=seed,
-                            max_attempts=max_attempts, shard=shard, device_map=device_map,
-                            chunk_maps=chunk_maps, trust_remote_code=trust_remote_code,
-                            encode_with=encode_with, pool=pool, dtype=dtype)
+        capture_mod.capture(run, settings, split=split, model=model,
+                            device=_top(ctx, pcfg, "device", device),
+                            seed=_top(ctx, pcfg, "seed", seed), shard=shard,
+                            trust_remote_code=_top(ctx, pcfg, "trust_remote_code",
+                                                   trust_remote_code),
+                            encode_with=encode_with)
 
 
 @app.command("merge-shards")
@@ -207,53 +330,54 @@ def merge_shards(run: RunArg) -> None:
 # --------------------------------------------------------------------------- train
 @app.command()
 def train(
+    ctx: typer.Context,
     run: RunArg,
-    preset: Annotated[str, typer.Option("--preset", help="paper, small or tiny.")] = "small",
-    steps: Annotated[int, typer.Option("--steps", min=1, help="Optimizer steps.")] = 1000,
-    batch_size: Annotated[int, typer.Option("--batch-size", min=1, help="Maps per step (per rank).")] = 64,
-    lr: Annotated[Optional[float], typer.Option("--lr", help="Peak learning rate (default: base "
-                                                "x global batch / 50; base 1.5e-4 for paper as "
-                                                "in the paper, 1.5e-3 small, 3e-3 tiny).")] = None,
+    preset: str = _opt(TrainConfig, "preset", "--preset", help="paper, small or tiny."),
+    steps: int = _opt(TrainConfig, "steps", "--steps", help="Optimizer steps."),
+    batch_size: int = _opt(TrainConfig, "batch_size", "--batch-size",
+                           help="Maps per step (per rank)."),
+    lr: Optional[float] = _opt(TrainConfig, "lr", "--lr", help="Peak learning rate (default: "
+                               "base x global batch / 50, with the preset's base; the paper's "
+                               "for paper)."),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint directory (default "
                                                 "RUN/apmae).")] = None,
-    raw: Annotated[bool, typer.Option("--raw", help="Ablation: train on raw probabilities "
-                                      "instead of log-scaled maps.")] = False,
+    raw: bool = _opt(TrainConfig, "raw", "--raw", help="Ablation: train on raw probabilities "
+                     "instead of log-scaled maps."),
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
-    compile: Annotated[bool, typer.Option("--compile", help="torch.compile the model.")] = False,
-    val_fraction: Annotated[float, typer.Option("--val-fraction", help="Share of inferences held "
-                                                "out for validation.")] = 0.1,
+    compile: bool = _opt(TrainConfig, "compile", "--compile", help="torch.compile the model."),
+    val_fraction: float = _opt(TrainConfig, "val_fraction", "--val-fraction",
+                               help="Share of inferences held out for validation."),
     model_config: Annotated[Optional[Path], typer.Option("--model-config", help="JSON/YAML file "
                                                          "of AP-MAE config keys that differ from "
                                                          "the preset (e.g. image_size, "
                                                          "patch_size).")] = None,
-    warmup_steps: Annotated[Optional[int], typer.Option("--warmup-steps", min=0, help="Linear "
-                                                        "warm-up steps (default 5% of --steps)."
-                                                        )] = None,
-    save_every: Annotated[Optional[int], typer.Option("--save-every", min=1, help="Checkpoint "
-                                                      "every N steps (default steps/10, at most "
-                                                      "2000).")] = None,
-    eval_every: Annotated[Optional[int], typer.Option("--eval-every", min=1, help="Validation "
-                                                      "MSE every N steps (default steps/10).")] = None,
+    warmup_steps: Optional[int] = _opt(TrainConfig, "warmup_steps", "--warmup-steps",
+                                       help="Linear warm-up steps (default 5% of --steps)."),
+    save_every: Optional[int] = _opt(TrainConfig, "save_every", "--save-every",
+                                     help="Checkpoint every N steps (default steps/10, at most "
+                                          "2000)."),
+    eval_every: Optional[int] = _opt(TrainConfig, "eval_every", "--eval-every",
+                                     help="Validation MSE every N steps (default steps/10)."),
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for "
                                                    "torch (default: torch's choice; 1 on "
                                                    "machines with at most 2 cores).")] = None,
+    config: ConfigOpt = None,
 ) -> None:
     """Train AP-MAE on RUN/maps.zarr (train split); torchrun for several GPUs."""
-    import os
-
     from apmae_gpu import training
 
+    pcfg = _pipeline_config(config)
+    settings = _settings(ctx, TrainConfig, locals(), pcfg)
     # under torchrun, rank 0 holds the lock for the job
     lock = _writing_ranked(run)
     _uses(run)
     with lock:
-        summary = training.train(run=run, preset=preset, steps=steps, batch_size=batch_size,
-                                 lr=lr, resume=resume, out=out, raw=raw, device=device, seed=seed,
-                                 compile=compile, val_fraction=val_fraction,
-                                 model_config=model_config, warmup_steps=warmup_steps,
-                                 save_every=save_every, eval_every=eval_every, threads=threads)
+        summary = training.train(run, settings, resume=resume, out=out,
+                                 device=_top(ctx, pcfg, "device", device),
+                                 seed=_top(ctx, pcfg, "seed", seed),
+                                 model_config=model_config, threads=threads)
     if summary.get("val_loss") is not None and os.environ.get("RANK", "0") == "0":
         typer.echo(f"AP-MAE {summary['preset']}: {summary['steps']} steps, validation MSE "
                    f"{summary['val_loss']:.4g} (mean of visible patches "
@@ -264,199 +388,218 @@ def train(
 # --------------------------------------------------------------------------- evaluate
 @app.command()
 def evaluate(
+    ctx: typer.Context,
     checkpoint: Annotated[list[Path], typer.Option("--checkpoint", help="One or more AP-MAE "
                                                    "checkpoint directories.")],
     data: Annotated[list[Path], typer.Option("--data", help="One or more run directories.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default "
                                                 "RUN/evaluate of the first --data).")] = None,
-    split: Annotated[str, typer.Option("--split", help="Which maps: validation (held-out train "
-                                       "inferences), analysis or all.")] = "validation",
-    max_maps: Annotated[int, typer.Option("--max-maps", help="Evaluate at most this many maps per "
-                                          "dataset.")] = 5000,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
+    split: str = _opt(EvaluateConfig, "split", "--split", help="Which maps: validation "
+                      "(held-out train inferences), analysis or all."),
+    max_maps: int = _opt(EvaluateConfig, "max_maps", "--max-maps", help="Evaluate at most this "
+                         "many maps per dataset."),
+    batch_size: int = _opt(EvaluateConfig, "batch_size", "--batch-size", help="Maps per batch."),
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
-    figure_maps: Annotated[int, typer.Option("--figure-maps", min=0, help="Maps per "
-                                             "reconstruction figure (0: no figure).")] = 4,
+    figure_maps: int = _opt(EvaluateConfig, "figure_maps", "--figure-maps", help="Maps per "
+                            "reconstruction figure (0: no figure)."),
+    config: ConfigOpt = None,
 ) -> None:
     """Reconstruction MSE of every checkpoint on every dataset, with baselines."""
     from apmae_gpu import evaluation
 
+    pcfg = _pipeline_config(config)
+    # --data names every run to evaluate; the section's `data`, the runs beside a pipeline's
+    settings = _settings(ctx, EvaluateConfig, _without(locals(), "data"), pcfg)
     lock = _writing(data[0]) if data and out is None else contextlib.nullcontext()
     with lock:
-        evaluation.evaluate(checkpoints=checkpoint, data=data, out=out, split=split,
-                            max_maps=max_maps, batch_size=batch_size, device=device, seed=seed,
-                            figure_maps=figure_maps)
+        evaluation.evaluate(checkpoint, data, settings, out=out,
+                            device=_top(ctx, pcfg, "device", device),
+                            seed=_top(ctx, pcfg, "seed", seed))
 
 
 # --------------------------------------------------------------------------- encode
 @app.command()
 def encode(
+    ctx: typer.Context,
     run: RunArg,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="AP-MAE checkpoint "
                                                        "(default RUN/apmae/final).")] = None,
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 256,
-    pool: Annotated[str, typer.Option("--pool", help="cls or mean (of patch tokens).")] = "cls",
+    batch_size: int = _opt(EncodeConfig, "batch_size", "--batch-size", help="Maps per batch."),
+    pool: str = _opt(EncodeConfig, "pool", "--pool", help="cls or mean (of patch tokens)."),
     device: DeviceOpt = "auto",
-    block: Annotated[Optional[int], typer.Option("--block", min=1, help="Inferences per chunk and "
-                                                 "per commit (default: by memory, <= 1024).")] = None,
+    block: Optional[int] = _opt(EncodeConfig, "block", "--block", help="Inferences per chunk "
+                                "and per commit (default: by memory, <= 1024)."),
     restart: Annotated[bool, typer.Option("--restart", help="Discard RUN/embeddings.zarr and "
                                           "encode from scratch.")] = False,
+    config: ConfigOpt = None,
 ) -> None:
     """Encode every analysis map into RUN/embeddings.zarr [layers, heads, inferences, dim]."""
     from apmae_gpu import encoding
 
+    pcfg = _pipeline_config(config)
+    settings = _settings(ctx, EncodeConfig, locals(), pcfg)
     _uses(run)
     with _writing_ranked(run):
-        encoding.encode(run=run, checkpoint=checkpoint, batch_size=batch_size, pool=pool,
-                        device=device, block=block, restart=restart)
+        encoding.encode(run, settings, checkpoint=checkpoint,
+                        device=_top(ctx, pcfg, "device", device), restart=restart)
 
 
 # --------------------------------------------------------------------------- cluster
+def _cluster_opt(name: str, *decls: str, help: str | None = None, **kw):
+    return _opt(ClusterConfig, name, *decls, help=help, **kw)
+
+
+BACKEND_HELP = "auto, cuml or cpu."
+
+
 @app.command()
 def cluster(
+    ctx: typer.Context,
     run: RunArg,
-    backend: Annotated[str, typer.Option("--backend", help="auto, cuml or cpu.")] = "auto",
-    workers: Annotated[int, typer.Option("--workers", min=1, help="Dask workers (one per GPU "
-                                         "with cuml).")] = 1,
-    umap_dims: Annotated[int, typer.Option("--umap-dims")] = 8,
-    neighbors: Annotated[int, typer.Option("--neighbors")] = 20,
-    min_dist: Annotated[float, typer.Option("--min-dist")] = 0.05,
-    metric: Annotated[str, typer.Option("--metric")] = "cosine",
-    min_samples: Annotated[int, typer.Option("--min-samples")] = 20,
-    min_cluster_size: Annotated[int, typer.Option("--min-cluster-size")] = 25,
-    scheduler: Annotated[Optional[str], typer.Option("--scheduler", help="Address of an existing "
-                                                     "dask scheduler.")] = None,
+    backend: str = _cluster_opt("backend", "--backend", help=BACKEND_HELP),
+    workers: int = _cluster_opt("workers", "--workers", help="Dask workers (one per GPU with "
+                                "cuml)."),
+    umap_dims: int = _cluster_opt("umap_dims", "--umap-dims", help="UMAP dimensions."),
+    neighbors: int = _cluster_opt("neighbors", "--neighbors", help="UMAP n_neighbors."),
+    min_dist: float = _cluster_opt("min_dist", "--min-dist", help="UMAP min_dist."),
+    metric: str = _cluster_opt("metric", "--metric", help="UMAP metric."),
+    min_samples: int = _cluster_opt("min_samples", "--min-samples", help="HDBSCAN min_samples."),
+    min_cluster_size: int = _cluster_opt("min_cluster_size", "--min-cluster-size",
+                                         help="HDBSCAN min_cluster_size."),
+    scheduler: Optional[str] = _cluster_opt("scheduler", "--scheduler", help="Address of an "
+                                            "existing dask scheduler."),
     seed: SeedOpt = 0,
-    heads: Annotated[Optional[str], typer.Option("--heads", help="all (default), N (a seeded "
-                                                 "sample) or L:H,L:H.")] = None,
-    retries: Annotated[int, typer.Option("--retries", min=0, help="Retries of a failing head "
-                                         "(with the next seed) before it is recorded failed.")] = 1,
-    knn: Annotated[str, typer.Option("--knn", help="cpu backend's neighbour search: auto "
-                                     "(exact torch kNN below 4096 points, and at any size on a "
-                                     "GPU; NN-descent otherwise), nndescent or torch.")] = "auto",
-    filter_max_distance: Annotated[Optional[float], typer.Option(
-        "--filter-max-distance", help="Earlier paper's filter: drop clusters whose mean "
-        "intra-cluster UMAP distance exceeds this (e.g. 1.0).")] = None,
-    filter_min_size: Annotated[Optional[int], typer.Option(
-        "--filter-min-size", help="Earlier paper's filter: drop clusters smaller than this.")] = None,
+    heads: Optional[str] = _cluster_opt("heads", "--heads", help="all (default), N (a seeded "
+                                        "sample) or L:H,L:H."),
+    retries: int = _cluster_opt("retries", "--retries", help="Retries of a failing head (with "
+                                "the next seed) before it is recorded failed."),
+    knn: str = _cluster_opt("knn", "--knn", help="cpu backend's neighbour search: auto (exact "
+                            "torch kNN below 4096 points, and at any size on a GPU; NN-descent "
+                            "otherwise), nndescent or torch."),
+    filter_max_distance: Optional[float] = _cluster_opt(
+        "filter_max_distance", "--filter-max-distance", help="Earlier paper's filter: drop "
+        "clusters whose mean intra-cluster UMAP distance exceeds this (e.g. 1.0)."),
+    filter_min_size: Optional[int] = _cluster_opt(
+        "filter_min_size", "--filter-min-size", help="Earlier paper's filter: drop clusters "
+        "smaller than this."),
     restart: Annotated[bool, typer.Option("--restart", help="Discard finished heads.")] = False,
-    figures: Annotated[bool, typer.Option("--figures/--no-figures", help="Write the PNG "
-                                          "figures.")] = True,
-    umap_epochs: Annotated[Optional[int], typer.Option("--umap-epochs", min=1, help="UMAP "
-                                                       "epochs (default umap-learn's: 500 below "
-                                                       "10k points, 200 above).")] = None,
+    figures: bool = _cluster_opt("figures", "--figures/--no-figures", help="Write the PNG "
+                                 "figures."),
+    umap_epochs: Optional[int] = _cluster_opt("umap_epochs", "--umap-epochs", help="UMAP epochs "
+                                              "(default umap-learn's: 500 below 10k points, "
+                                              "200 above)."),
+    config: ConfigOpt = None,
 ) -> None:
     """UMAP + HDBSCAN per head into RUN/clusters.parquet, heads spread over dask workers."""
     from apmae_gpu import clustering
 
+    pcfg = _pipeline_config(config)
+    settings = _settings(ctx, ClusterConfig, locals(), pcfg)
     with _writing(run):
-        clustering.cluster(run=run, backend=backend, workers=workers, umap_dims=umap_dims,
-                           neighbors=neighbors, min_dist=min_dist, metric=metric,
-                           min_samples=min_samples, min_cluster_size=min_cluster_size,
-                           scheduler=scheduler, seed=seed, heads=heads, retries=retries,
-                           knn=knn, filter_max_distance=filter_max_distance,
-                           filter_min_size=filter_min_size, restart=restart, figures=figures,
-                           umap_epochs=umap_epochs)
+        clustering.cluster(run, settings, seed=_top(ctx, pcfg, "seed", seed), restart=restart)
 
 
 # --------------------------------------------------------------------------- classify
 @app.command()
 def classify(
+    ctx: typer.Context,
     run: RunArg,
-    folds: Annotated[int, typer.Option("--folds", min=2)] = 10,
-    gpu: Annotated[str, typer.Option("--gpu", help="auto, yes or no: CatBoost task_type GPU.")] = "auto",
+    folds: int = _opt(ClassifyConfig, "folds", "--folds", help="Cross-validation folds."),
+    gpu: str = _opt(ClassifyConfig, "gpu", "--gpu", help="auto, yes or no: CatBoost task_type "
+                    "GPU."),
     seed: SeedOpt = 0,
-    iterations: Annotated[int, typer.Option("--iterations", min=1, help="CatBoost trees (at most, "
-                                            "with early stopping).")] = 1000,
-    depth: Annotated[int, typer.Option("--depth", min=1, max=16)] = 6,
-    learning_rate: Annotated[float, typer.Option("--learning-rate")] = 0.1,
-    early_stopping: Annotated[int, typer.Option("--early-stopping", min=0, help="Rounds without "
-                                                "improvement on the eval split (0: off).")] = 25,
-    eval_fraction: Annotated[float, typer.Option("--eval-fraction", help="Share of each training "
-                                                 "fold held out for early stopping.")] = 0.1,
-    tasks: Annotated[Optional[str], typer.Option("--tasks", help="Comma list of tasks (default: "
-                                                 "every labelled task).")] = None,
-    shap_on: Annotated[str, typer.Option("--shap-on", help="oof (each inference explained by the "
-                                         "fold model that did not train on it) or full (one "
-                                         "model fitted on all data).")] = "oof",
-    one_hot_max_size: Annotated[Optional[int], typer.Option(
-        "--one-hot-max-size", min=1, help="One-hot encode heads with at most this many clusters "
-        "instead of target statistics (default: CatBoost's; 16 is ~30x faster on CPU).")] = None,
-    max_ctr_complexity: Annotated[Optional[int], typer.Option(
-        "--max-ctr-complexity", min=1, help="Most heads combined in one categorical feature "
-                                            "combination (default: CatBoost's).")] = None,
-    boosting_type: Annotated[Optional[str], typer.Option(
-        "--boosting-type", help="Plain or Ordered (default: CatBoost's choice, Ordered on "
-                                "small CPU data sets; Plain is cheaper per tree).")] = None,
+    iterations: int = _opt(ClassifyConfig, "iterations", "--iterations", help="CatBoost trees "
+                           "(at most, with early stopping)."),
+    depth: int = _opt(ClassifyConfig, "depth", "--depth", help="CatBoost tree depth."),
+    learning_rate: float = _opt(ClassifyConfig, "learning_rate", "--learning-rate",
+                                help="CatBoost learning rate."),
+    early_stopping_rounds: int = _opt(ClassifyConfig, "early_stopping_rounds",
+                                      "--early-stopping", help="Rounds without improvement on "
+                                      "the eval split (0: off)."),
+    eval_fraction: float = _opt(ClassifyConfig, "eval_fraction", "--eval-fraction",
+                                help="Share of each training fold held out for early stopping."),
+    tasks: Optional[str] = _opt(ClassifyConfig, "tasks", "--tasks", help="Comma list of tasks "
+                                "(default: every labelled task)."),
+    shap_on: str = _opt(ClassifyConfig, "shap_on", "--shap-on", help="oof (each inference "
+                        "explained by the fold model that did not train on it) or full (one "
+                        "model fitted on all data)."),
+    one_hot_max_size: Optional[int] = _opt(
+        ClassifyConfig, "one_hot_max_size", "--one-hot-max-size", help="One-hot encode heads "
+        "with at most this many clusters instead of target statistics (default: CatBoost's; "
+        "16 is much faster on CPU: bench/results/classify.md)."),
+    max_ctr_complexity: Optional[int] = _opt(
+        ClassifyConfig, "max_ctr_complexity", "--max-ctr-complexity", help="Most heads combined "
+        "in one categorical feature combination (default: CatBoost's)."),
+    boosting_type: Optional[str] = _opt(
+        ClassifyConfig, "boosting_type", "--boosting-type", help="Plain or Ordered (default: "
+        "CatBoost's choice, Ordered on small CPU data sets; Plain is cheaper per tree)."),
+    config: ConfigOpt = None,
 ) -> None:
     """CatBoost per task on per-head cluster ids; SHAP head importance."""
     from apmae_gpu import classification
 
+    pcfg = _pipeline_config(config)
+    settings = _settings(ctx, ClassifyConfig, locals(), pcfg)
     with _writing(run):
-        classification.classify(run=run, folds=folds, gpu=gpu, seed=seed, iterations=iterations,
-                                depth=depth, learning_rate=learning_rate,
-                                early_stopping_rounds=early_stopping, eval_fraction=eval_fraction,
-                                tasks=_split_csv(tasks) if tasks else None, shap_on=shap_on,
-                                one_hot_max_size=one_hot_max_size,
-                                max_ctr_complexity=max_ctr_complexity,
-                                boosting_type=boosting_type)
+        classification.classify(run, settings, seed=_top(ctx, pcfg, "seed", seed))
 
 
 # --------------------------------------------------------------------------- intervene
 @app.command()
 def intervene(
+    ctx: typer.Context,
     run: RunArg,
-    task: Annotated[Optional[str], typer.Option("--task", help="One task (default: every task "
-                                                "the classifier ranked).")] = None,
-    k: Annotated[str, typer.Option("--k", help="Comma list of head counts.")] =
-        "1,2,5,10,20,50,100,200,400,600,800",
-    per_group: Annotated[int, typer.Option("--per-group", min=1, help="N originally correct and N "
-                                           "originally incorrect held-out inferences.")] = 50,
+    task: Optional[str] = _opt(InterveneConfig, "task", "--task", help="One task (default: "
+                               "every task the classifier ranked)."),
+    k: str = _opt(InterveneConfig, "k", "--k", help="Comma list of head counts."),
+    per_group: int = _opt(InterveneConfig, "per_group", "--per-group", help="N originally "
+                          "correct and N originally incorrect held-out inferences."),
     model: Annotated[Optional[str], typer.Option("--model", help="The target LLM (default: the "
                                                  "one recorded in the manifest).")] = None,
     device: DeviceOpt = "auto",
-    batch_size: Annotated[int, typer.Option("--batch-size")] = 8,
+    batch_size: int = _opt(InterveneConfig, "batch_size", "--batch-size",
+                           help="Prompts per forward pass."),
     seed: SeedOpt = 0,
-    groups: Annotated[str, typer.Option("--groups", help="Comma list of head groups: positive, "
-                                        "negative, zero, random, importance.")] =
-        "positive,negative,zero,random",
-    multi_token: Annotated[bool, typer.Option("--multi-token", help="Judge greedy completion of "
-                                              "the whole target (KV cache), exact match, "
-                                              "instead of the first token.")] = False,
-    rank_by: Annotated[str, typer.Option("--rank-by", help="What ranks the positive/negative "
-                                         "groups: shap_parts (the reference: mean of the "
-                                         "positive / negative parts of the SHAP values), "
-                                         "mean_shap (signed mean) or extreme_shap.")] = "shap_parts",
-    dtype: DtypeOpt = "auto",
+    groups: str = _opt(InterveneConfig, "groups", "--groups", help="Comma list of head groups: "
+                       + ", ".join(GROUPS + EXTRA_GROUPS) + "."),
+    multi_token: bool = _opt(InterveneConfig, "multi_token", "--multi-token", help="Judge "
+                             "greedy completion of the whole target (KV cache), exact match, "
+                             "instead of the first token."),
+    rank_by: str = _opt(InterveneConfig, "rank_by", "--rank-by", help="What ranks the "
+                        "positive/negative groups: shap_parts (the reference: mean of the "
+                        "positive / negative parts of the SHAP values), mean_shap (signed mean) "
+                        "or extreme_shap."),
+    dtype: str = _opt(InterveneConfig, "dtype", "--dtype", help=DTYPE_HELP),
+    config: ConfigOpt = None,
 ) -> None:
     """Zero the heads SHAP selects while generating, and count what flips."""
     from apmae_gpu import intervention
 
-    try:
-        ks = [int(x) for x in _split_csv(k)]
-    except ValueError:
-        raise ApmaeError(f"--k {k}: expected a comma list of integers") from None
+    pcfg = _pipeline_config(config)
+    settings = _settings(ctx, InterveneConfig, locals(), pcfg)
     with _writing(run):
-        intervention.intervene(run=run, task=task, k=ks, per_group=per_group, model=model,
-                               device=device, batch_size=batch_size, seed=seed,
-                               groups=_split_csv(groups), multi_token=multi_token,
-                               rank_by=rank_by, dtype=dtype)
+        intervention.intervene(run, settings, model=_top(ctx, pcfg, "model", model),
+                               device=_top(ctx, pcfg, "device", device),
+                               seed=_top(ctx, pcfg, "seed", seed))
 
 
 # --------------------------------------------------------------------------- report / pipeline
 @app.command()
 def report(
+    ctx: typer.Context,
     run: RunArg,
-    notebook: Annotated[bool, typer.Option("--notebook", help="Also execute notebooks/"
-                                           "findings.ipynb on the run (needs nbclient); "
-                                           "keeps RUN/report/findings.ipynb.")] = False,
+    notebook: bool = _opt(ReportConfig, "notebook", "--notebook", help="Also execute notebooks/"
+                          "findings.ipynb on the run (needs nbclient); keeps "
+                          "RUN/report/findings.ipynb."),
+    config: ConfigOpt = None,
 ) -> None:
     """Write RUN/report/index.html: one self-contained page over the whole run."""
     from apmae_gpu import report as report_mod
 
+    settings = _settings(ctx, ReportConfig, locals(), _pipeline_config(config))
     with _writing(run):
-        report_mod.report(run, notebook=notebook)
+        report_mod.report(run, settings)
 
 
 @app.command()
@@ -486,61 +629,56 @@ def pipeline(
 # --------------------------------------------------------------------------- clustering studies
 @app.command()
 def trust(
+    ctx: typer.Context,
     run: RunArg,
-    dims: Annotated[str, typer.Option("--dims", help="Comma list of UMAP dimensions.")] = "2,4,8,16",
-    heads: Annotated[str, typer.Option("--heads", help="N heads spread over the model (seeded), "
-                                       "all, or L:H,L:H.")] = "8",
-    trials: Annotated[int, typer.Option("--trials", min=1, help="Subsamples x UMAP seeds per "
-                                        "head.")] = 3,
-    max_points: Annotated[int, typer.Option("--max-points", min=10, help="Subsample size per "
-                                            "trial (trustworthiness is O(n^2)).")] = 5000,
-    neighbors: Annotated[int, typer.Option("--neighbors", help="UMAP n_neighbors.")] = 20,
-    min_dist: Annotated[float, typer.Option("--min-dist")] = 0.05,
-    metric: Annotated[str, typer.Option("--metric")] = "cosine",
-    trust_neighbors: Annotated[Optional[int], typer.Option("--trust-neighbors", help="k of the "
-                                                           "trustworthiness score (default: "
-                                                           "--neighbors).")] = None,
-    backend: Annotated[str, typer.Option("--backend", help="auto, cuml or cpu.")] = "auto",
-    workers: Annotated[int, typer.Option("--workers", min=1)] = 1,
-    scheduler: Annotated[Optional[str], typer.Option("--scheduler")] = None,
+    dims: str = _opt(TrustConfig, "dims", "--dims", help="Comma list of UMAP dimensions."),
+    heads: str = _opt(TrustConfig, "heads", "--heads"),
+    trials: int = _opt(TrustConfig, "trials", "--trials"),
+    max_points: int = _opt(TrustConfig, "max_points", "--max-points"),
+    neighbors: int = _cluster_opt("neighbors", "--neighbors", help="UMAP n_neighbors."),
+    min_dist: float = _cluster_opt("min_dist", "--min-dist", help="UMAP min_dist."),
+    metric: str = _cluster_opt("metric", "--metric", help="UMAP metric."),
+    trust_neighbors: Optional[int] = _opt(TrustConfig, "trust_neighbors", "--trust-neighbors",
+                                          help="k of the trustworthiness score (default: "
+                                               "--neighbors)."),
+    backend: str = _cluster_opt("backend", "--backend", help=BACKEND_HELP),
+    workers: int = _cluster_opt("workers", "--workers", help="Dask workers."),
+    scheduler: Optional[str] = _cluster_opt("scheduler", "--scheduler", help="Address of an "
+                                            "existing dask scheduler."),
     seed: SeedOpt = 0,
+    config: ConfigOpt = None,
 ) -> None:
     """Trustworthiness of UMAP per number of dimensions, to choose --umap-dims."""
     from apmae_gpu import cluster_studies
 
-    try:
-        dims_list = tuple(int(d) for d in _split_csv(dims))
-    except ValueError:
-        raise ApmaeError(f"--dims {dims}: expected a comma list of integers") from None
+    pcfg = _pipeline_config(config)
+    study = _settings(ctx, TrustConfig, locals(), pcfg)
+    clusters = _settings(ctx, ClusterConfig, _without(locals(), "heads"), pcfg)
     with _writing(run):
-        cluster_studies.trust(run=run, dims=dims_list, heads=heads, trials=trials,
-                              max_points=max_points, neighbors=neighbors, min_dist=min_dist,
-                              metric=metric, trust_neighbors=trust_neighbors, backend=backend,
-                              workers=workers, scheduler=scheduler, seed=seed)
+        cluster_studies.trust(run, study, clusters, seed=_top(ctx, pcfg, "seed", seed))
 
 
 @app.command()
 def stability(
+    ctx: typer.Context,
     run: RunArg,
-    seeds: Annotated[str, typer.Option("--seeds", help="Comma list of other seeds.")] = "1,2,3",
-    heads: Annotated[str, typer.Option("--heads", help="N heads (seeded sample), all, or "
-                                       "L:H,L:H.")] = "16",
-    backend: Annotated[str, typer.Option("--backend", help="auto, cuml or cpu.")] = "auto",
-    workers: Annotated[int, typer.Option("--workers", min=1)] = 1,
-    scheduler: Annotated[Optional[str], typer.Option("--scheduler")] = None,
-    stable_at: Annotated[float, typer.Option("--stable-at", help="Mean Jaccard at which a "
-                                             "cluster counts as stable.")] = 0.75,
+    seeds: str = _opt(StabilityConfig, "seeds", "--seeds", help="Comma list of other seeds."),
+    heads: str = _opt(StabilityConfig, "heads", "--heads"),
+    backend: str = _cluster_opt("backend", "--backend", help=BACKEND_HELP),
+    workers: int = _cluster_opt("workers", "--workers", help="Dask workers."),
+    scheduler: Optional[str] = _cluster_opt("scheduler", "--scheduler", help="Address of an "
+                                            "existing dask scheduler."),
+    stable_at: float = _opt(StabilityConfig, "stable_at", "--stable-at"),
+    config: ConfigOpt = None,
 ) -> None:
     """Cluster stability: recluster heads with other seeds; ARI per head, Jaccard per cluster."""
     from apmae_gpu import cluster_studies
 
-    try:
-        seed_list = tuple(int(s) for s in _split_csv(seeds))
-    except ValueError:
-        raise ApmaeError(f"--seeds {seeds}: expected a comma list of integers") from None
+    pcfg = _pipeline_config(config)
+    study = _settings(ctx, StabilityConfig, locals(), pcfg)
+    clusters = _settings(ctx, ClusterConfig, _without(locals(), "heads"), pcfg)
     with _writing(run):
-        cluster_studies.stability(run=run, seeds=seed_list, heads=heads, backend=backend,
-                                  workers=workers, scheduler=scheduler, stable_at=stable_at)
+        cluster_studies.stability(run, study, clusters)
 
 
 @app.command("cluster-maps")

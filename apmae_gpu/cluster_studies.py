@@ -26,6 +26,8 @@ from rich.table import Table
 from apmae_gpu.cluster_backends import clusterer_class, jitter_duplicates, resolve_backend
 from apmae_gpu.cluster_layout import cluster_dirs, head_name
 from apmae_gpu.clustering import ClusterParams, fit_head, gpu_ready, head_seed, select_heads
+from apmae_gpu.config import (ClusterConfig, StabilityConfig, TrustConfig, section,
+                              split_settings)
 from apmae_gpu.dask_jobs import run_jobs
 from apmae_gpu.encoding import EMBEDDINGS, open_embeddings, read_head
 from apmae_gpu.figures import pyplot, save_figure
@@ -67,13 +69,13 @@ def trust_head(embeddings: str, layer: int, head: int, dims: list[int], trials: 
     return out
 
 
-def trust(run: str | os.PathLike, dims: tuple[int, ...] = (2, 4, 8, 16), heads: str = "8",
-          trials: int = 3, max_points: int = 5000, neighbors: int = 20, min_dist: float = 0.05,
-          metric: str = "cosine", trust_neighbors: int | None = None, backend: str = "auto",
-          workers: int = 1, scheduler: str | None = None, seed: int = 0,
-          tolerance: float = 0.01) -> pd.DataFrame:
+def trust(run: str | os.PathLike, study: TrustConfig | None = None,
+          clusters: ClusterConfig | None = None, *, seed: int = 0, tolerance: float = 0.01,
+          **overrides) -> pd.DataFrame:
     """The trustworthiness study behind the choice of UMAP dimensions (earlier paper: 4 dims
-    from 1,000 neighbours over 5 trials x 10 subsets).
+    from 1,000 neighbours over 5 trials x 10 subsets).  ``study``: the ``trust`` section,
+    ``clusters``: the ``cluster`` section (UMAP's settings, backend, workers); keyword
+    ``overrides`` of either's fields go over them.
 
     For each selected head and trial, UMAP to every ``dims`` and score how well the
     ``trust_neighbors`` nearest neighbours survive.  Writes ``cluster/trustworthiness.parquet``
@@ -82,14 +84,15 @@ def trust(run: str | os.PathLike, dims: tuple[int, ...] = (2, 4, 8, 16), heads: 
     within ``tolerance`` of the best mean.
     """
     run = Path(run)
-    dims = sorted({int(d) for d in dims})
-    if not dims or dims[0] < 1:
-        raise ApmaeError("--dims needs positive integers, e.g. 2,4,8,16")
-    if trials < 1 or max_points < 10:
-        raise ApmaeError("--trials must be >= 1 and --max-points >= 10")
-    params = ClusterParams(n_neighbors=neighbors, min_dist=min_dist, metric=metric,
-                           seed=seed).validate()
-    backend = resolve_backend(backend)
+    own, umap = split_settings(overrides, TrustConfig, ClusterConfig)
+    study = section(TrustConfig, study, own)
+    clusters = section(ClusterConfig, clusters, umap)
+    dims = sorted(set(study.dims))
+    trials, max_points, neighbors = study.trials, study.max_points, clusters.neighbors
+    trust_neighbors, heads = study.trust_neighbors, study.heads
+    params = ClusterParams.from_config(clusters, seed)
+    workers, scheduler = clusters.workers, clusters.scheduler
+    backend = resolve_backend(clusters.backend)
     gpu_ready(backend, params)
     group = open_embeddings(run)
     L, H = group["embeddings"].shape[:2]
@@ -209,26 +212,34 @@ def stability_head(embeddings: str, layer: int, head: int, params: dict, backend
     return {"heads": heads_rows, "clusters": clusters}
 
 
-def stability(run: str | os.PathLike, seeds: tuple[int, ...] = (1, 2, 3), heads: str = "16",
-              backend: str = "auto", workers: int = 1, scheduler: str | None = None,
-              stable_at: float = 0.75) -> tuple[pd.DataFrame, pd.DataFrame]:
+def stability(run: str | os.PathLike, study: StabilityConfig | None = None,
+              clusters: ClusterConfig | None = None, **overrides
+              ) -> tuple[pd.DataFrame, pd.DataFrame]:
     """Cluster stability over seeds (beyond the paper): recluster heads with other seeds and
     report the adjusted Rand index against the reference clustering, per head, and the best
     Jaccard match of every reference cluster (Hennig's clusterwise stability: a mean Jaccard
     >= ``stable_at`` marks a cluster as stable, <= 0.5 as one that dissolves).
 
-    Uses the settings of ``RUN/cluster/params.json`` (defaults if absent).  Writes
-    ``cluster/stability_heads.parquet`` and ``cluster/stability_clusters.parquet``.
+    ``study``: the ``stability`` section; ``clusters``: the ``cluster`` section, of which the
+    backend, workers and scheduler count; keyword ``overrides`` of either's fields go over
+    them.  Uses the clustering settings of ``RUN/cluster/params.json`` (the cluster section's
+    if absent).  Writes ``cluster/stability_heads.parquet`` and
+    ``cluster/stability_clusters.parquet``.
     """
     run = Path(run)
+    own, rest = split_settings(overrides, StabilityConfig, ClusterConfig)
+    study = section(StabilityConfig, study, own)
+    clusters = section(ClusterConfig, clusters, rest)
+    heads, stable_at = study.heads, study.stable_at
+    workers, scheduler = clusters.workers, clusters.scheduler
     dirs = cluster_dirs(run)
     saved = dirs["base"] / "params.json"
     params = ClusterParams(**json.loads(saved.read_text())["params"]) if saved.exists() \
-        else ClusterParams()
-    seeds = [int(s) for s in seeds if int(s) != params.seed]
+        else ClusterParams.from_config(clusters, seed=0)
+    seeds = [int(s) for s in study.seeds if int(s) != params.seed]
     if not seeds:
         raise ApmaeError(f"--seeds must include seeds other than the reference seed {params.seed}")
-    backend = resolve_backend(backend)
+    backend = resolve_backend(clusters.backend)
     gpu_ready(backend, params)
     group = open_embeddings(run)
     L, H = group["embeddings"].shape[:2]

@@ -51,8 +51,6 @@ from rich.console import Console
 from rich.table import Table
 
 from apmae_gpu.cluster_backends import (
-    BACKENDS,
-    KNN_METHODS,
     check_cuml_settings,
     clusterer_class,
     free_torch_cuda_cache,
@@ -67,6 +65,7 @@ from apmae_gpu.cluster_layout import (
     head_name,
     read_status,
 )
+from apmae_gpu.config import ClusterConfig, section
 from apmae_gpu.dask_jobs import run_jobs
 from apmae_gpu.encoding import EMBEDDINGS, open_embeddings, read_head
 from apmae_gpu.runs import (
@@ -89,36 +88,36 @@ log = logging.getLogger("apmae_gpu.clustering")
 DISTANCE_SAMPLE = 2000
 
 
-@dataclasses.dataclass(frozen=True)
+JITTER = 1e-3   # scale of the noise that separates duplicate points (jitter_duplicates)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
 class ClusterParams:
     """What decides a head's clusters (recorded in ``cluster/params.json``; a rerun with
-    other values needs ``--restart``)."""
+    other values needs ``--restart``): the cluster section's settings under the estimator's
+    names (:meth:`from_config`), the run's seed, and two constants."""
 
-    umap_dims: int = 8
-    n_neighbors: int = 20
-    min_dist: float = 0.05
-    metric: str = "cosine"
-    min_samples: int = 20
-    min_cluster_size: int = 25
+    umap_dims: int
+    n_neighbors: int
+    min_dist: float
+    metric: str
+    min_samples: int
+    min_cluster_size: int
     allow_single_cluster: bool = True
-    seed: int = 0
-    jitter: float = 1e-3
-    knn: str = "auto"
-    n_epochs: int | None = None
+    seed: int
+    jitter: float = JITTER
+    knn: str
+    n_epochs: int | None
+
+    @classmethod
+    def from_config(cls, cfg: ClusterConfig, seed: int, jitter: float = JITTER) -> ClusterParams:
+        """The parameters of the ``cluster`` section (bounds checked there), metric checked."""
+        return cls(umap_dims=cfg.umap_dims, n_neighbors=cfg.neighbors, min_dist=cfg.min_dist,
+                   metric=cfg.metric, min_samples=cfg.min_samples,
+                   min_cluster_size=cfg.min_cluster_size, seed=seed, jitter=jitter,
+                   knn=cfg.knn, n_epochs=cfg.umap_epochs).validate()
 
     def validate(self) -> ClusterParams:
-        if self.umap_dims < 1:
-            raise ApmaeError("--umap-dims must be >= 1")
-        if self.n_neighbors < 2:
-            raise ApmaeError("--neighbors must be >= 2")
-        if not 0.0 <= self.min_dist <= 1.0:
-            raise ApmaeError("--min-dist must lie in [0, 1]")
-        if self.min_samples < 1 or self.min_cluster_size < 2:
-            raise ApmaeError("--min-samples must be >= 1 and --min-cluster-size >= 2")
-        if self.n_epochs is not None and self.n_epochs < 1:
-            raise ApmaeError("--umap-epochs must be >= 1")
-        if self.knn not in KNN_METHODS:
-            raise ApmaeError(f"--knn {self.knn}: expected one of {', '.join(KNN_METHODS)}")
         from sklearn.metrics.pairwise import _VALID_METRICS
 
         if self.metric not in set(_VALID_METRICS) | {"cosine", "correlation", "manhattan"}:
@@ -286,34 +285,28 @@ def _params_hash(params: ClusterParams, group) -> str:
 
 
 # --------------------------------------------------------------------------- the stage
-def cluster(run: str | os.PathLike, backend: str = "auto", workers: int = 1, umap_dims: int = 8,
-            neighbors: int = 20, min_dist: float = 0.05, metric: str = "cosine",
-            min_samples: int = 20, min_cluster_size: int = 25, scheduler: str | None = None,
-            seed: int = 0, retries: int = 1, knn: str = "auto", jitter: float = 1e-3,
-            filter_max_distance: float | None = None, filter_min_size: int | None = None,
-            restart: bool = False, figures: bool = True, heads: str | None = None,
-            umap_epochs: int | None = None) -> Path:
+def cluster(run: str | os.PathLike, settings: ClusterConfig | None = None, *, seed: int = 0,
+            restart: bool = False, jitter: float = JITTER, **overrides) -> Path:
     """UMAP + HDBSCAN for every head of ``RUN/embeddings.zarr``; writes
     ``RUN/clusters.parquet`` and ``RUN/cluster/``.  Resumable; returns the clusters path.
 
-    ``backend`` is ``auto``|``cuml``|``cpu`` (or a ``HeadClusterer`` subclass, for custom
-    estimators).  ``filter_max_distance`` / ``filter_min_size`` are the earlier paper's
+    ``settings``: the ``cluster`` section (:class:`~apmae_gpu.config.ClusterConfig`; default
+    the paper's), with keyword ``overrides`` of its fields over it.  ``backend`` is
+    ``auto``|``cuml``|``cpu``, or (as an override) a ``HeadClusterer`` subclass for custom
+    estimators.  ``filter_max_distance`` / ``filter_min_size`` are the earlier paper's
     optional cluster filter (clusters failing it become noise in ``cluster``; the HDBSCAN
     label stays in ``cluster_raw``); they apply at assembly, so changing them reuses the
     per-head results.  ``heads`` limits the run to some heads (``all``, N or ``L:H,...``).
     ``umap_epochs`` overrides umap-learn's epochs (500 below 10k points, 200 above).
     """
     run = Path(run)
-    params = ClusterParams(umap_dims=umap_dims, n_neighbors=neighbors, min_dist=min_dist,
-                           metric=metric, min_samples=min_samples,
-                           min_cluster_size=min_cluster_size, seed=seed, jitter=jitter,
-                           knn=knn, n_epochs=umap_epochs).validate()
-    if workers < 1:
-        raise ApmaeError("--workers must be >= 1")
-    if isinstance(backend, str):
-        if backend not in BACKENDS:
-            raise ApmaeError(f"--backend {backend}: expected one of {', '.join(BACKENDS)}")
-        backend = resolve_backend(backend)
+    backend = overrides.pop("backend") if not isinstance(overrides.get("backend", ""), str) \
+        else None   # a HeadClusterer subclass
+    cfg = section(ClusterConfig, settings, overrides)
+    params = ClusterParams.from_config(cfg, seed, jitter)
+    workers, scheduler, retries, heads = cfg.workers, cfg.scheduler, cfg.retries, cfg.heads
+    if backend is None:
+        backend = resolve_backend(cfg.backend)
     gpu_ready(backend, params)
     group = open_embeddings(run)
     L, H, N, D = group["embeddings"].shape
@@ -370,8 +363,8 @@ def cluster(run: str | os.PathLike, backend: str = "auto", workers: int = 1, uma
     chosen_set = set(chosen)
     status = {k: v for k, v in read_status(dirs["status"]).items()
               if v.get("params_hash") == phash and k in chosen_set}
-    heads_df, summary = assemble(run, status, filter_max_distance, filter_min_size)
-    if figures:
+    heads_df, summary = assemble(run, status, cfg.filter_max_distance, cfg.filter_min_size)
+    if cfg.figures:
         try:
             write_figures(run, heads_df, summary)
         except ApmaeError as exc:
@@ -384,7 +377,7 @@ def cluster(run: str | os.PathLike, backend: str = "auto", workers: int = 1, uma
         "share_clustered": float(np.average(heads_df["share_clustered"],
                                             weights=heads_df["n_points"].clip(lower=1)))
         if len(heads_df) else 0.0,
-        "filter_max_distance": filter_max_distance, "filter_min_size": filter_min_size,
+        "filter_max_distance": cfg.filter_max_distance, "filter_min_size": cfg.filter_min_size,
         "seconds": round(wall, 2), "machine": describe_machine()})
     _print_summary(run, heads_df, summary)
     if len(failed):

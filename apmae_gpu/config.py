@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Annotated, Any, Literal, Optional, TypeVar
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -23,6 +23,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from apmae_gpu.runs import ApmaeError
 
 PAPER_K = [1, 2, 5, 10, 20, 50, 100, 200, 400, 600, 800]
+# intervention head groups: the paper's four, and the importance ranking as an extra
+GROUPS = ("positive", "negative", "zero", "random")
+EXTRA_GROUPS = ("importance",)
 
 MAX_CONFIG_BYTES = 1 << 20
 MAX_YAML_NODES = 100_000
@@ -110,8 +113,8 @@ class MineConfig(_Strict):
     window: int = Field(256, ge=16)
     per_file: int = Field(1, ge=1)
     dedup: bool = True
-    max_files: Optional[int] = None
-    max_file_bytes: int = 1_000_000
+    max_files: Optional[int] = Field(None, ge=1)
+    max_file_bytes: int = Field(1_000_000, ge=1)
     content_column: str = "content"
 
 
@@ -144,13 +147,13 @@ class TrainConfig(_Strict):
     preset: Literal["paper", "small", "tiny"] = "paper"
     steps: int = Field(150_000, ge=1)
     batch_size: int = Field(60, ge=1)
-    lr: Optional[float] = None
-    warmup_steps: Optional[int] = None
+    lr: Optional[float] = Field(None, gt=0)
+    warmup_steps: Optional[int] = Field(None, ge=0)
     raw: bool = False
     compile: bool = False
     val_fraction: float = Field(0.1, gt=0, lt=1)
-    save_every: Optional[int] = None
-    eval_every: Optional[int] = None
+    save_every: Optional[int] = Field(None, ge=1)
+    eval_every: Optional[int] = Field(None, ge=1)
     nproc: int = Field(1, ge=1, description="processes (GPUs) for torchrun")
     model_config_overrides: Optional[dict[str, Any]] = Field(
         None, description="AP-MAE config keys that differ from the preset (e.g. image_size)")
@@ -187,7 +190,7 @@ class EvaluateConfig(_Strict):
 class EncodeConfig(_Strict):
     batch_size: int = Field(256, ge=1)
     pool: Literal["cls", "mean"] = "cls"
-    block: Optional[int] = None
+    block: Optional[int] = Field(None, ge=1)
     nproc: int = Field(1, ge=1, description="processes (GPUs) for torchrun; the result does "
                        "not depend on it")
 
@@ -197,15 +200,15 @@ class ClusterConfig(_Strict):
     workers: int = Field(1, ge=1)
     umap_dims: int = Field(8, ge=1)
     neighbors: int = Field(20, ge=2)
-    min_dist: float = 0.05
+    min_dist: float = Field(0.05, ge=0, le=1)
     metric: str = "cosine"
     min_samples: int = Field(20, ge=1)
     min_cluster_size: int = Field(25, ge=2)
     scheduler: Optional[str] = None
     retries: int = Field(1, ge=0)
-    knn: str = "auto"
-    filter_max_distance: Optional[float] = None
-    filter_min_size: Optional[int] = None
+    knn: Literal["auto", "nndescent", "torch"] = "auto"
+    filter_max_distance: Optional[float] = Field(None, ge=0)
+    filter_min_size: Optional[int] = Field(None, ge=1)
     figures: bool = True
     umap_epochs: Optional[int] = Field(None, ge=1)
     heads: Optional[str] = None
@@ -215,25 +218,27 @@ class ClassifyConfig(_Strict):
     folds: int = Field(10, ge=2)
     gpu: Literal["auto", "yes", "no"] = "auto"
     iterations: int = Field(1000, ge=1)
-    depth: int = Field(6, ge=1)
+    depth: int = Field(6, ge=1, le=16)
     learning_rate: float = 0.1
-    early_stopping_rounds: int = Field(25, ge=1)
+    early_stopping_rounds: int = Field(25, ge=0, description="0: no early stopping")
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     tasks: Optional[list[str]] = None
-    shap_on: str = "oof"
-    # None: CatBoost's defaults (the reference); 16 one-hot encodes cluster ids: 15.7x faster
-    # per task on 2 CPU cores (bench/results/classify.md)
-    one_hot_max_size: Optional[int] = Field(None, ge=0)
-    max_ctr_complexity: Optional[int] = Field(None, ge=0)
+    shap_on: Literal["oof", "full"] = "oof"
+    # None: CatBoost's defaults (the reference); 16 one-hot encodes cluster ids, much faster
+    # on CPU (bench/results/classify.md)
+    one_hot_max_size: Optional[int] = Field(None, ge=1)
+    max_ctr_complexity: Optional[int] = Field(None, ge=1)
     boosting_type: Optional[Literal["Plain", "Ordered"]] = None   # None: CatBoost's choice
 
 
 class InterveneConfig(_Strict):
     task: Optional[str] = Field(None, description="None: every classified task (the paper)")
-    k: list[int] = Field(default_factory=lambda: list(PAPER_K))
+    k: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: list(PAPER_K),
+                                                 min_length=1)
     per_group: int = Field(1000, ge=1)
     batch_size: int = Field(8, ge=1)
-    groups: Optional[list[str]] = None
+    groups: list[Literal[GROUPS + EXTRA_GROUPS]] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(GROUPS), min_length=1)
     multi_token: bool = False
     rank_by: Literal["shap_parts", "mean_shap", "extreme_shap"] = "shap_parts"
     dtype: Dtype = "auto"
@@ -241,6 +246,30 @@ class InterveneConfig(_Strict):
 
 class ReportConfig(_Strict):
     notebook: bool = Field(False, description="also execute notebooks/findings.ipynb on the run")
+
+
+class TrustConfig(_Strict):
+    """``apmae trust``: trustworthiness of UMAP per number of dimensions (to choose
+    ``cluster.umap_dims``); UMAP's other settings are the cluster section's."""
+
+    dims: list[Annotated[int, Field(ge=1)]] = Field(default_factory=lambda: [2, 4, 8, 16],
+                                                    min_length=1)
+    heads: str = Field("8", description="N heads spread over the model (seeded), all, or L:H,L:H")
+    trials: int = Field(3, ge=1, description="subsamples x UMAP seeds per head")
+    max_points: int = Field(5000, ge=10, description="subsample size per trial "
+                            "(trustworthiness is O(n^2))")
+    trust_neighbors: Optional[int] = Field(None, ge=1, description="k of the trustworthiness "
+                                           "score (default: cluster.neighbors)")
+
+
+class StabilityConfig(_Strict):
+    """``apmae stability``: recluster heads with other seeds (ARI per head, Jaccard per
+    cluster); the clustering settings are the cluster section's."""
+
+    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
+    heads: str = Field("16", description="N heads (seeded sample), all, or L:H,L:H")
+    stable_at: float = Field(0.75, gt=0, le=1, description="mean Jaccard at which a cluster "
+                             "counts as stable")
 
 
 STAGES = ("mine", "capture_train", "capture_analysis", "train", "evaluate", "encode", "cluster",
@@ -263,6 +292,8 @@ class PipelineConfig(_Strict):
     classify: ClassifyConfig = ClassifyConfig()
     intervene: InterveneConfig = InterveneConfig()
     report: ReportConfig = ReportConfig()
+    trust: TrustConfig = TrustConfig()
+    stability: StabilityConfig = StabilityConfig()
 
 
 def _merge(base: dict, over: dict) -> dict:
@@ -294,6 +325,17 @@ def _read(path: Path, seen: tuple = ()) -> dict:
     return data
 
 
+def _one_line(exc: ValidationError, where: str) -> str:
+    """The first error of a validation, as one line naming the key."""
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"])
+    if err["type"] == "extra_forbidden":
+        return f"{where}: unknown key {loc!r}"
+    given = err.get("input")
+    shown = repr(given) if not isinstance(given, (dict, list)) else type(given).__name__
+    return f"{where}: {loc}: {err['msg'].lower()} (got {shown})"
+
+
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
     """Read, merge and validate a pipeline config; errors are one line naming the key."""
     path = Path(path).resolve()
@@ -303,10 +345,40 @@ def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> Pi
     try:
         return PipelineConfig.model_validate(data)
     except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = ".".join(str(p) for p in err["loc"])
-        if err["type"] == "extra_forbidden":
-            raise ApmaeError(f"{path.name}: unknown key {loc!r}") from None
-        given = err.get("input")
-        shown = repr(given) if not isinstance(given, (dict, list)) else type(given).__name__
-        raise ApmaeError(f"{path.name}: {loc}: {err['msg'].lower()} (got {shown})") from None
+        raise ApmaeError(_one_line(exc, path.name)) from None
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def section(model: type[M], base: M | None = None, settings: dict[str, Any] | None = None,
+            where: str | None = None) -> M:
+    """A stage's settings: ``base`` (default: the model's defaults, the paper's) with the
+    keyword ``settings`` over it, validated.  Every stage function takes its section this way,
+    so a setting's default and bounds live only in its model; an unknown name or a value out
+    of bounds is a one-line :class:`ApmaeError`."""
+    data = base.model_dump() if base is not None else {}
+    data.update(settings or {})
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ApmaeError(_one_line(exc, where or SECTION_OF.get(model, model.__name__))) from None
+
+
+def split_settings(settings: dict[str, Any], *models: type[BaseModel]) -> list[dict[str, Any]]:
+    """Keyword settings spread over the sections they belong to (a name goes to the first
+    model that has it); a name no model has is a one-line :class:`ApmaeError`."""
+    parts: list[dict[str, Any]] = [{} for _ in models]
+    for key, value in settings.items():
+        i = next((i for i, m in enumerate(models) if key in m.model_fields), None)
+        if i is None:
+            names = " or ".join(SECTION_OF.get(m, m.__name__) for m in models)
+            raise ApmaeError(f"{names}: unknown key {key!r}")
+        parts[i][key] = value
+    return parts
+
+
+SECTION_OF = {MineConfig: "mine", CaptureConfig: "capture", TrainConfig: "train",
+              EvaluateConfig: "evaluate", EncodeConfig: "encode", ClusterConfig: "cluster",
+              ClassifyConfig: "classify", InterveneConfig: "intervene", ReportConfig: "report",
+              TrustConfig: "trust", StabilityConfig: "stability"}

@@ -16,6 +16,7 @@ import os
 import resource
 import shutil
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -82,16 +83,10 @@ def _complete(run: Path, stage: str) -> bool:
 
 
 # --------------------------------------------------------------------------- stages
-def _corpus(spec: str) -> str:
-    if spec != "jdk":
-        return spec
-    from apmae_gpu.corpus import default_jdk_src
-
-    path = default_jdk_src()
-    if path is None:
-        raise ApmaeError("corpus `jdk` needs the JDK sources: `apt-get install openjdk-17-source` "
-                         "(Debian/Ubuntu), or set mine.corpus to a directory/zip of .java files")
-    return path
+# Each runner passes its stage the config section; a stage on several processes is the
+# stage's command under torchrun, reading the same section from the config used
+# (RUN/CONFIG_USED, written at the start of every pipeline run).
+CONFIG_USED = "pipeline_config.json"
 
 
 def _mine(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
@@ -100,14 +95,7 @@ def _mine(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
     if fresh and (run / "maps.zarr").exists():
         raise ApmaeError(f"the mine settings changed but {run} already holds captured maps; "
                          "use a new --out")
-    m = cfg.mine
-    mine(corpus=_corpus(m.corpus), model=cfg.model, out=run, tasks=m.tasks, per_task=m.per_task,
-         window=m.window, seed=cfg.seed, per_file=m.per_file, dedup=m.dedup,
-         max_files=m.max_files, max_file_bytes=m.max_file_bytes, content_column=m.content_column,
-         trust_remote_code=cfg.trust_remote_code, per_task_overrides=m.per_task_overrides,
-         train_per_task=m.train_per_task,
-         train_corpus=_corpus(m.train_corpus) if m.train_corpus else None,
-         type_identifiers=m.type_identifiers)
+    mine(run, cfg.mine, model=cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
 
 
 def _capture(split: str):
@@ -115,33 +103,19 @@ def _capture(split: str):
         from apmae_gpu.capture import capture
 
         c = cfg.capture
-        s = getattr(c, split)
         encode_with = (run / "apmae" / "final") if split == "analysis" and c.encode_analysis else None
         if c.nproc > 1:
-            argv = ["capture", str(run), "--model", cfg.model, "--split", split, "--per-task",
-                    str(s.per_task), "--scaler", c.scaler, "--batch-size", str(c.batch_size),
-                    "--device", cfg.device, "--seed", str(cfg.seed), "--chunk-maps",
-                    str(c.chunk_maps), "--dtype", c.dtype]
-            if encode_with is not None:
-                argv += ["--encode-with", str(encode_with), "--pool", c.pool]
-            for flag, value in (("--heads", s.heads), ("--max-attempts", s.max_attempts),
-                                ("--device-map", c.device_map)):
-                if value is not None:
-                    argv += [flag, str(value)]
-            argv += ["--trust-remote-code"] * cfg.trust_remote_code
+            argv = ["capture", str(run), "--config", str(run / CONFIG_USED), "--model",
+                    cfg.model, "--split", split]
+            argv += ["--encode-with", str(encode_with)] if encode_with is not None else []
             return _torchrun(c.nproc, argv, f"capture of the {split} split")
-        capture(run=run, model=cfg.model, split=split, per_task=s.per_task, heads=s.heads,
-                scaler=c.scaler, batch_size=c.batch_size, device=cfg.device, seed=cfg.seed,
-                max_attempts=s.max_attempts, device_map=c.device_map, chunk_maps=c.chunk_maps,
-                trust_remote_code=cfg.trust_remote_code, encode_with=encode_with, pool=c.pool,
-                dtype=c.dtype)
+        capture(run, c, split=split, model=cfg.model, device=cfg.device, seed=cfg.seed,
+                trust_remote_code=cfg.trust_remote_code, encode_with=encode_with)
     return run_split
 
 
 def _torchrun(nproc: int, argv: list[str], what: str) -> None:
     """Run ``apmae ARGV`` on ``nproc`` processes of one machine (torch's launcher)."""
-    import sys
-
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
             f"--nproc_per_node={nproc}", "-m", "apmae_gpu.cli", *argv]
     log.info("launching %s", " ".join(argv))
@@ -150,97 +124,58 @@ def _torchrun(nproc: int, argv: list[str], what: str) -> None:
 
 
 def _train(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
-    t = cfg.train
     out = run / "apmae"
     if fresh and out.exists():
         log.info("train settings changed: starting AP-MAE training afresh")
         shutil.rmtree(out)
     resume = (out / "checkpoints").exists() and any((out / "checkpoints").iterdir())
-    if t.nproc > 1:
-        argv = ["torchrun", "--standalone", f"--nproc_per_node={t.nproc}", "-m", "apmae_gpu.cli",
-                "train", str(run), "--preset", t.preset, "--steps", str(t.steps),
-                "--batch-size", str(t.batch_size), "--device", cfg.device, "--seed", str(cfg.seed),
-                "--val-fraction", str(t.val_fraction)]
-        for flag, value in (("--lr", t.lr), ("--warmup-steps", t.warmup_steps),
-                            ("--save-every", t.save_every), ("--eval-every", t.eval_every)):
-            if value is not None:
-                argv += [flag, str(value)]
-        argv += ["--resume"] * resume + ["--raw"] * t.raw + ["--compile"] * t.compile
-        if t.model_config_overrides:
-            cfg_file = run / "apmae_model_config.json"
-            write_json(cfg_file, t.model_config_overrides)
-            argv += ["--model-config", str(cfg_file)]
-        log.info("launching %s", " ".join(argv))
-        if subprocess.call(argv) != 0:
-            raise ApmaeError("distributed AP-MAE training failed (see its output above)")
-        return
+    if cfg.train.nproc > 1:
+        argv = ["train", str(run), "--config", str(run / CONFIG_USED)] + ["--resume"] * resume
+        return _torchrun(cfg.train.nproc, argv, "AP-MAE training")
     from apmae_gpu.training import train
 
-    train(run=run, preset=t.preset, steps=t.steps, batch_size=t.batch_size, lr=t.lr,
-          resume=resume, raw=t.raw, device=cfg.device, seed=cfg.seed, compile=t.compile,
-          val_fraction=t.val_fraction, warmup_steps=t.warmup_steps, save_every=t.save_every,
-          eval_every=t.eval_every, model_config=t.model_config_overrides)
+    train(run, cfg.train, resume=resume, device=cfg.device, seed=cfg.seed)
 
 
 def _evaluate(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
     from apmae_gpu.evaluation import evaluate
 
     e = cfg.evaluate
-    evaluate(checkpoints=[run / "apmae" / "final", *map(Path, e.checkpoints)],
-             data=[run, *map(Path, e.data)], out=run / "evaluate", split=e.split,
-             max_maps=e.max_maps, batch_size=e.batch_size, device=cfg.device, seed=cfg.seed,
-             figure_maps=e.figure_maps)
+    evaluate([run / "apmae" / "final", *map(Path, e.checkpoints)], [run, *map(Path, e.data)], e,
+             out=run / "evaluate", device=cfg.device, seed=cfg.seed)
 
 
 def _encode(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
     from apmae_gpu.encoding import encode
 
-    e = cfg.encode
-    if e.nproc > 1:
-        argv = ["encode", str(run), "--checkpoint", str(run / "apmae" / "final"),
-                "--batch-size", str(e.batch_size), "--pool", e.pool, "--device", cfg.device]
-        argv += ["--block", str(e.block)] * (e.block is not None) + ["--restart"] * fresh
-        return _torchrun(e.nproc, argv, "encoding")
-    encode(run=run, checkpoint=run / "apmae" / "final", batch_size=e.batch_size, pool=e.pool,
-           device=cfg.device, block=e.block, restart=fresh)
+    if cfg.encode.nproc > 1:
+        argv = ["encode", str(run), "--config", str(run / CONFIG_USED)] + ["--restart"] * fresh
+        return _torchrun(cfg.encode.nproc, argv, "encoding")
+    encode(run, cfg.encode, device=cfg.device, restart=fresh)
 
 
 def _cluster(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
     from apmae_gpu.clustering import cluster
 
-    c = cfg.cluster
-    cluster(run=run, backend=c.backend, workers=c.workers, umap_dims=c.umap_dims,
-            neighbors=c.neighbors, min_dist=c.min_dist, metric=c.metric,
-            min_samples=c.min_samples, min_cluster_size=c.min_cluster_size,
-            scheduler=c.scheduler, seed=cfg.seed, retries=c.retries, knn=c.knn,
-            filter_max_distance=c.filter_max_distance, filter_min_size=c.filter_min_size,
-            restart=fresh, figures=c.figures, umap_epochs=c.umap_epochs, heads=c.heads)
+    cluster(run, cfg.cluster, seed=cfg.seed, restart=fresh)
 
 
 def _classify(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
     from apmae_gpu.classification import classify
 
-    c = cfg.classify
-    classify(run=run, folds=c.folds, gpu=c.gpu, seed=cfg.seed, iterations=c.iterations,
-             depth=c.depth, learning_rate=c.learning_rate,
-             early_stopping_rounds=c.early_stopping_rounds, eval_fraction=c.eval_fraction,
-             tasks=c.tasks, shap_on=c.shap_on, one_hot_max_size=c.one_hot_max_size,
-             max_ctr_complexity=c.max_ctr_complexity, boosting_type=c.boosting_type)
+    classify(run, cfg.classify, seed=cfg.seed)
 
 
 def _intervene(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
     from apmae_gpu.intervention import intervene
 
-    i = cfg.intervene
-    intervene(run=run, task=i.task, k=i.k, per_group=i.per_group, model=cfg.model,
-              device=cfg.device, batch_size=i.batch_size, seed=cfg.seed, groups=i.groups,
-              multi_token=i.multi_token, rank_by=i.rank_by, dtype=i.dtype)
+    intervene(run, cfg.intervene, model=cfg.model, device=cfg.device, seed=cfg.seed)
 
 
 def _report(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
     from apmae_gpu.report import report
 
-    report(run, notebook=cfg.report.notebook)
+    report(run, cfg.report)
 
 
 RUNNERS = {"mine": _mine, "capture_train": _capture("train"),
@@ -315,6 +250,8 @@ def run_pipeline(config: str | Path, out: str | Path | None = None) -> dict:
     check_out_dir(run)
     run.mkdir(parents=True, exist_ok=True)
     with writer_lock(run, f"apmae pipeline --config {config}"):
+        # the settings as resolved (base files merged): what torchrun'd stages read
+        write_json(run / CONFIG_USED, cfg.model_dump(mode="json"))
         return _run_stages(cfg, run, config)
 
 
