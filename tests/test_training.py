@@ -17,7 +17,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from apmae_gpu import training
+from apmae_gpu import splits, training
 from apmae_gpu.cli import main
 from apmae_gpu.runs import ApmaeError, read_manifest
 from apmae_gpu.store import MapStore
@@ -53,20 +53,20 @@ def _train(run, **kw):
 # --------------------------------------------------------------------------- split
 def test_validation_mask_is_hash_based_nested_and_order_free():
     ids = np.arange(20_000)
-    held = training.validation_mask(ids, 0.1)
+    held = splits.validation_mask(ids, 0.1)
     assert 0.09 < held.mean() < 0.11
-    assert not (training.validation_mask(ids, 0.05) & ~held).any()  # nested
+    assert not (splits.validation_mask(ids, 0.05) & ~held).any()  # nested
     perm = np.random.default_rng(0).permutation(ids.size)
-    assert np.array_equal(training.validation_mask(ids[perm], 0.1), held[perm])
-    assert training.validation_mask(np.arange(3), 0.01).sum() == 1  # tiny runs still validate
-    assert not training.validation_mask(ids, 0.0).any()
+    assert np.array_equal(splits.validation_mask(ids[perm], 0.1), held[perm])
+    assert splits.validation_mask(np.arange(3), 0.01).sum() == 1  # tiny runs still validate
+    assert not splits.validation_mask(ids, 0.0).any()
     with pytest.raises(ApmaeError, match="val-fraction"):
-        training.validation_mask(ids, 1.5)
+        splits.validation_mask(ids, 1.5)
 
 
 def test_split_is_by_inference(synthetic_run_dir):
     store = MapStore(synthetic_run_dir)
-    train_ids, val_ids, counts = training.split_maps(store, 0.2)
+    train_ids, val_ids, counts = splits.split_maps(store, 0.2)
     index = store.index().set_index("map_id")
     inf = store.inferences().set_index("inference_id")
     t_inf = set(index.loc[train_ids, "inference_id"])
@@ -81,7 +81,7 @@ def test_split_is_by_inference(synthetic_run_dir):
 # --------------------------------------------------------------------------- loader
 def test_loader_order_is_deterministic_resumable_and_covers_each_map_once(synthetic_run_dir):
     store = MapStore(synthetic_run_dir)
-    ids, _, _ = training.split_maps(store, 0.1)
+    ids, _, _ = splits.split_maps(store, 0.1)
     loader = training.MapLoader(store, ids, batch_size=7, seed=3, buffer_maps=32)
     spe = loader.steps_per_epoch(0)
     assert spe == len(ids) // 7
@@ -175,7 +175,7 @@ def test_bad_input_fails_before_any_step(run, tmp_path):
         _train(empty)
     # a NaN in a training map (written behind the store's back)
     store = MapStore(run, writable=True)
-    ids, _, _ = training.split_maps(store, 0.1)
+    ids, _, _ = splits.split_maps(store, 0.1)
     bad = store.array[int(ids[5])]
     bad[10, 3] = np.nan
     store.array[int(ids[5])] = bad
