@@ -23,6 +23,7 @@ import torch
 
 from apmae_gpu.checkpoints import ARGS, latest_checkpoint, save_checkpoint
 from apmae_gpu.devices import autocast
+from apmae_gpu.loader import MapLoader
 from apmae_gpu.model import APMAEModel
 from apmae_gpu.runs import ApmaeError, atomic_path, progress, write_json
 
@@ -56,7 +57,7 @@ class Session:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     gen: torch.Generator
-    loader: object                      # training.MapLoader
+    loader: MapLoader
     val_maps: torch.Tensor | None = None
     val_noise: torch.Tensor | None = None
     val_base: dict = field(default_factory=dict)

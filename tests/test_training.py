@@ -19,6 +19,7 @@ from safetensors.torch import load_file
 
 from apmae_gpu import splits, training
 from apmae_gpu.cli import main
+from apmae_gpu.loader import MapLoader
 from apmae_gpu.runs import ApmaeError, read_manifest
 from apmae_gpu.store import MapStore
 
@@ -82,7 +83,7 @@ def test_split_is_by_inference(synthetic_run_dir):
 def test_loader_order_is_deterministic_resumable_and_covers_each_map_once(synthetic_run_dir):
     store = MapStore(synthetic_run_dir)
     ids, _, _ = splits.split_maps(store, 0.1)
-    loader = training.MapLoader(store, ids, batch_size=7, seed=3, buffer_maps=32)
+    loader = MapLoader(store, ids, batch_size=7, seed=3, buffer_maps=32)
     spe = loader.steps_per_epoch(0)
     assert spe == len(ids) // 7
     order0 = loader.epoch_order(0)
@@ -103,8 +104,8 @@ def test_loader_order_is_deterministic_resumable_and_covers_each_map_once(synthe
     for (s1, e1, m1), (s2, e2, m2) in zip(first[spe - 2:], again):
         assert (s1, e1) == (s2, e2) and np.array_equal(m1, m2)
     # two ranks read disjoint chunks and take the same number of steps
-    r0 = training.MapLoader(store, ids, batch_size=7, seed=3, rank=0, world=2, buffer_maps=32)
-    r1 = training.MapLoader(store, ids, batch_size=7, seed=3, rank=1, world=2, buffer_maps=32)
+    r0 = MapLoader(store, ids, batch_size=7, seed=3, rank=0, world=2, buffer_maps=32)
+    r1 = MapLoader(store, ids, batch_size=7, seed=3, rank=1, world=2, buffer_maps=32)
     o0, o1 = r0.epoch_order(0), r1.epoch_order(0)
     assert len(o0) == len(o1) == r0.steps_per_epoch(0) * 7
     assert not set(o0 // 16) & set(o1 // 16)  # chunk_maps = 16 in the fixture
