@@ -68,7 +68,8 @@ class MapLoader:
         mine = self._rank_chunks(epoch, self.rank)
         out = []
         for w, start in enumerate(range(0, len(mine), self.window_chunks)):
-            ids = np.concatenate([self.chunk_ids[c] for c in mine[start:start + self.window_chunks]])
+            window = mine[start:start + self.window_chunks]
+            ids = np.concatenate([self.chunk_ids[c] for c in window])
             rng = np.random.default_rng([self.seed, epoch, self.rank, w])
             out.append(ids[rng.permutation(ids.size)])
         return out

@@ -18,6 +18,7 @@ import torch
 from safetensors.torch import load_file
 
 from apmae_gpu import splits, training
+from apmae_gpu.checkpoints import latest_checkpoint
 from apmae_gpu.cli import main
 from apmae_gpu.loader import MapLoader
 from apmae_gpu.runs import ApmaeError, read_manifest
@@ -159,7 +160,7 @@ def test_train_writes_model_checkpoints_metrics_and_manifest(run):
     # more steps on a finished run: continues from its last checkpoint
     longer = _train(run, steps=28, resume=True, eval_every=12, save_every=12, log_every=2)
     assert longer["resumed_from"].endswith("step-0000024") and longer["steps"] == 28
-    assert training.latest_checkpoint(run / "apmae").name == "step-0000028"
+    assert latest_checkpoint(run / "apmae").name == "step-0000028"
 
 
 def test_bad_input_fails_before_any_step(run, tmp_path):
@@ -207,7 +208,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_weights(run, tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240
-        while training.latest_checkpoint(killed) is None:
+        while latest_checkpoint(killed) is None:
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             assert time.time() < deadline, "no checkpoint appeared"
             time.sleep(0.01)
@@ -217,7 +218,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_weights(run, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
-    at_kill = int(training.latest_checkpoint(killed).name.split("-")[1])
+    at_kill = int(latest_checkpoint(killed).name.split("-")[1])
     assert at_kill < steps and not (killed / "final").exists()
     summary = _train(run, out=killed, resume=True, **common)
     assert summary["resumed_from"] is not None
