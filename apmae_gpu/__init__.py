@@ -5,6 +5,8 @@ Stages, one module each, in the order one run's data flows through them:
 ``encoding`` -> ``clustering`` -> ``classification`` -> ``intervention`` -> ``report``.
 ``findings`` tests the paper's claims on a run's outputs (the report's first section).
 ``cli`` is the command line, ``pipeline`` runs every stage from one config.
+``training`` keeps its loop in ``train_engine`` and its checkpoints in ``checkpoints``;
+``splits``, ``baselines``, ``scaling`` and ``devices`` sit below the stages that share them.
 """
 
 __version__ = "0.1.0"

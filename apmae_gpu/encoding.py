@@ -286,10 +286,11 @@ def encode_maps(model, maps, pool: str = "cls", batch_size: int = 256):
     float32 [B, D] on the model's device.  bf16 autocast on CUDA; batches of ``batch_size``."""
     import torch
 
+    from apmae_gpu.devices import autocast
+
     device = next(model.parameters()).device
     out = []
-    with torch.inference_mode(), torch.autocast(device.type, dtype=torch.bfloat16,
-                                                enabled=device.type == "cuda"):
+    with torch.inference_mode(), autocast(device):
         for start in range(0, len(maps), batch_size):
             x = maps[start:start + batch_size]
             x = torch.as_tensor(x) if not torch.is_tensor(x) else x

@@ -32,103 +32,49 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
+from rich.console import Console
+from rich.table import Table
 
+from apmae_gpu.baselines import dataset_mean_patches, visible_mean_prediction
+from apmae_gpu.checkpoints import FINAL, resolve_checkpoint
+from apmae_gpu.devices import autocast
 from apmae_gpu.figures import pyplot, save_figure
 from apmae_gpu.model import APMAEModel, lower_mask
-from apmae_gpu.scaling import FLOOR, log_minmax, stored_logs
 from apmae_gpu.runs import (
     ApmaeError,
     progress,
-    read_manifest,
+    quiet_hf_progress,
     resolve_device,
     update_manifest,
     write_parquet,
 )
+from apmae_gpu.scaling import FLOOR, log_minmax, log_range_min, rescale_logs
+from apmae_gpu.splits import select_maps
 from apmae_gpu.store import MapStore
-from apmae_gpu.training import FINAL, validation_mask
 
 log = logging.getLogger("apmae_gpu.evaluation")
 
 METHODS = ("apmae", "visible_mean", "dataset_mean")
-SPLITS = ("validation", "train", "analysis", "all")
 
 
-# --------------------------------------------------------------------------- baselines
-def visible_mean_prediction(patches: torch.Tensor, mask: torch.Tensor,
-                            valid: torch.Tensor) -> torch.Tensor:
-    """Pixel-wise mean of the visible patches, for every patch.
-
-    patches [B, N, P*P], mask [B, N] (1 = masked), valid [N, P*P] -> [B, N, P*P].  A pixel
-    position no visible patch covers (above the diagonal of visible diagonal patches only)
-    falls back to the mean of all visible valid pixels.
-    """
-    w = (1.0 - mask.float())[..., None] * valid.float()  # [B, N, P*P]
-    num, den = (w * patches).sum(1), w.sum(1)  # [B, P*P]
-    scalar = num.sum(1) / den.sum(1).clamp_min(1.0)  # [B]
-    mean = torch.where(den > 0, num / den.clamp_min(1e-12), scalar[:, None])
-    return mean[:, None, :].expand_as(patches)
-
-
-def dataset_mean_patches(model: APMAEModel, maps_iter) -> torch.Tensor:
-    """Mean patch of every grid position [N, P*P] over the maps ``maps_iter`` yields, in the
-    model's input space."""
-    total, n = None, 0
-    for maps in maps_iter:
-        with torch.inference_mode():
-            p = model.prepare(maps).double().sum(0)
-        total = p if total is None else total + p
-        n += maps.shape[0]
-    return (total / max(n, 1)).float()
-
-
-def baseline_mse(model: APMAEModel, maps: torch.Tensor, noise: torch.Tensor,
-                 dataset_mean: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-    """Per-map masked MSE [n] of the baselines on the masks ``noise`` gives ``model``.
-
-    maps [n, W, W] stored values (CPU is fine), noise [n, N].  ``dataset_mean`` [N, P*P]
-    defaults to the mean patches of ``maps`` themselves.
-    """
-    maps = maps.to(model.pixel_valid.device)
-    target = model.prepare(maps)
-    mask = model.mask_from_noise(noise.to(target.device))
-    if dataset_mean is None:
-        dataset_mean = target.mean(0)
-    preds = {"visible_mean": visible_mean_prediction(target, mask, model.pixel_valid),
-             "dataset_mean": dataset_mean.to(target.device)[None].expand_as(target)}
-    return {k: model.forward_loss(target, p, mask, per_map=True).cpu() for k, p in preds.items()}
-
-
+# --------------------------------------------------------------------------- metrics
 def log_space_mse(model: APMAEModel, maps: torch.Tensor, pred: torch.Tensor,
                   mask: torch.Tensor) -> torch.Tensor:
     """Per-map masked MSE [B] of ``pred`` (in ``model``'s input space) re-measured in the
     log-min-max space, using each original map's log range (a raw prediction below the map's
     smallest non-zero probability counts as that probability, i.e. 0 in this space)."""
     c = model.config
-    valid = model.pixel_valid
-    x = model.patchify(maps).float()
-    if c.stored_scaler == "log_normalize":
-        return model.forward_loss(x * valid, pred, mask, per_map=True)
-    logs, keep = stored_logs(x, c.stored_scaler, c.log_floor, valid)
+    if c.stored_scaler == "log_normalize":   # stored in this space already
+        return model.forward_loss(model.prepare(maps), pred, mask, per_map=True)
+    logs, keep = model.patch_logs(maps)
     target = log_minmax(logs, keep, dims=(1, 2))
     if c.input_scaling == "raw":
-        big = torch.finfo(torch.float32).max
-        lo = torch.where(keep, logs, big).amin(dim=(1, 2), keepdim=True)
-        pred_logs = pred.float().clamp(FLOOR, 1.0).log()
-        pred = ((pred_logs - lo) / (-lo).clamp_min(1e-6)).clamp_min(0.0)
+        lo = log_range_min(logs, keep, dims=(1, 2))
+        pred = rescale_logs(pred.float().clamp(FLOOR, 1.0).log(), lo).clamp_min(0.0)
     return model.forward_loss(target, pred, mask, per_map=True)
 
 
 # --------------------------------------------------------------------------- inputs
-def resolve_checkpoint(path) -> Path:
-    """A save_pretrained directory from a checkpoint dir, ``RUN/apmae`` or ``RUN``."""
-    path = Path(path)
-    for cand in (path, path / FINAL, path / "apmae" / FINAL):
-        if (cand / "config.json").exists() and (cand / "model.safetensors").exists():
-            return cand
-    raise ApmaeError(f"{path}: no AP-MAE checkpoint (config.json + model.safetensors) there, "
-                     f"nor in {path / FINAL} or {path / 'apmae' / FINAL}")
-
-
 def _label(path: Path, kind: str) -> str:
     path = path.resolve()
     if kind == "checkpoint":
@@ -147,37 +93,6 @@ def _unique(labels: list[str]) -> list[str]:
         seen[s] = seen.get(s, 0) + 1
         out.append(s if seen[s] == 1 else f"{s}#{seen[s]}")
     return out
-
-
-def select_maps(store: MapStore, split: str, max_maps: int, seed: int = 0,
-                val_fraction: float | None = None) -> pd.DataFrame:
-    """Index rows (map_id, inference_id, layer, head) of the maps to evaluate, by map_id.
-
-    ``validation``: maps of the train-split inferences training held out (same hash rule,
-    fraction from the run's manifest, else 0.1); ``train``: the others; ``analysis``; ``all``.
-    At most ``max_maps``, drawn with ``seed``.
-    """
-    if split not in SPLITS:
-        raise ApmaeError(f"--split must be one of {', '.join(SPLITS)}, got {split!r}")
-    index = store.index()
-    if split != "all":
-        inf = store.inferences(columns=["inference_id", "split", "has_maps"])
-        if inf.empty:
-            raise ApmaeError(f"{store.run}: the maps store is empty")
-        want = inf[(inf["split"] == ("analysis" if split == "analysis" else "train"))
-                   & inf["has_maps"]]
-        if split in ("validation", "train"):
-            if val_fraction is None:
-                val_fraction = read_manifest(store.run).get("train", {}).get("val_fraction", 0.1)
-            held = validation_mask(want["inference_id"].to_numpy(), val_fraction)
-            want = want[held if split == "validation" else ~held]
-        index = index[index["inference_id"].isin(want["inference_id"])]
-    if index.empty:
-        raise ApmaeError(f"{store.run}: no maps in split {split!r}")
-    if len(index) > max_maps:
-        rng = np.random.default_rng(seed)
-        index = index.iloc[np.sort(rng.choice(len(index), max_maps, replace=False))]
-    return index.sort_values("map_id").reset_index(drop=True)
 
 
 def _read(store: MapStore, ids: np.ndarray) -> torch.Tensor:
@@ -242,8 +157,6 @@ def evaluate(checkpoints, data, out=None, split: str = "validation", max_maps: i
              figure_maps: int = 4) -> pd.DataFrame:
     """Reconstruction MSE of every checkpoint on every dataset, with baselines; prints a
     table and writes ``evaluation.parquet``, ``evaluation_maps.parquet`` and figures."""
-    from apmae_gpu.runs import quiet_hf_progress
-
     t0 = time.perf_counter()
     checkpoints, data = [Path(c) for c in checkpoints], [Path(d) for d in data]
     if not checkpoints or not data:
@@ -264,7 +177,6 @@ def evaluate(checkpoints, data, out=None, split: str = "validation", max_maps: i
                 raise ApmaeError(f"{p}: cannot load the AP-MAE checkpoint "
                                  f"({str(exc).splitlines()[0]})") from None
         models.append(m.to(device).eval())
-    cuda = device.startswith("cuda")
 
     rows, per_map = [], []
     out.mkdir(parents=True, exist_ok=True)
@@ -303,8 +215,7 @@ def evaluate(checkpoints, data, out=None, split: str = "validation", max_maps: i
                 c = m.config
                 nz = noise[c.num_patches][s:s + batch_size].to(device)
                 with torch.inference_mode():
-                    with (torch.autocast("cuda", dtype=torch.bfloat16) if cuda
-                          else torch.autocast("cpu", enabled=False)):
+                    with autocast(device):
                         _, pred, mask = m(x, noise=nz)
                     target = m.prepare(x)
                     key = (c.input_scaling, c.patch_size, c.stored_scaler)
@@ -353,9 +264,6 @@ def evaluate(checkpoints, data, out=None, split: str = "validation", max_maps: i
 
 
 def _print_tables(table: pd.DataFrame) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     console = Console()
     show_log = (table["input_scaling"] != "log_minmax").any()
     t = Table(title=f"AP-MAE reconstruction MSE (x1e-3, masked patches, split "

@@ -35,6 +35,7 @@ from huggingface_hub.errors import StrictDataclassError
 from torch import nn
 from transformers import AutoConfig, AutoModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
+from transformers.activations import ACT2FN
 
 from apmae_gpu.runs import ApmaeError
 from apmae_gpu.scaling import FLOOR, SCALERS, log_minmax, stored_logs
@@ -200,8 +201,6 @@ class Block(nn.Module):
 
     def __init__(self, dim: int, heads: int, head_dim: int, mlp: int, config: APMAEConfig):
         super().__init__()
-        from transformers.activations import ACT2FN
-
         self.norm1 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
         self.attn = Attention(dim, heads, head_dim, config.qkv_bias)
         self.norm2 = nn.LayerNorm(dim, eps=config.layer_norm_eps)
@@ -311,14 +310,19 @@ class APMAEModel(APMAEPreTrainedModel):
         transform of the module docstring, computed on the lower-triangle patches only;
         padding pixels are 0).  This is also the reconstruction target."""
         c = self.config
-        x = self.patchify(self._check(maps)).float()
-        valid = self.pixel_valid
         if c.stored_scaler == "log_normalize":   # stored as the model's input already
-            return x * valid
-        logs, keep = stored_logs(x, c.stored_scaler, c.log_floor, valid)
+            return self.patchify(self._check(maps)).float() * self.pixel_valid
+        logs, keep = self.patch_logs(maps)
         if c.input_scaling == "raw":
             return torch.where(keep, logs.exp(), torch.zeros_like(logs))
         return log_minmax(logs, keep, dims=(1, 2))
+
+    def patch_logs(self, maps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Stored maps [B, W, W] of a ``log`` or ``none`` store -> (``ln p`` [B, N, P*P]
+        float32, mask of the non-zero probabilities within the valid pixels [B, N, P*P])."""
+        c = self.config
+        x = self.patchify(self._check(maps)).float()
+        return stored_logs(x, c.stored_scaler, c.log_floor, self.pixel_valid)
 
     def transform(self, maps: torch.Tensor) -> torch.Tensor:
         """Stored maps [B, W, W] -> model input as maps [B, W, W] (0 above the diagonal)."""

@@ -21,7 +21,8 @@ Stored forms (``maps.zarr``, float16, chosen by ``apmae capture --scaler``):
 ``none``            ``p`` itself (fp16 flushes p < 6e-8 to 0).
 
 :func:`log_minmax` is the one implementation of the reference transform on stored values;
-the model (``APMAEModel.prepare``) and the evaluation's log-space comparison use it.
+the model (``APMAEModel.prepare``, ``APMAEModel.patch_logs``) and the evaluation's log-space
+comparison use it.
 """
 
 from __future__ import annotations
@@ -65,9 +66,21 @@ def log_minmax(logs: torch.Tensor, keep: torch.Tensor, dims=(-2, -1)) -> torch.T
     """The reference's ``(x - m) / (-m)`` over ``dims``, ``m`` the minimum of ``logs`` where
     ``keep`` (the non-zero probabilities); 0 elsewhere.  A map whose kept values are all 0
     (every row one-hot) gives 0, where the reference divides 0 by 0."""
+    m = log_range_min(logs, keep, dims)
+    return torch.where(keep, rescale_logs(logs, m), torch.zeros_like(logs))
+
+
+def log_range_min(logs: torch.Tensor, keep: torch.Tensor, dims=(-2, -1)) -> torch.Tensor:
+    """``m`` of :func:`log_minmax`: the minimum of ``logs`` where ``keep`` over ``dims``
+    (kept as size-1 dimensions)."""
     big = torch.finfo(logs.dtype).max
-    m = torch.where(keep, logs, big).amin(dim=dims, keepdim=True)
-    return torch.where(keep, (logs - m) / (-m).clamp_min(1e-6), torch.zeros_like(logs))
+    return torch.where(keep, logs, big).amin(dim=dims, keepdim=True)
+
+
+def rescale_logs(logs: torch.Tensor, m: torch.Tensor) -> torch.Tensor:
+    """``(x - m) / (-m)`` of :func:`log_minmax` for every value of ``logs``, ``m`` from
+    :func:`log_range_min` (also for values that are not the map's own, e.g. predictions)."""
+    return (logs - m) / (-m).clamp_min(1e-6)
 
 
 def stored_logs(x: torch.Tensor, stored_scaler: str, floor: float,

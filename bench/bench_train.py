@@ -10,7 +10,7 @@ Sections (each printed and saved under bench/results/bench_train-<machine>.{json
 2. FLOPs per training map: analytic (``model.train_flops_per_map``) and counted by
    ``torch.utils.flop_counter``; achieved TFLOP/s and the fraction of ``--peak-tflops``
    (default 989 = H100 SXM dense bf16 on CUDA; none on CPU unless given).
-3. The data loader alone (``training.MapLoader``: whole-chunk reads, window shuffle) on a
+3. The data loader alone (``loader.MapLoader``: whole-chunk reads, window shuffle) on a
    256x256 store: ``--data RUN`` or a synthetic store built here.
 4. On CPU: ``apmae train --preset tiny`` for ``--learn-steps`` on that store; validation MSE
    against the mean-of-visible-patches and dataset-mean-patch baselines.
@@ -215,7 +215,8 @@ def bench_store(args, tmp: Path) -> Path:
 
 def loader_rate(run: Path, batch: int, workers: int, n_batches: int) -> dict:
     from apmae_gpu.store import MapStore
-    from apmae_gpu.training import MapLoader, split_maps
+    from apmae_gpu.loader import MapLoader
+    from apmae_gpu.splits import split_maps
 
     store = MapStore(run)
     ids, _, _ = split_maps(store, 0.1)

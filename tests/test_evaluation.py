@@ -9,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 
-from apmae_gpu import evaluation, training
+from apmae_gpu import baselines, evaluation, splits, training
 from apmae_gpu.cli import main
 from apmae_gpu.model import APMAEModel, pixel_valid_mask, preset_config
 from apmae_gpu.runs import ApmaeError, read_manifest
@@ -49,7 +49,7 @@ def test_visible_mean_baseline_matches_a_direct_computation():
     valid = pixel_valid_mask(8, 8)
     mask = torch.zeros(2, 36)
     mask[:, ::2] = 1
-    pred = evaluation.visible_mean_prediction(patches, mask, valid)
+    pred = baselines.visible_mean_prediction(patches, mask, valid)
     for b in range(2):
         vis = [n for n in range(36) if mask[b, n] == 0]
         for pix in (0, 7, 63):
@@ -67,7 +67,7 @@ def test_evaluate_table_baselines_figures_and_manifest(run, tmp_path):
     assert {"checkpoint", "dataset", "method", "mse_mean", "mse_std", "n_maps"} <= set(saved)
     assert len(saved) == 2 * 1 * 3 and set(saved["method"]) == {"apmae", "visible_mean",
                                                                   "dataset_mean"}
-    assert (saved["n_maps"] == len(evaluation.select_maps(MapStore(run), "validation", 60))).all()
+    assert (saved["n_maps"] == len(splits.select_maps(MapStore(run), "validation", 60))).all()
     assert list(saved["checkpoint_name"].unique()) == ["a", "b"]
     # baselines do not depend on the checkpoint (same masks, same input space)
     base = saved[saved["method"] != "apmae"].pivot(index="method", columns="checkpoint_name",
@@ -75,7 +75,7 @@ def test_evaluate_table_baselines_figures_and_manifest(run, tmp_path):
     assert np.allclose(base["a"], base["b"], rtol=0, atol=0)
     # the model's number equals a direct recomputation on the same maps and masks
     store = MapStore(run)
-    sel = evaluation.select_maps(store, "validation", 60)
+    sel = splits.select_maps(store, "validation", 60)
     maps = torch.from_numpy(store.read(sel["map_id"].to_numpy()))
     noise = torch.rand(len(sel), 36, generator=torch.Generator().manual_seed(0))
     model = APMAEModel.from_pretrained(b).eval()
@@ -97,12 +97,12 @@ def test_validation_split_is_the_one_training_held_out(run):
     training.train(run, preset="tiny", steps=2, batch_size=16, device="cpu", val_fraction=0.25,
                    model_config=MICRO)
     store = MapStore(run)
-    _, val_ids, _ = training.split_maps(store, 0.25)
-    sel = evaluation.select_maps(store, "validation", 10_000)  # fraction read from the manifest
+    _, val_ids, _ = splits.split_maps(store, 0.25)
+    sel = splits.select_maps(store, "validation", 10_000)  # fraction read from the manifest
     assert np.array_equal(sel["map_id"].to_numpy(), val_ids)
-    train = evaluation.select_maps(store, "train", 10_000)
+    train = splits.select_maps(store, "train", 10_000)
     assert not set(train["inference_id"]) & set(sel["inference_id"])
-    analysis = evaluation.select_maps(store, "analysis", 50, seed=1)
+    analysis = splits.select_maps(store, "analysis", 50, seed=1)
     assert len(analysis) == 50 and analysis["map_id"].is_monotonic_increasing
 
 

@@ -15,7 +15,7 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from apmae_gpu import cluster_backends as cb
-from apmae_gpu import clustering, training
+from apmae_gpu import clustering, devices, training
 from apmae_gpu.runs import ApmaeError
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,6 +53,18 @@ def test_tf32_is_scoped_to_training(monkeypatch):
     assert [getattr(obj, attr) for obj, attr in settings] == before
     if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
         assert settings[0][1] == "fp32_precision"     # torch's current API where present
+
+
+# --------------------------------------------------------------------------- autocast
+@pytest.mark.filterwarnings("ignore:CUDA is not available")
+def test_autocast_is_bf16_on_cuda_and_off_on_cpu():
+    for dev in ("cpu", torch.device("cpu")):
+        with devices.autocast(dev):
+            assert not torch.is_autocast_enabled("cpu")
+            assert (torch.ones(2, 2) @ torch.ones(2, 2)).dtype == torch.float32
+    ctx = devices.autocast("cuda:1")       # every training, evaluation and encoding site
+    assert isinstance(ctx, torch.autocast) and ctx.device == "cuda"
+    assert ctx.fast_dtype == torch.bfloat16
 
 
 # --------------------------------------------------------------------------- packaging

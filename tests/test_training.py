@@ -17,8 +17,10 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from apmae_gpu import training
+from apmae_gpu import splits, training
+from apmae_gpu.checkpoints import latest_checkpoint
 from apmae_gpu.cli import main
+from apmae_gpu.loader import MapLoader
 from apmae_gpu.runs import ApmaeError, read_manifest
 from apmae_gpu.store import MapStore
 
@@ -53,20 +55,20 @@ def _train(run, **kw):
 # --------------------------------------------------------------------------- split
 def test_validation_mask_is_hash_based_nested_and_order_free():
     ids = np.arange(20_000)
-    held = training.validation_mask(ids, 0.1)
+    held = splits.validation_mask(ids, 0.1)
     assert 0.09 < held.mean() < 0.11
-    assert not (training.validation_mask(ids, 0.05) & ~held).any()  # nested
+    assert not (splits.validation_mask(ids, 0.05) & ~held).any()  # nested
     perm = np.random.default_rng(0).permutation(ids.size)
-    assert np.array_equal(training.validation_mask(ids[perm], 0.1), held[perm])
-    assert training.validation_mask(np.arange(3), 0.01).sum() == 1  # tiny runs still validate
-    assert not training.validation_mask(ids, 0.0).any()
+    assert np.array_equal(splits.validation_mask(ids[perm], 0.1), held[perm])
+    assert splits.validation_mask(np.arange(3), 0.01).sum() == 1  # tiny runs still validate
+    assert not splits.validation_mask(ids, 0.0).any()
     with pytest.raises(ApmaeError, match="val-fraction"):
-        training.validation_mask(ids, 1.5)
+        splits.validation_mask(ids, 1.5)
 
 
 def test_split_is_by_inference(synthetic_run_dir):
     store = MapStore(synthetic_run_dir)
-    train_ids, val_ids, counts = training.split_maps(store, 0.2)
+    train_ids, val_ids, counts = splits.split_maps(store, 0.2)
     index = store.index().set_index("map_id")
     inf = store.inferences().set_index("inference_id")
     t_inf = set(index.loc[train_ids, "inference_id"])
@@ -81,8 +83,8 @@ def test_split_is_by_inference(synthetic_run_dir):
 # --------------------------------------------------------------------------- loader
 def test_loader_order_is_deterministic_resumable_and_covers_each_map_once(synthetic_run_dir):
     store = MapStore(synthetic_run_dir)
-    ids, _, _ = training.split_maps(store, 0.1)
-    loader = training.MapLoader(store, ids, batch_size=7, seed=3, buffer_maps=32)
+    ids, _, _ = splits.split_maps(store, 0.1)
+    loader = MapLoader(store, ids, batch_size=7, seed=3, buffer_maps=32)
     spe = loader.steps_per_epoch(0)
     assert spe == len(ids) // 7
     order0 = loader.epoch_order(0)
@@ -103,8 +105,8 @@ def test_loader_order_is_deterministic_resumable_and_covers_each_map_once(synthe
     for (s1, e1, m1), (s2, e2, m2) in zip(first[spe - 2:], again):
         assert (s1, e1) == (s2, e2) and np.array_equal(m1, m2)
     # two ranks read disjoint chunks and take the same number of steps
-    r0 = training.MapLoader(store, ids, batch_size=7, seed=3, rank=0, world=2, buffer_maps=32)
-    r1 = training.MapLoader(store, ids, batch_size=7, seed=3, rank=1, world=2, buffer_maps=32)
+    r0 = MapLoader(store, ids, batch_size=7, seed=3, rank=0, world=2, buffer_maps=32)
+    r1 = MapLoader(store, ids, batch_size=7, seed=3, rank=1, world=2, buffer_maps=32)
     o0, o1 = r0.epoch_order(0), r1.epoch_order(0)
     assert len(o0) == len(o1) == r0.steps_per_epoch(0) * 7
     assert not set(o0 // 16) & set(o1 // 16)  # chunk_maps = 16 in the fixture
@@ -158,7 +160,7 @@ def test_train_writes_model_checkpoints_metrics_and_manifest(run):
     # more steps on a finished run: continues from its last checkpoint
     longer = _train(run, steps=28, resume=True, eval_every=12, save_every=12, log_every=2)
     assert longer["resumed_from"].endswith("step-0000024") and longer["steps"] == 28
-    assert training.latest_checkpoint(run / "apmae").name == "step-0000028"
+    assert latest_checkpoint(run / "apmae").name == "step-0000028"
 
 
 def test_bad_input_fails_before_any_step(run, tmp_path):
@@ -175,7 +177,7 @@ def test_bad_input_fails_before_any_step(run, tmp_path):
         _train(empty)
     # a NaN in a training map (written behind the store's back)
     store = MapStore(run, writable=True)
-    ids, _, _ = training.split_maps(store, 0.1)
+    ids, _, _ = splits.split_maps(store, 0.1)
     bad = store.array[int(ids[5])]
     bad[10, 3] = np.nan
     store.array[int(ids[5])] = bad
@@ -206,7 +208,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_weights(run, tmp_path):
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
         deadline = time.time() + 240
-        while training.latest_checkpoint(killed) is None:
+        while latest_checkpoint(killed) is None:
             assert proc.poll() is None, proc.stderr.read().decode()[-2000:]
             assert time.time() < deadline, "no checkpoint appeared"
             time.sleep(0.01)
@@ -216,7 +218,7 @@ def test_resume_after_sigkill_gives_the_uninterrupted_weights(run, tmp_path):
         if proc.poll() is None:
             proc.kill()
     assert proc.returncode == -signal.SIGKILL
-    at_kill = int(training.latest_checkpoint(killed).name.split("-")[1])
+    at_kill = int(latest_checkpoint(killed).name.split("-")[1])
     assert at_kill < steps and not (killed / "final").exists()
     summary = _train(run, out=killed, resume=True, **common)
     assert summary["resumed_from"] is not None

@@ -1,0 +1,105 @@
+"""AP-MAE training checkpoints: where they live, how they are written, found and restored.
+
+Layout of a training ``OUT`` (default ``RUN/apmae``)::
+
+    final/                       save_pretrained directory (config.json, model.safetensors)
+    checkpoints/step-0001000/    config.json, model.safetensors, state.pt, training_args.json
+    training_args.json           the run's settings (never mixed into the model config)
+
+Every directory is written through a dot-temporary beside it and renamed into place, so a
+kill leaves either the previous checkpoint or the new one, never half of one.  ``state.pt``
+(``torch.load(weights_only=True)``-safe) holds the optimizer, scheduler, step, the masking RNG
+of every rank, torch's RNG and the data position.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+from apmae_gpu.model import APMAEModel
+from apmae_gpu.runs import ApmaeError, quiet_hf_progress, write_json
+
+log = logging.getLogger("apmae_gpu.training")
+
+FINAL, CHECKPOINTS, ARGS, STATE = "final", "checkpoints", "training_args.json", "state.pt"
+
+
+def resolve_checkpoint(path) -> Path:
+    """A save_pretrained directory from a checkpoint dir, ``RUN/apmae`` or ``RUN``."""
+    path = Path(path)
+    for cand in (path, path / FINAL, path / "apmae" / FINAL):
+        if (cand / "config.json").exists() and (cand / "model.safetensors").exists():
+            return cand
+    raise ApmaeError(f"{path}: no AP-MAE checkpoint (config.json + model.safetensors) there, "
+                     f"nor in {path / FINAL} or {path / 'apmae' / FINAL}")
+
+
+def latest_checkpoint(out: Path) -> Path | None:
+    """The newest complete ``checkpoints/step-*`` directory (temporaries start with a dot)."""
+    d = Path(out) / CHECKPOINTS
+    found = sorted(p for p in d.glob("step-*") if (p / STATE).exists()) if d.is_dir() else []
+    return found[-1] if found else None
+
+
+def save_dir(final: Path, write) -> None:
+    """Write a directory through a dot-temporary beside it, then rename it into place."""
+    tmp = final.with_name(f".{final.name}.tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    write(tmp)
+    if final.exists():
+        shutil.rmtree(final)
+    os.replace(tmp, final)
+
+
+def save_final(out: Path, model: APMAEModel, args: dict) -> None:
+    """``OUT/final``: the model's save_pretrained directory and the run's settings."""
+    def write(tmp: Path):
+        with quiet_hf_progress():
+            model.save_pretrained(tmp)
+        write_json(tmp / ARGS, args)
+
+    save_dir(out / FINAL, write)
+
+
+def save_checkpoint(out: Path, step: int, model: APMAEModel, state: dict, args: dict,
+                    keep: int) -> None:
+    """``OUT/checkpoints/step-NNNNNNN`` (weights, ``state``, settings); only the newest
+    ``keep`` checkpoints stay."""
+    def write(tmp: Path):
+        with quiet_hf_progress():
+            model.save_pretrained(tmp)
+        torch.save(state, tmp / STATE)
+        write_json(tmp / ARGS, args)
+
+    save_dir(out / CHECKPOINTS / f"step-{step:07d}", write)
+    for old in sorted((out / CHECKPOINTS).glob("step-*"))[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def load_state(ckpt: Path) -> dict:
+    """The ``state.pt`` of checkpoint directory ``ckpt`` (on the CPU)."""
+    return torch.load(ckpt / STATE, map_location="cpu", weights_only=True)
+
+
+def restore(ckpt: Path, state: dict, model: APMAEModel, optimizer, scheduler,
+            gen: torch.Generator, rank: int, world: int, device: str) -> None:
+    """Load checkpoint ``ckpt`` (its ``state`` from :func:`load_state`) into the model, the
+    optimizer, the scheduler, this rank's masking RNG ``gen`` and torch's RNGs."""
+    model.load_state_dict(load_file(ckpt / "model.safetensors", device=str(device)))
+    optimizer.load_state_dict(state["optimizer"])
+    scheduler.load_state_dict(state["scheduler"])
+    if int(state["world_size"]) == world:
+        gen.set_state(state["mask_rng"][rank])
+    else:
+        log.warning("checkpoint was written by %s rank(s), this run has %d: masks after "
+                    "the resume differ from an uninterrupted run", state["world_size"], world)
+    torch.set_rng_state(state["torch_rng"])
+    if device.startswith("cuda") and "cuda_rng" in state:
+        torch.cuda.set_rng_state(state["cuda_rng"], device)
