@@ -37,6 +37,7 @@ from rich.table import Table
 
 from apmae_gpu.baselines import dataset_mean_patches, visible_mean_prediction
 from apmae_gpu.checkpoints import FINAL, resolve_checkpoint
+from apmae_gpu.config import EvaluateConfig, section
 from apmae_gpu.devices import autocast
 from apmae_gpu.figures import pyplot, save_figure
 from apmae_gpu.model import APMAEModel, lower_mask
@@ -152,17 +153,21 @@ def _slug(s: str) -> str:
 
 
 # --------------------------------------------------------------------------- evaluate
-def evaluate(checkpoints, data, out=None, split: str = "validation", max_maps: int = 5000,
-             batch_size: int = 256, device: str = "auto", seed: int = 0,
-             figure_maps: int = 4) -> pd.DataFrame:
+def evaluate(checkpoints, data, settings: EvaluateConfig | None = None, *, out=None,
+             device: str = "auto", seed: int = 0, **overrides) -> pd.DataFrame:
     """Reconstruction MSE of every checkpoint on every dataset, with baselines; prints a
-    table and writes ``evaluation.parquet``, ``evaluation_maps.parquet`` and figures."""
+    table and writes ``evaluation.parquet``, ``evaluation_maps.parquet`` and figures.
+
+    ``settings``: the ``evaluate`` section (:class:`~apmae_gpu.config.EvaluateConfig`), with
+    keyword ``overrides`` of its fields over it; its ``checkpoints`` / ``data`` are the
+    pipeline's to add to the arguments."""
     t0 = time.perf_counter()
+    cfg = section(EvaluateConfig, settings, overrides)
+    split, max_maps, batch_size, figure_maps = (cfg.split, cfg.max_maps, cfg.batch_size,
+                                                cfg.figure_maps)
     checkpoints, data = [Path(c) for c in checkpoints], [Path(d) for d in data]
     if not checkpoints or not data:
         raise ApmaeError("give at least one --checkpoint and one --data")
-    if max_maps < 1 or batch_size < 1:
-        raise ApmaeError("--max-maps and --batch-size must be positive")
     device = resolve_device(device)
     out = Path(out) if out is not None else data[0] / "evaluate"
     paths = [resolve_checkpoint(c) for c in checkpoints]

@@ -54,7 +54,7 @@ from apmae_gpu.checkpoints import (
     restore,
     save_final,
 )
-from apmae_gpu.config import TrainConfig, bounded_freeform, load_yaml, read_text_file
+from apmae_gpu.config import TrainConfig, bounded_freeform, load_yaml, read_text_file, section
 from apmae_gpu.loader import MapLoader
 from apmae_gpu.model import APMAEModel, config_fields, describe, parameter_counts, preset_config
 from apmae_gpu.runs import (
@@ -221,28 +221,25 @@ class _Plan:
     args: dict          # what training_args.json records
 
 
-def train(run, preset: str = "small", steps: int = 1000, batch_size: int = 64,
-          lr: float | None = None, resume: bool = False, out=None, raw: bool = False,
-          device: str = "auto", seed: int = 0, compile: bool = False, val_fraction: float = 0.1,
-          *, model_config=None, warmup_steps: int | None = None, save_every: int | None = None,
-          eval_every: int | None = None, log_every: int | None = None, keep_checkpoints: int = 2,
-          max_val_maps: int = 1024, buffer_maps: int = 2048, workers: int | None = None,
-          threads: int | None = None) -> dict:
+def train(run, settings: TrainConfig | None = None, *, resume: bool = False, out=None,
+          device: str = "auto", seed: int = 0, model_config=None, log_every: int | None = None,
+          keep_checkpoints: int = 2, max_val_maps: int = 1024, buffer_maps: int = 2048,
+          workers: int | None = None, threads: int | None = None, **overrides) -> dict:
     """Train AP-MAE on ``run``'s train split and write ``out`` (default ``RUN/apmae``).
 
-    ``model_config``: overrides of the preset's config (a dict or a JSON/YAML file), e.g.
-    ``{"image_size": 64, "patch_size": 8}`` for small maps.  ``threads``: torch CPU threads
-    while training (default: torch's choice, but 1 on machines with at most 2 cores, where one
-    thread trains the small presets faster than two).
+    ``settings``: the ``train`` section (:class:`~apmae_gpu.config.TrainConfig`; default the
+    paper's), with keyword ``overrides`` of its fields over it.  ``model_config``: overrides
+    of the preset's config (a dict, or a JSON/YAML file read instead of the section's
+    ``model_config_overrides``), e.g. ``{"image_size": 64, "patch_size": 8}`` for small maps.
+    ``threads``: torch CPU threads while training (default: torch's choice, but 1 on machines
+    with at most 2 cores, where one thread trains the small presets faster than two).
     Returns the manifest's ``train`` section.  TF32 (on CUDA) is scoped to the call: the
     previous setting comes back when it returns.
     """
     from_file = model_config is not None and not isinstance(model_config, dict)
-    # not validated here: train() reports bad values itself, as one-line ApmaeErrors
-    cfg = TrainConfig.model_construct(
-        preset=preset, steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps,
-        raw=raw, compile=compile, val_fraction=val_fraction, save_every=save_every,
-        eval_every=eval_every, model_config_overrides=None if from_file else model_config)
+    if model_config is not None and not from_file:
+        overrides["model_config_overrides"] = model_config
+    cfg = section(TrainConfig, settings, overrides)
     run = Path(run)
     ctx = RunContext(run=run, out=Path(out) if out is not None else run / "apmae",
                      device=device, seed=seed, resume=resume, threads=threads,
@@ -346,8 +343,6 @@ def _init_distributed(device: str) -> _Dist:
 
 def _plan(cfg: TrainConfig, ctx: RunContext, dist: _Dist) -> _Plan:
     """Validate everything before the first step; resolve the defaults that depend on it."""
-    if cfg.steps < 1 or cfg.batch_size < 1:
-        raise ApmaeError("--steps and --batch-size must be positive")
     steps, preset, run = cfg.steps, cfg.preset, ctx.run
     store = MapStore(run)
     overrides = _load_overrides(ctx.model_config_file or cfg.model_config_overrides)
