@@ -28,12 +28,16 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pandas as pd
+import typer
+from markupsafe import escape
 
 from apmae_gpu import TASKS, __version__, task_rank
 from apmae_gpu.findings import findings, summary
 from apmae_gpu.runs import ApmaeError, atomic_path, read_manifest, update_manifest, write_parquet
+from apmae_gpu.store import MapStore
 
 log = logging.getLogger("apmae_gpu.report")
 
@@ -59,8 +63,6 @@ class Section:
 
 # --------------------------------------------------------------------------- html pieces
 def _esc(text) -> str:
-    from markupsafe import escape
-
     return str(escape(str(text)))
 
 
@@ -269,8 +271,6 @@ def tasks_section(run: Path, man: dict) -> Section:
             s.blocks.append(table(pd.DataFrame({"task": list(counts), "mined": list(
                 counts.values())}), "tasks mined"))
         return s
-    from apmae_gpu.store import MapStore
-
     store = MapStore(run)
     inf = store.inferences(columns=["inference_id", "split", "task", "correct", "has_maps"])
     acc = target_accuracy(inf)
@@ -553,8 +553,6 @@ footer{max-width:1180px;margin:0 auto 30px;padding:0 24px;color:#8a939c;font-siz
 
 
 def render(run: Path, sections: list[Section]) -> str:
-    import jinja2
-
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     cap = read_manifest(run).get("capture", {})
     model = (cap.get("model") or {}).get("spec", "") if isinstance(cap.get("model"), dict) else ""
@@ -595,8 +593,6 @@ def report(run: str | os.PathLike, notebook: bool = False) -> Path:
     missing = [s.key for s in sections if s.missing]
     log.info("report: %s (%.1f MiB, %d figures, %.1f s)%s", out, out.stat().st_size / 2**20,
              html.count("<img "), seconds, f"; incomplete: {', '.join(missing)}" if missing else "")
-    import typer
-
     typer.echo(f"report: {out}")
     return out
 
