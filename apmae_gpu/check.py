@@ -21,14 +21,18 @@ Each problem is one line: what is damaged, then the command that rebuilds it.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
+import zarr
 
-from apmae_gpu.runs import ApmaeError
+from apmae_gpu.runs import LOCK_FILE, ApmaeError, _lock_holder
+from apmae_gpu.store import INDEX, INFERENCES, MapStore, _parts, has_checksum, part_rows
 
 RECAPTURE = ("rerun capture: move maps.zarr, maps_index.parquet and inferences.parquet "
              "aside, then `apmae capture RUN --split train` and `--split analysis` and the "
@@ -78,8 +82,6 @@ def _json(path: Path, rep: _Report, rerun: str) -> dict | None:
 
 
 def _parquet(path: Path, rep: _Report, rerun: str) -> int | None:
-    import pyarrow.parquet as pq
-
     if not path.exists():
         return None
     try:
@@ -92,8 +94,6 @@ def _parquet(path: Path, rep: _Report, rerun: str) -> int | None:
 
 
 def check_maps(run: Path, rep: _Report, manifest: dict) -> None:
-    from apmae_gpu.store import INDEX, INFERENCES, MapStore, _parts, part_rows
-
     if not (run / "maps.zarr").exists():
         if (run / INFERENCES).exists():
             rep.bad(f"{run / 'maps.zarr'} is missing but {INFERENCES} exists", RECAPTURE)
@@ -161,10 +161,6 @@ def check_maps(run: Path, rep: _Report, manifest: dict) -> None:
 
 
 def check_embeddings(run: Path, rep: _Report) -> None:
-    import zarr
-
-    from apmae_gpu.store import INFERENCES, has_checksum
-
     path = run / "embeddings.zarr"
     rerun = f"`apmae encode {run} --restart`"
     if not path.exists():
@@ -185,8 +181,6 @@ def check_embeddings(run: Path, rep: _Report) -> None:
         rep.bad(f"{path}: inference ids are not ascending", rerun)
     if (run / INFERENCES).exists() and n:
         try:
-            from apmae_gpu.store import MapStore
-
             inf = MapStore(run).inferences(columns=["inference_id", "split", "has_maps"])
             valid = set(inf.loc[(inf.split == "analysis") & inf.has_maps, "inference_id"])
             if not set(ids.tolist()) <= valid:
@@ -224,10 +218,6 @@ def check_embeddings(run: Path, rep: _Report) -> None:
 
 def _note_writer(run: Path, echo: Callable[[str], None]) -> None:
     """Say so when a writer holds the run now (what it is writing may look damaged)."""
-    import fcntl
-
-    from apmae_gpu.runs import LOCK_FILE, _lock_holder
-
     lock = run / LOCK_FILE
     if not lock.exists():
         return

@@ -42,8 +42,22 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import torch
+from rich import box
+from rich.console import Console
+from rich.table import Table
+from scipy import stats
+from sklearn.dummy import DummyClassifier
+from sklearn.linear_model import LogisticRegression
+from sklearn.metrics import roc_auc_score
+from sklearn.model_selection import StratifiedKFold, train_test_split
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import OneHotEncoder
 
 from apmae_gpu import TASKS, task_rank
+from apmae_gpu.cluster_backends import free_torch_cuda_cache
 from apmae_gpu.figures import pyplot, save_figure
 from apmae_gpu.runs import (ApmaeError, load_frame, update_manifest, write_json,
                             write_parquet)
@@ -67,7 +81,7 @@ class CatBoostSettings:
     thread_count: int = -1
     # None: CatBoost's defaults (the reference).  Cluster ids have few values per head, and
     # one_hot_max_size=16 (one-hot instead of target statistics and their combinations)
-    # cross-validates a task 15.7x faster on 2 CPU cores; see bench/results/classify.md.
+    # cross-validates a task much faster: bench/results/classify.md.
     one_hot_max_size: int | None = None
     max_ctr_complexity: int | None = None
     # None: CatBoost's choice (Ordered on small CPU data sets); "Plain" is cheaper per tree
@@ -111,9 +125,6 @@ def cluster_matrix(path: Path, inference_ids: np.ndarray) -> tuple[np.ndarray, i
     ``layer * n_heads + head``; ``MISSING`` where a head has no row), ``n_layers``,
     ``n_heads``.  Rows of other inferences are ignored.
     """
-    import pyarrow.compute as pc
-    import pyarrow.dataset as ds
-
     if not path.exists():
         raise ApmaeError(f"{path.parent}: no clusters.parquet (run `apmae cluster` first)")
     dataset = ds.dataset(path, format="parquet")
@@ -149,8 +160,6 @@ def cluster_matrix(path: Path, inference_ids: np.ndarray) -> tuple[np.ndarray, i
 def t_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
     """Mean and two-sided t confidence interval over folds (the paper's 95% CI).  Folds share
     training data, so this interval is narrower than the true uncertainty."""
-    from scipy import stats
-
     v = np.asarray(values, dtype=float)
     v = v[np.isfinite(v)]
     if v.size == 0:
@@ -163,9 +172,7 @@ def t_interval(values: np.ndarray, confidence: float = 0.95) -> tuple[float, flo
 
 
 def wilson_interval(k: int, n: int, confidence: float = 0.95) -> tuple[float, float]:
-    from scipy.stats import binomtest
-
-    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
+    ci = stats.binomtest(int(k), int(n)).proportion_ci(confidence_level=confidence, method="wilson")
     return float(ci.low), float(ci.high)
 
 
@@ -191,15 +198,13 @@ def resolve_task_type(gpu: str) -> str:
     if gpu == "no":
         return "CPU"
     n = 0
-    try:
-        import torch
-
-        if torch.cuda.is_available():  # ask CatBoost only where a GPU may exist (it is loud)
+    if torch.cuda.is_available():  # ask CatBoost only where a GPU may exist (it is loud)
+        try:
             from catboost.utils import get_gpu_device_count
 
             n = int(get_gpu_device_count())
-    except ImportError:  # pragma: no cover
-        pass
+        except ImportError:  # pragma: no cover
+            pass
     if n == 0 and gpu == "yes":
         raise ApmaeError("--gpu yes: CatBoost sees no CUDA GPU")
     return "GPU" if n else "CPU"
@@ -229,7 +234,6 @@ def fit_catboost(X: pd.DataFrame, y: np.ndarray, settings: CatBoostSettings, tas
     """Fit CatBoost on ``X`` ([n, F] categorical ints) with early stopping on a stratified
     ``eval_fraction`` of it (skipped when too small to hold both classes)."""
     from catboost import Pool
-    from sklearn.model_selection import train_test_split
 
     cat = list(range(X.shape[1]))
     n_eval = int(round(settings.eval_fraction * len(y)))
@@ -248,10 +252,6 @@ def fit_catboost(X: pd.DataFrame, y: np.ndarray, settings: CatBoostSettings, tas
 
 
 def _logreg(seed: int):
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.pipeline import make_pipeline
-    from sklearn.preprocessing import OneHotEncoder
-
     return make_pipeline(OneHotEncoder(handle_unknown="ignore"),
                          LogisticRegression(max_iter=2000, random_state=seed))
 
@@ -261,9 +261,6 @@ def cross_validate(X: pd.DataFrame, y: np.ndarray, folds: int, settings: CatBoos
     """Stratified k-fold CV of CatBoost, majority class and one-hot logistic regression on the
     same folds.  ``X``: [n, F] categorical ints (one column per head); ``y``: [n] 0/1."""
     from catboost import Pool
-    from sklearn.dummy import DummyClassifier
-    from sklearn.metrics import roc_auc_score
-    from sklearn.model_selection import StratifiedKFold
 
     y = np.asarray(y, dtype=int)
     n, F = X.shape
@@ -435,8 +432,6 @@ def classify(run: str | os.PathLike, folds: int = 10, gpu: str = "auto", seed: i
                                 boosting_type=boosting_type)
     task_type = resolve_task_type(gpu)
     if task_type == "GPU":
-        from apmae_gpu.cluster_backends import free_torch_cuda_cache
-
         free_torch_cuda_cache()   # CatBoost allocates GPU memory outside torch's cache
     t_start = time.perf_counter()
     inf = analysis_inferences(run)
@@ -525,10 +520,6 @@ def classify(run: str | os.PathLike, folds: int = 10, gpu: str = "auto", seed: i
 
 
 def _echo_table(metrics: pd.DataFrame) -> None:
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(title="correctness classification: accuracy ± 95% CI half-width",
                   box=box.SIMPLE, pad_edge=False)
     for c in ("task", "catboost", "logreg", "majority", "LLM", "AUC", "n", "folds"):

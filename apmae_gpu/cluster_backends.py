@@ -8,14 +8,15 @@ validates, sets fitted attributes ending in ``_`` and returns ``self``.
 Backends (``make_clusterer(backend, **params)``):
 
 ``cpu``
-    umap-learn, then the ``hdbscan`` package (measured ~5x faster than scikit-learn's HDBSCAN
-    on 110k x 8 points here; see bench/bench_cluster.py).  scikit-learn's HDBSCAN is used only
+    umap-learn, then the ``hdbscan`` package (faster than scikit-learn's HDBSCAN at per-head
+    sizes: bench/results/cluster.md, section hdbscan).  scikit-learn's HDBSCAN is used only
     when the ``hdbscan`` package cannot be imported.  The k nearest neighbours can be computed
     exactly with torch and handed to umap-learn through ``precomputed_knn``.  ``knn="auto"``
     does so (a) below 4096 points on any device: umap-learn's own small-data path computes
-    all pairwise distances through a Python-level callable (measured 65 s at 3000 x 128
-    points against 13 s with the torch graph, 2 busy cores), and (b) on a CUDA GPU at any
-    size, replacing NN-descent.  Above 4096 points on a CPU it keeps NN-descent.
+    all pairwise distances through a Python-level callable (much slower than the torch
+    graph; bench/bench_cluster.py times both), and (b) on a CUDA GPU at any size, replacing
+    NN-descent.  Above 4096 points on a CPU it keeps NN-descent (bench/results/cluster.md,
+    sections umap and knn).
 ``cuml``
     ``cuml.manifold.UMAP`` and ``cuml.cluster.hdbscan.HDBSCAN`` with the data kept on the GPU
     as a CuPy array.  cuML is imported lazily; asking for it without cuML or without a GPU is
@@ -35,6 +36,7 @@ import time
 import warnings
 
 import numpy as np
+import torch
 
 from apmae_gpu.runs import ApmaeError
 
@@ -86,8 +88,6 @@ def torch_knn(X: np.ndarray, k: int, metric: str = "cosine", device: str = "cpu"
     distance is ``1 - cos``; ``manhattan``/``l1`` and ``euclidean``/``l2`` use ``torch.cdist``.
     Queries go in batches of ``batch`` rows so memory stays at ``batch x n`` distances.
     """
-    import torch
-
     if metric not in TORCH_KNN_METRICS:
         raise ValueError(f"torch kNN supports {', '.join(TORCH_KNN_METRICS)}, not {metric!r}")
     n = len(X)
@@ -112,15 +112,6 @@ def torch_knn(X: np.ndarray, k: int, metric: str = "cosine", device: str = "cpu"
             idx_out[start:start + len(q)] = idx.cpu().numpy()
             dist_out[start:start + len(q)] = dist.float().cpu().numpy()
     return idx_out, dist_out
-
-
-def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return torch.cuda.is_available()
-    except ImportError:  # pragma: no cover
-        return False
 
 
 def cuml_available() -> tuple[bool, str]:
@@ -159,10 +150,7 @@ def check_cuml_settings(metric: str, min_samples: int) -> None:
 def free_torch_cuda_cache() -> None:
     """Hand the blocks torch's caching allocator holds back to the driver, so cuML / CatBoost
     on the GPU in the same process (after capture, training or kNN) find the memory free."""
-    import sys
-
-    torch = sys.modules.get("torch")
-    if torch is not None and torch.cuda.is_available():
+    if torch.cuda.is_available():
         torch.cuda.empty_cache()
 
 
@@ -179,7 +167,8 @@ def resolve_backend(backend: str) -> str:
         backend = "cuml" if ok else "cpu"
         extra = ""
         if backend == "cpu":
-            extra = ("; exact kNN on the GPU with torch feeds umap-learn" if _cuda_available()
+            extra = ("; exact kNN on the GPU with torch feeds umap-learn"
+                     if torch.cuda.is_available()
                      else "; umap-learn + hdbscan on the CPU")
         log.info("clustering backend: %s (%s%s)", backend, why, extra)
     return backend
@@ -330,10 +319,8 @@ class CpuClusterer(HeadClusterer):
     def _knn_device(self) -> str:
         if self.device != "auto":
             return self.device
-        if not _cuda_available():
+        if not torch.cuda.is_available():
             return "cpu"
-        import torch
-
         try:   # inside a dask worker: spread the workers over the GPUs
             from distributed import get_worker
 
@@ -347,7 +334,8 @@ class CpuClusterer(HeadClusterer):
             return True
         if self.knn == "nndescent":
             return False
-        # auto: where it pays (measured): small heads anywhere, every head on a GPU
+        # auto: where it pays (bench/results/cluster.md): small heads anywhere, every head on
+        # a GPU
         return self.metric in TORCH_KNN_METRICS and (
             n < UMAP_EXACT_BELOW or self._knn_device().startswith("cuda"))
 

@@ -31,6 +31,7 @@ from pathlib import Path
 from urllib.parse import parse_qsl
 
 import numpy as np
+import pyarrow.parquet as pq
 
 from apmae_gpu.runs import ApmaeError
 
@@ -298,8 +299,6 @@ class ParquetCorpus(Corpus):
 
     def __init__(self, spec: str, content_column: str = "content"):
         super().__init__(spec)
-        import pyarrow.parquet as pq
-
         try:
             self.pf = pq.ParquetFile(spec)
         except Exception as exc:  # pyarrow raises ArrowInvalid/OSError
@@ -368,7 +367,7 @@ class HFCorpus(_RandomAccess):
             self.duplicates_filtered = int((~keep).sum())
 
     def _load(self, name: str, opts: dict):
-        import datasets
+        import datasets  # slow to import, and only Hugging Face corpora need it
 
         kwargs = dict(split=self.split, streaming=self.streaming)
         if opts.get("data_dir"):

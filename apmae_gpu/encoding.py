@@ -32,8 +32,14 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
+import torch
+import zarr
 
+from apmae_gpu import ranks
+from apmae_gpu.devices import autocast
+from apmae_gpu.model import APMAEModel
 from apmae_gpu.runs import ApmaeError, progress, resolve_device, update_manifest
+from apmae_gpu.store import MapStore, chunk_codecs, has_checksum
 
 log = logging.getLogger("apmae_gpu.encoding")
 
@@ -77,8 +83,6 @@ class EmbeddingWriter:
 
     def __init__(self, run: str | os.PathLike, n_layers: int, n_heads: int, dim: int,
                  block: int | None = None, attrs: dict | None = None, restart: bool = False):
-        import zarr
-
         self.final_path = Path(run) / EMBEDDINGS
         self.path = self.final_path
         self.shape_lhd = (int(n_layers), int(n_heads), int(dim))
@@ -109,10 +113,6 @@ class EmbeddingWriter:
         self._pending: list[np.ndarray] = []
 
     def _create(self, block: int, attrs: dict) -> None:
-        import zarr
-
-        from apmae_gpu.store import chunk_codecs
-
         L, H, D = self.shape_lhd
         tmp = self.path.with_name(f".{self.path.name}.creating")
         shutil.rmtree(tmp, ignore_errors=True)
@@ -230,8 +230,6 @@ def _finish_swap(final: Path) -> None:
 # --------------------------------------------------------------------------- reading
 def open_embeddings(run: str | os.PathLike, require_complete: bool = True):
     """The ``embeddings.zarr`` group of ``run`` (read-only), checked for completeness."""
-    import zarr
-
     path = Path(run) / EMBEDDINGS
     if not path.exists():
         raise ApmaeError(f"{Path(run)}: no {EMBEDDINGS} (run `apmae encode` first)")
@@ -245,13 +243,9 @@ def open_embeddings(run: str | os.PathLike, require_complete: bool = True):
 def read_head(path: str | os.PathLike, layer: int, head: int) -> tuple[np.ndarray, np.ndarray]:
     """One head's embeddings: ``(inference_id [n] int64, X [n, dim] float32)``, one
     contiguous chunk-column read (``path`` is the ``embeddings.zarr`` directory)."""
-    import zarr
-
     group = zarr.open_group(path, mode="r")
     n = int(group.attrs.get("n_committed", group["inference_id"].shape[0]))
     emb = group["embeddings"]
-    from apmae_gpu.store import has_checksum
-
     # a lost chunk must not read as NaN embeddings (stores with checksums write every chunk)
     for k in range(-(-n // emb.chunks[2]) if has_checksum(emb) else 0):
         key = emb.metadata.encode_chunk_key((layer, head, k, 0))
@@ -271,8 +265,6 @@ def read_head(path: str | os.PathLike, layer: int, head: int) -> tuple[np.ndarra
 # --------------------------------------------------------------------------- the model
 def load_encoder(checkpoint: str | os.PathLike, device: str = "cpu"):
     """``APMAEModel.from_pretrained(checkpoint)`` in eval mode on ``device``."""
-    from apmae_gpu.model import APMAEModel
-
     checkpoint = Path(checkpoint)
     if not (checkpoint / "config.json").exists():
         raise ApmaeError(f"{checkpoint}: not an AP-MAE checkpoint (no config.json; train one "
@@ -284,10 +276,6 @@ def load_encoder(checkpoint: str | os.PathLike, device: str = "cpu"):
 def encode_maps(model, maps, pool: str = "cls", batch_size: int = 256):
     """Embeddings of maps: ``maps`` [B, W, W] (numpy or torch, stored values) -> torch
     float32 [B, D] on the model's device.  bf16 autocast on CUDA; batches of ``batch_size``."""
-    import torch
-
-    from apmae_gpu.devices import autocast
-
     device = next(model.parameters()).device
     out = []
     with torch.inference_mode(), autocast(device):
@@ -463,10 +451,6 @@ def _encode_ranked(run, checkpoint, store, model, index, target, n_layers, n_hea
     """torchrun: rank r encodes the blocks ``j`` with ``j % N == r`` into
     ``RUN/shards-encode/r-of-N``; rank 0 appends them in order to the run's own store.
     Blocks are the one-process commits, so the result is the same bit for bit."""
-    import zarr
-
-    from apmae_gpu import ranks
-
     rank, world, _ = dist
     dim = int(model.config.hidden_size)
     main = Path(run) / EMBEDDINGS
@@ -524,8 +508,6 @@ def encode(run: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
     Reads ``MapStore(run)`` (the ``analysis`` inferences with maps), batches ``batch_size``
     maps per forward pass and writes ``block`` inferences per commit.  Returns the path.
     """
-    from apmae_gpu.store import MapStore
-
     run = Path(run)
     if pool not in POOLS:
         raise ApmaeError(f"--pool {pool}: expected cls or mean")
@@ -545,8 +527,6 @@ def encode(run: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
     index = store.index()
     index = index[index["inference_id"].isin(target)]
     n_layers, n_heads = int(index["layer"].max()) + 1, int(index["head"].max()) + 1
-
-    from apmae_gpu import ranks
 
     dist = ranks.dist_env()
     if dist is not None:

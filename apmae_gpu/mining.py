@@ -59,8 +59,11 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pyarrow as pa
+import tree_sitter as ts
+import tree_sitter_java as tsj
 
-from apmae_gpu import TASKS, task_rank
+from apmae_gpu import TASKS, llm, task_rank
+from apmae_gpu.corpus import TooLarge, Unreadable, open_corpus
 from apmae_gpu.runs import ApmaeError, check_mine_out, progress, update_manifest, write_parquet
 
 log = logging.getLogger("apmae_gpu.mining")
@@ -130,9 +133,6 @@ class JavaTargets:
     """tree-sitter parser and query for the nine syntax tasks."""
 
     def __init__(self, type_identifiers: bool = False):
-        import tree_sitter as ts
-        import tree_sitter_java as tsj
-
         self.language = ts.Language(tsj.language())
         self.parser = ts.Parser(self.language)
         query = _QUERY + ("(type_identifier) @identifiers\n" if type_identifiers else "")
@@ -203,11 +203,9 @@ class PromptBuilder:
     """Fit a hole in a text into a prompt of exactly ``window`` tokens (see module doc)."""
 
     def __init__(self, tokenizer, window: int):
-        from apmae_gpu.llm import fim_ids
-
         self.tok = tokenizer
         self.window = window
-        self.fim = fim_ids(tokenizer)
+        self.fim = llm.fim_ids(tokenizer)
         self.budget = window - 3 if self.fim else window
         if self.budget < 8:
             raise ApmaeError(f"--window {window} is too small")
@@ -315,8 +313,6 @@ def _rng(seed: int, *parts) -> np.random.Generator:
 
 
 def _file_skip_reason(data: bytes, max_file_bytes: int) -> str | None:
-    from apmae_gpu.corpus import TooLarge, Unreadable
-
     if isinstance(data, Unreadable):   # symlink loop, special file, corrupt zip member, ...
         return data.reason
     if isinstance(data, TooLarge) or len(data) > max_file_bytes:
@@ -402,12 +398,10 @@ def noise_rows(tokenizer, window: int, n: int, seed: int) -> list[dict]:
     """``n`` prompts of tokens drawn uniformly from the vocabulary (special tokens excluded).
     With FIM tokens, the reference's layout: ``<fim_prefix>`` at 0, ``<fim_suffix>`` at a
     random inner position, ``<fim_middle>`` last."""
-    from apmae_gpu.llm import fim_ids
-
     vocab = len(tokenizer)
     special = np.array(sorted(set(tokenizer.all_special_ids)), dtype=np.int64)
     allowed = np.setdiff1d(np.arange(vocab), special)
-    fim = fim_ids(tokenizer)
+    fim = llm.fim_ids(tokenizer)
     rows = []
     for i in range(n):
         rng = _rng(seed, "noise", i)
@@ -471,9 +465,6 @@ def mine(corpus: str, model: str, out: Path, tasks: str = "all", per_task: int =
     ``train_per_task`` random-masking prompts for AP-MAE from other files (or from
     ``train_corpus``) into ``out/tasks.parquet`` (+ manifest section).  ``max_files`` bounds
     the files read from each corpus."""
-    from apmae_gpu import llm
-    from apmae_gpu.corpus import open_corpus
-
     check_mine_out(out)   # before any work: a file, read-only, or a run with captures
     chosen = parse_tasks(tasks)
     overrides = dict(per_task_overrides or {})

@@ -18,6 +18,7 @@ the executed copy as ``RUN/report/findings.ipynb``.
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import logging
 import os
@@ -26,13 +27,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import jinja2
 import numpy as np
 import pandas as pd
+import typer
+from markupsafe import escape
 
 from apmae_gpu import TASKS, __version__, task_rank
 from apmae_gpu.figures import png_bytes, pyplot
 from apmae_gpu.findings import findings, summary
 from apmae_gpu.runs import ApmaeError, atomic_path, read_manifest, update_manifest, write_parquet
+from apmae_gpu.store import MapStore
 
 log = logging.getLogger("apmae_gpu.report")
 
@@ -58,8 +63,6 @@ class Section:
 
 # --------------------------------------------------------------------------- html pieces
 def _esc(text) -> str:
-    from markupsafe import escape
-
     return str(escape(str(text)))
 
 
@@ -119,6 +122,24 @@ def _need(run: Path, *paths: str, stage: str) -> str | None:
     if absent:
         return f"stage not run: {stage} (no {', '.join(absent)} in this run)"
     return None
+
+
+def section(key: str, title: str, intro: str, *needs: str, stage: str):
+    """Make ``fill(run, man, s)``, which adds the blocks of one section, a builder
+    ``(run, man) -> Section`` of the section ``key, title, intro``: without any of the run's
+    files ``needs`` (written by ``stage``) the section says which stage has not run, and
+    ``fill`` is not called."""
+    def decorate(fill):
+        @functools.wraps(fill)
+        def build(run: Path, man: dict) -> Section:
+            s = Section(key, title, intro, missing=_need(run, *needs, stage=stage))
+            if s.missing is None:
+                fill(run, man, s)
+            return s
+
+        return build
+
+    return decorate
 
 
 # --------------------------------------------------------------------------- sections
@@ -236,8 +257,6 @@ def tasks_section(run: Path, man: dict) -> Section:
             s.blocks.append(table(pd.DataFrame({"task": list(counts), "mined": list(
                 counts.values())}), "tasks mined"))
         return s
-    from apmae_gpu.store import MapStore
-
     store = MapStore(run)
     inf = store.inferences(columns=["inference_id", "split", "task", "correct", "has_maps"])
     acc = target_accuracy(inf)
@@ -319,14 +338,11 @@ def example_maps(run: Path, store, inf: pd.DataFrame):
     return fig, f"layer {layer}, head {head} ({why})"
 
 
-def apmae_section(run: Path, man: dict) -> Section:
-    s = Section("apmae", "AP-MAE: training and reconstruction",
-                "Masked-patch reconstruction loss over training, example reconstructions, and "
-                "the evaluation against two trivial predictors on the same masks.")
-    s.missing = _need(run, "apmae/metrics.jsonl", "evaluate/evaluation.parquet",
-                      stage="train / evaluate")
-    if s.missing:
-        return s
+@section("apmae", "AP-MAE: training and reconstruction",
+         "Masked-patch reconstruction loss over training, example reconstructions, and "
+         "the evaluation against two trivial predictors on the same masks.",
+         "apmae/metrics.jsonl", "evaluate/evaluation.parquet", stage="train / evaluate")
+def apmae_section(run: Path, man: dict, s: Section) -> None:
     fig = training_curve(run / "apmae" / "metrics.jsonl")
     if fig is not None:
         s.blocks.append(image(fig, "training loss (masked patches) and validation loss beside "
@@ -348,7 +364,6 @@ def apmae_section(run: Path, man: dict) -> Section:
     for png in sorted((run / "evaluate").glob("reconstruction_*.png")):
         s.blocks.append(image(png, png.stem.replace("_", " ") + ": original, masked input, "
                                    "reconstruction, visible + reconstructed", max_width=820))
-    return s
 
 
 def training_curve(path: Path):
@@ -372,13 +387,11 @@ def training_curve(path: Path):
     return fig
 
 
-def cluster_section(run: Path, man: dict) -> Section:
-    s = Section("clusters", "Clusters per head",
-                "UMAP + HDBSCAN on each head's AP-MAE embeddings: how many patterns each head "
-                "shows, example members of the largest clusters, and the largest clusters.")
-    s.missing = _need(run, "clusters.parquet", "cluster/heads.parquet", stage="cluster")
-    if s.missing:
-        return s
+@section("clusters", "Clusters per head",
+         "UMAP + HDBSCAN on each head's AP-MAE embeddings: how many patterns each head "
+         "shows, example members of the largest clusters, and the largest clusters.",
+         "clusters.parquet", "cluster/heads.parquet", stage="cluster")
+def cluster_section(run: Path, man: dict, s: Section) -> None:
     heads = pd.read_parquet(run / "cluster" / "heads.parquet")
     ok = heads[heads["status"] == "ok"]
     s.blocks.append(table(pd.DataFrame([{
@@ -406,32 +419,26 @@ def cluster_section(run: Path, man: dict) -> Section:
                             "n_incorrect", "top_task", "top_task_share") if c in df]
         s.blocks.append(table(df.sort_values("size", ascending=False)[cols].head(12),
                               "largest clusters"))
-    return s
 
 
-def locations_section(run: Path, man: dict) -> Section:
-    s = Section("locations", "Pattern locations (Table 5)",
-                "A pattern location is a (layer, head, cluster). total: locations a task's "
-                "inferences use; unique: used by no other task, split into used only by correct, "
-                "only by incorrect, or by both kinds of inferences; share of possible: total "
-                "over all locations of the run.")
-    s.missing = _need(run, "cluster/pattern_locations.parquet", stage="cluster")
-    if s.missing:
-        return s
+@section("locations", "Pattern locations (Table 5)",
+         "A pattern location is a (layer, head, cluster). total: locations a task's "
+         "inferences use; unique: used by no other task, split into used only by correct, "
+         "only by incorrect, or by both kinds of inferences; share of possible: total "
+         "over all locations of the run.",
+         "cluster/pattern_locations.parquet", stage="cluster")
+def locations_section(run: Path, man: dict, s: Section) -> None:
     df = pd.read_parquet(run / "cluster" / "pattern_locations.parquet")
     df = df.sort_values("task", kind="stable", key=task_rank)
     s.blocks.append(table(df.rename(columns=lambda c: c.replace("_", " "))))
-    return s
 
 
-def classify_section(run: Path, man: dict) -> Section:
-    s = Section("classify", "Predicting correctness from patterns",
-                "CatBoost on the cluster id of every head, cross-validated, beside a majority "
-                "and a logistic-regression baseline on the same folds and the target model's "
-                "own accuracy (mean accuracy with its 95% confidence interval).")
-    s.missing = _need(run, "classify/metrics.parquet", stage="classify")
-    if s.missing:
-        return s
+@section("classify", "Predicting correctness from patterns",
+         "CatBoost on the cluster id of every head, cross-validated, beside a majority "
+         "and a logistic-regression baseline on the same folds and the target model's "
+         "own accuracy (mean accuracy with its 95% confidence interval).",
+         "classify/metrics.parquet", stage="classify")
+def classify_section(run: Path, man: dict, s: Section) -> None:
     m = pd.read_parquet(run / "classify" / "metrics.parquet")
     wide = []
     for task, g in m.groupby("task", sort=False):
@@ -452,17 +459,14 @@ def classify_section(run: Path, man: dict) -> Section:
     skipped = man.get("classify", {}).get("skipped") or {}
     if skipped:
         s.blocks.append(para("tasks skipped: " + "; ".join(f"{t}: {w}" for t, w in skipped.items())))
-    return s
 
 
-def shap_section(run: Path, man: dict) -> Section:
-    s = Section("shap", "SHAP head importance",
-                "Per head, the largest difference between the mean SHAP values of its clusters "
-                "(high: one pattern in this head pushes towards correct, another towards "
-                "incorrect), and the head's mean signed SHAP value.")
-    s.missing = _need(run, "classify/head_importance.parquet", stage="classify")
-    if s.missing:
-        return s
+@section("shap", "SHAP head importance",
+         "Per head, the largest difference between the mean SHAP values of its clusters "
+         "(high: one pattern in this head pushes towards correct, another towards "
+         "incorrect), and the head's mean signed SHAP value.",
+         "classify/head_importance.parquet", stage="classify")
+def shap_section(run: Path, man: dict, s: Section) -> None:
     imp = pd.read_parquet(run / "classify" / "head_importance.parquet")
     top = (imp.sort_values("importance", ascending=False).groupby("task", sort=False).head(3)
            .sort_values("task", kind="stable", key=task_rank))
@@ -474,17 +478,14 @@ def shap_section(run: Path, man: dict) -> Section:
     s.blocks.append(grid([image(base / "heatmaps" / f"{t}.png",
                                 f"{t}: importance and mean SHAP per head")
                           for t in TASKS if (base / "heatmaps" / f"{t}.png").exists()]))
-    return s
 
 
-def intervene_section(run: Path, man: dict) -> Section:
-    s = Section("intervene", "Interventions: zeroing heads",
-                "Held-out inferences re-run with the k heads of each SHAP group zeroed; net "
-                "change = incorrect->correct minus correct->incorrect (* p < 0.05 against "
-                "zeroing k random heads, exact McNemar).")
-    s.missing = _need(run, "intervene/results.parquet", stage="intervene")
-    if s.missing:
-        return s
+@section("intervene", "Interventions: zeroing heads",
+         "Held-out inferences re-run with the k heads of each SHAP group zeroed; net "
+         "change = incorrect->correct minus correct->incorrect (* p < 0.05 against "
+         "zeroing k random heads, exact McNemar).",
+         "intervene/results.parquet", stage="intervene")
+def intervene_section(run: Path, man: dict, s: Section) -> None:
     r = pd.read_parquet(run / "intervene" / "results.parquet")
     if (run / "intervene" / "net_change.png").exists():
         s.blocks.append(image(run / "intervene" / "net_change.png", "net change against k (Fig. 7)"))
@@ -495,7 +496,6 @@ def intervene_section(run: Path, man: dict) -> Section:
     wide.columns = [f"k={k}" for k in wide.columns]
     s.blocks.append(table(wide.reset_index(), "net change per number of zeroed heads "
                                               "(n: held-out inferences)"))
-    return s
 
 
 # The page's sections in order: key (HTML id, manifest entry) -> builder.
@@ -539,8 +539,6 @@ footer{max-width:1180px;margin:0 auto 30px;padding:0 24px;color:#8a939c;font-siz
 
 
 def render(run: Path, sections: list[Section]) -> str:
-    import jinja2
-
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     cap = read_manifest(run).get("capture", {})
     model = (cap.get("model") or {}).get("spec", "") if isinstance(cap.get("model"), dict) else ""
@@ -581,8 +579,6 @@ def report(run: str | os.PathLike, notebook: bool = False) -> Path:
     missing = [s.key for s in sections if s.missing]
     log.info("report: %s (%.1f MiB, %d figures, %.1f s)%s", out, out.stat().st_size / 2**20,
              html.count("<img "), seconds, f"; incomplete: {', '.join(missing)}" if missing else "")
-    import typer
-
     typer.echo(f"report: {out}")
     return out
 

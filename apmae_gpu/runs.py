@@ -19,6 +19,10 @@ Layout of a run (files are contracts; stages add to them, never rename them)::
     RUN/classify/                metrics.parquet, head_importance.parquet     (classification)
     RUN/intervene/               results.parquet and figures                  (intervention)
     RUN/report/index.html        the report                                   (report)
+
+The CLI imports this module before it parses its arguments, so numpy, pandas, tqdm, torch
+and transformers are imported inside the few functions that use them: ``apmae --help``
+stays fast.
 """
 
 from __future__ import annotations
@@ -36,6 +40,11 @@ from collections.abc import Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import Any
+
+from rich.console import Console
+from rich.logging import RichHandler
+
+from apmae_gpu import __version__
 
 log = logging.getLogger("apmae_gpu")
 
@@ -142,8 +151,6 @@ _VERSIONED = (
 
 
 def versions() -> dict[str, str]:
-    from apmae_gpu import __version__
-
     out = {"apmae_gpu": __version__, "python": platform.python_version(),
            "platform": platform.platform()}
     for name in _VERSIONED:
@@ -220,8 +227,6 @@ def load_frame(path: str | os.PathLike, prefer: str = "auto", columns: list[str]
 
 # --------------------------------------------------------------------------- logging
 def setup_logging(verbose: bool = False) -> None:
-    from rich.logging import RichHandler
-
     level = logging.DEBUG if verbose else logging.INFO
     root = logging.getLogger("apmae_gpu")
     if not any(isinstance(h, RichHandler) for h in root.handlers):
@@ -237,8 +242,6 @@ def setup_logging(verbose: bool = False) -> None:
 
 
 def _stderr_console():
-    from rich.console import Console
-
     return Console(stderr=True)
 
 

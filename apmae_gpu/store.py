@@ -29,6 +29,7 @@ from __future__ import annotations
 import logging
 import os
 import re
+import shutil
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,6 +38,8 @@ import numpy as np
 import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
+import zarr
+from zarr.codecs import Crc32cCodec, ZstdCodec
 
 from apmae_gpu.runs import ApmaeError, atomic_path
 
@@ -71,7 +74,7 @@ INFERENCE_SCHEMA = pa.schema([
 ])
 
 # Default chunking: 32 whole maps per chunk (4 MiB raw at 256x256 fp16).  See
-# bench/bench_capture.py for the measurement behind it.
+# bench/results/capture-cpu2.md (persistence) for the measurement behind it.
 DEFAULT_CHUNK_MAPS = 32
 DEFAULT_ZSTD_LEVEL = 1
 
@@ -133,8 +136,6 @@ def read_parts(directory: Path, columns: list[str] | None = None) -> pa.Table:
 
 def chunk_codecs(zstd_level: int = DEFAULT_ZSTD_LEVEL) -> list:
     """Bytes-to-bytes codecs of new stores: zstd, then a CRC-32C of the compressed chunk."""
-    from zarr.codecs import Crc32cCodec, ZstdCodec
-
     return [ZstdCodec(level=zstd_level), Crc32cCodec()]
 
 
@@ -146,8 +147,6 @@ def open_zarr_array(path: Path, mode: str = "r"):
     """``zarr.open_array`` whose damaged metadata is a one-line ApmaeError.  Writers write
     every chunk, even one that equals the fill value, so that a missing chunk always means
     damage."""
-    import zarr
-
     try:
         kwargs = {"config": {"write_empty_chunks": True}} if mode != "r" else {}
         return zarr.open_array(path, mode=mode, **kwargs)
@@ -195,8 +194,6 @@ class MapStore:
                        zstd_level: int = DEFAULT_ZSTD_LEVEL) -> MapStore:
         """Open the run's store for appending, creating it on first use.  An existing store
         must have the same window and scaler (one store per run)."""
-        import zarr
-
         run = Path(run)
         path = run / MAPS
         if path.exists():
@@ -211,8 +208,6 @@ class MapStore:
         codec = f"zstd(level={zstd_level})+crc32c"
         tmp = run / f".{MAPS}.creating"
         if tmp.exists():
-            import shutil
-
             shutil.rmtree(tmp)
         zarr.create_array(
             store=str(tmp), shape=(0, window, window), chunks=(chunk_maps, window, window),

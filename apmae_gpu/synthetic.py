@@ -12,9 +12,13 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
-from apmae_gpu import TASKS
+from apmae_gpu import TASKS, llm
+from apmae_gpu.mining import TASKS_SCHEMA
+from apmae_gpu.runs import write_parquet
 from apmae_gpu.scaling import FLOOR, LOG_FILL
+from apmae_gpu.store import INFERENCE_SCHEMA, MapStore
 
 PATTERNS = ("diagonal", "sink", "local", "uniform", "blocks")
 
@@ -88,8 +92,6 @@ def synthetic_run(run: str | Path, n_layers: int = 2, n_heads: int = 3, window: 
     heads, so a classifier has something real to find: heads with ``(layer + head) % 2 == 0``
     switch pattern with correctness, the others do not.
     """
-    from apmae_gpu.store import INFERENCE_SCHEMA, MapStore
-
     run = Path(run)
     rng = np.random.default_rng(seed)
     store = MapStore.create_or_open(run, window=window, scaler="log",
@@ -146,12 +148,6 @@ def synthetic_tasks(run: str | Path, model: str, n_per_task: int = 6, window: in
     own greedy prediction (even rows: the prediction, odd rows: another token), so a random-
     weight model still yields correct and incorrect inferences.  ``model_seed`` must be the
     seed capture will load the model with (its ``--seed``)."""
-    import torch
-
-    from apmae_gpu import llm
-    from apmae_gpu.mining import TASKS_SCHEMA
-    from apmae_gpu.runs import write_parquet
-
     run = Path(run)
     lm = llm.load_model(model, device="cpu", seed=model_seed)
     vocab = lm.get_input_embeddings().num_embeddings

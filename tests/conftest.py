@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 
@@ -31,6 +32,45 @@ def synthetic_run_dir(tmp_path_factory):
     from apmae_gpu.synthetic import synthetic_run
 
     return synthetic_run(tmp_path_factory.mktemp("synthetic") / "run")
+
+
+@pytest.fixture
+def run(tmp_path, synthetic_run_dir):
+    """A writable copy of ``synthetic_run_dir`` (at ``tmp_path / "run"``)."""
+    dst = tmp_path / "run"
+    shutil.copytree(synthetic_run_dir, dst)
+    return dst
+
+
+@pytest.fixture
+def one_thread():
+    """Torch on one CPU thread for the test (restored after it); use it with
+    ``pytestmark = pytest.mark.usefixtures("one_thread")``."""
+    import torch
+
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """A seeded one-layer AP-MAE checkpoint for 64x64 maps in 16x16 patches.  Read-only."""
+    from tests.tiny_models import save_tiny_apmae
+
+    return save_tiny_apmae(tmp_path_factory.mktemp("ckpt") / "final", image_size=64,
+                           patch_size=16)
+
+
+@pytest.fixture(scope="session")
+def tiny_apmae(tmp_path_factory):
+    """A seeded one-layer AP-MAE checkpoint for 32x32 maps in 4x4 patches (the capture
+    tests' 32-token windows).  Read-only."""
+    from tests.tiny_models import save_tiny_apmae
+
+    return save_tiny_apmae(tmp_path_factory.mktemp("apmae") / "final", image_size=32,
+                           patch_size=4)
 
 
 @pytest.fixture(scope="session")

@@ -23,7 +23,6 @@ from apmae_gpu.runs import ApmaeError
 from apmae_gpu.scaling import FLOOR, LOG_FILL
 from apmae_gpu.store import MapStore
 from apmae_gpu.synthetic import synthetic_tasks
-from tests.tiny_models import save_tiny_apmae
 
 FAMILIES = ["random:tiny-llama", "random:tiny-starcoder2", "random:tiny-gpt2"]
 
@@ -289,12 +288,6 @@ def test_bad_input_is_a_clear_error(problem, message, tmp_path):
         model = str(small)
     with pytest.raises(ApmaeError, match=message):
         capture(run, model, **kwargs)
-
-
-@pytest.fixture(scope="module")
-def tiny_apmae(tmp_path_factory):
-    return save_tiny_apmae(tmp_path_factory.mktemp("apmae") / "final", image_size=32,
-                           patch_size=4)
 
 
 def test_capture_and_encode_in_one_pass_equals_capture_then_encode(tmp_path, tiny_apmae,

@@ -15,7 +15,6 @@ import zarr
 from apmae_gpu import encoding
 from apmae_gpu.encoding import EmbeddingWriter
 from apmae_gpu.runs import ApmaeError
-from tests.tiny_models import save_tiny_apmae
 
 
 def _emb(ids, L=2, H=3, D=8):
@@ -79,19 +78,6 @@ def test_writer_validates(tmp_path):
 
 
 # --------------------------------------------------------------------------- encode
-@pytest.fixture(scope="module")
-def tiny_checkpoint(tmp_path_factory):
-    return save_tiny_apmae(tmp_path_factory.mktemp("ckpt") / "final", image_size=64,
-                           patch_size=16)
-
-
-@pytest.fixture()
-def run_copy(synthetic_run_dir, tmp_path):
-    run = tmp_path / "run"
-    shutil.copytree(synthetic_run_dir, run)
-    return run
-
-
 def _analysis(run):
     from apmae_gpu.store import MapStore
 
@@ -102,10 +88,10 @@ def _analysis(run):
     return store, ids, idx[idx["inference_id"].isin(ids)]
 
 
-def test_encode_matches_model_encode(run_copy, tiny_checkpoint):
-    encoding.encode(run_copy, checkpoint=tiny_checkpoint, batch_size=50, device="cpu", block=32)
-    store, ids, idx = _analysis(run_copy)
-    g = encoding.open_embeddings(run_copy)
+def test_encode_matches_model_encode(run, tiny_checkpoint):
+    encoding.encode(run, checkpoint=tiny_checkpoint, batch_size=50, device="cpu", block=32)
+    store, ids, idx = _analysis(run)
+    g = encoding.open_embeddings(run)
     assert g["embeddings"].shape == (2, 3, len(ids), 32)
     np.testing.assert_array_equal(g["inference_id"][:], ids)
     assert g.attrs["pool"] == "cls" and g.attrs["checkpoint"] == str(tiny_checkpoint)
@@ -116,18 +102,18 @@ def test_encode_matches_model_encode(run_copy, tiny_checkpoint):
     pos = np.searchsorted(ids, pick["inference_id"].to_numpy())
     got = g["embeddings"][:][pick["layer"].to_numpy(), pick["head"].to_numpy(), pos]
     np.testing.assert_allclose(got.astype(np.float32), ref.numpy(), rtol=2e-3, atol=2e-3)
-    manifest = json.loads((run_copy / "manifest.json").read_text())["encode"]
+    manifest = json.loads((run / "manifest.json").read_text())["encode"]
     assert manifest["maps_encoded"] == len(idx) and manifest["inferences"] == len(ids)
     assert manifest["resumed_from"] == 0 and manifest["dtype"] == "float32"
     # idempotent rerun; other pool or checkpoint needs --restart
-    encoding.encode(run_copy, checkpoint=tiny_checkpoint, device="cpu")
+    encoding.encode(run, checkpoint=tiny_checkpoint, device="cpu")
     with pytest.raises(ApmaeError, match="pass --restart"):
-        encoding.encode(run_copy, checkpoint=tiny_checkpoint, pool="mean", device="cpu")
+        encoding.encode(run, checkpoint=tiny_checkpoint, pool="mean", device="cpu")
 
 
-def test_encode_resumes_after_a_crash(run_copy, tiny_checkpoint, monkeypatch, tmp_path):
+def test_encode_resumes_after_a_crash(run, tiny_checkpoint, monkeypatch, tmp_path):
     full = tmp_path / "full"
-    shutil.copytree(run_copy, full)
+    shutil.copytree(run, full)
     encoding.encode(full, checkpoint=tiny_checkpoint, batch_size=64, device="cpu", block=16)
 
     real = encoding.encode_maps
@@ -141,26 +127,26 @@ def test_encode_resumes_after_a_crash(run_copy, tiny_checkpoint, monkeypatch, tm
 
     monkeypatch.setattr(encoding, "encode_maps", crashing)
     with pytest.raises(KeyboardInterrupt):
-        encoding.encode(run_copy, checkpoint=tiny_checkpoint, batch_size=64, device="cpu", block=16)
-    g = zarr.open_group(run_copy / "embeddings.zarr", mode="r")
+        encoding.encode(run, checkpoint=tiny_checkpoint, batch_size=64, device="cpu", block=16)
+    g = zarr.open_group(run / "embeddings.zarr", mode="r")
     done = g.attrs["n_committed"]
     assert 0 < done < 126 and done % 16 == 0 and not g.attrs["complete"]
     monkeypatch.setattr(encoding, "encode_maps", real)
-    encoding.encode(run_copy, checkpoint=tiny_checkpoint, batch_size=64, device="cpu")
-    manifest = json.loads((run_copy / "manifest.json").read_text())["encode"]
+    encoding.encode(run, checkpoint=tiny_checkpoint, batch_size=64, device="cpu")
+    manifest = json.loads((run / "manifest.json").read_text())["encode"]
     assert manifest["resumed_from"] == done
     assert manifest["maps_encoded"] == (126 - done) * 6
-    a = zarr.open_group(run_copy / "embeddings.zarr", mode="r")
+    a = zarr.open_group(run / "embeddings.zarr", mode="r")
     b = zarr.open_group(full / "embeddings.zarr", mode="r")
     np.testing.assert_array_equal(a["inference_id"][:], b["inference_id"][:])
     np.testing.assert_allclose(a["embeddings"][:].astype(np.float32),
                                b["embeddings"][:].astype(np.float32), atol=2e-3)
 
 
-def test_capture_and_encode_in_one_pass(run_copy, tiny_checkpoint):
+def test_capture_and_encode_in_one_pass(run, tiny_checkpoint):
     """The building block capture calls per batch: maps [B, L, H, W, W] in, embeddings
     written; a crash loses only the uncommitted tail and a new encoder continues."""
-    store, ids, idx = _analysis(run_copy)
+    store, ids, idx = _analysis(run)
     idx = idx.sort_values("map_id")
 
     def batch(lo, hi):
@@ -175,39 +161,39 @@ def test_capture_and_encode_in_one_pass(run_copy, tiny_checkpoint):
         ref = model.encode(maps[1, 1], pool="mean").numpy()      # inference 1, layer 1
     np.testing.assert_allclose(out[1, 1].astype(np.float32), ref, atol=2e-3, rtol=2e-3)
 
-    enc = encoding.StreamingEncoder(run_copy, tiny_checkpoint, 2, 3, pool="mean", device="cpu",
+    enc = encoding.StreamingEncoder(run, tiny_checkpoint, 2, 3, pool="mean", device="cpu",
                                     block=8)
     for lo in range(0, 20, 5):
         enc.add(ids[lo:lo + 5], batch(lo, lo + 5))
     assert enc.writer.committed == 16                    # killed here: 4 buffered are lost
     del enc
-    enc = encoding.StreamingEncoder(run_copy, tiny_checkpoint, 2, 3, pool="mean", device="cpu")
+    enc = encoding.StreamingEncoder(run, tiny_checkpoint, 2, 3, pool="mean", device="cpu")
     np.testing.assert_array_equal(enc.committed_ids, ids[:16])
     enc.add(ids[16:30], batch(16, 30))
     enc.close()
-    got_ids, X = encoding.read_head(run_copy / "embeddings.zarr", 1, 1)
+    got_ids, X = encoding.read_head(run / "embeddings.zarr", 1, 1)
     np.testing.assert_array_equal(got_ids, ids[:30])
     with torch.inference_mode():
         ref = model.encode(batch(0, 30)[:, 1, 1], pool="mean").numpy()
     np.testing.assert_allclose(X, ref, atol=3e-3, rtol=3e-3)
-    manifest = json.loads((run_copy / "manifest.json").read_text())["encode"]
+    manifest = json.loads((run / "manifest.json").read_text())["encode"]
     assert manifest["mode"] == "capture" and manifest["resumed_from"] == 16
     with pytest.raises(ApmaeError, match="pass --restart"):
-        encoding.StreamingEncoder(run_copy, tiny_checkpoint, 2, 3, pool="cls", device="cpu")
+        encoding.StreamingEncoder(run, tiny_checkpoint, 2, 3, pool="cls", device="cpu")
 
 
-def test_encode_errors(run_copy, tiny_checkpoint, tmp_path):
+def test_encode_errors(run, tiny_checkpoint, tmp_path):
     with pytest.raises(ApmaeError, match="not an AP-MAE checkpoint"):
-        encoding.encode(run_copy, device="cpu")
+        encoding.encode(run, device="cpu")
     with pytest.raises(ApmaeError, match="--pool"):
-        encoding.encode(run_copy, checkpoint=tiny_checkpoint, pool="max", device="cpu")
+        encoding.encode(run, checkpoint=tiny_checkpoint, pool="max", device="cpu")
     with pytest.raises(ApmaeError, match="no maps.zarr"):
         encoding.encode(tmp_path / "empty", checkpoint=tiny_checkpoint, device="cpu")
 
 
 @pytest.mark.gpu
-def test_cuda_bf16_encode_matches_cpu(run_copy, tiny_checkpoint):
-    store, ids, idx = _analysis(run_copy)
+def test_cuda_bf16_encode_matches_cpu(run, tiny_checkpoint):
+    store, ids, idx = _analysis(run)
     maps = torch.as_tensor(store.read(idx["map_id"].to_numpy()[:64]))
     cpu = encoding.encode_maps(encoding.load_encoder(tiny_checkpoint, "cpu"), maps).cpu()
     gpu = encoding.encode_maps(encoding.load_encoder(tiny_checkpoint, "cuda"), maps).cpu()

@@ -11,35 +11,16 @@ import torch
 
 from apmae_gpu import baselines, evaluation, splits, training
 from apmae_gpu.cli import main
-from apmae_gpu.model import APMAEModel, pixel_valid_mask, preset_config
+from apmae_gpu.model import APMAEModel, pixel_valid_mask
 from apmae_gpu.runs import ApmaeError, read_manifest
 from apmae_gpu.store import MapStore
+from tests.tiny_models import MICRO, micro_model
 
-MICRO = dict(image_size=64, patch_size=8, hidden_size=32, num_hidden_layers=2,
-             num_attention_heads=2, head_dim=16, intermediate_size=64, decoder_hidden_size=32,
-             decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_head_dim=16,
-             decoder_intermediate_size=64)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def run(tmp_path, synthetic_run_dir):
-    dst = tmp_path / "run"
-    shutil.copytree(synthetic_run_dir, dst)
-    return dst
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _checkpoint(path, seed=0, **kw):
-    torch.manual_seed(seed)
-    model = APMAEModel(preset_config("tiny", **{**MICRO, **kw}))
-    model.save_pretrained(path)
+    micro_model(seed, **kw).save_pretrained(path)
     return path
 
 

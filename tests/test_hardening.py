@@ -78,12 +78,6 @@ def run_copy(small_run_dir, tmp_path):
     return run
 
 
-@pytest.fixture(scope="module")
-def ckpt(tmp_path_factory):
-    return save_tiny_apmae(tmp_path_factory.mktemp("ckpt") / "final", image_size=64,
-                           patch_size=16)
-
-
 # --------------------------------------------------------------------------- 1. writer lock
 _HOLD = """
 import sys
@@ -205,7 +199,8 @@ def test_two_capture_processes_on_one_run_one_refuses_and_the_result_is_uninterr
 
 
 # --------------------------------------------------------------------------- 2. integrity
-def test_a_deleted_chunk_is_an_error_in_every_reader_and_check_names_it(run_copy, ckpt, capsys):
+def test_a_deleted_chunk_is_an_error_in_every_reader_and_check_names_it(run_copy, tiny_checkpoint,
+                                                                         capsys):
     store = MapStore(run_copy)
     last = store.n_chunks() - 1     # analysis maps, which encode reads
     (run_copy / "maps.zarr" / store.chunk_key(last)).unlink()
@@ -216,7 +211,8 @@ def test_a_deleted_chunk_is_an_error_in_every_reader_and_check_names_it(run_copy
                  lambda: list(store.iter_chunks()), lambda: store.read_chunk(last)):
         with pytest.raises(ApmaeError, match="^" + re.escape(msg)):
             read()
-    code, _, err = _main(capsys, "encode", run_copy, "--checkpoint", ckpt, "--device", "cpu")
+    code, _, err = _main(capsys, "encode", run_copy, "--checkpoint", tiny_checkpoint,
+                         "--device", "cpu")
     assert code == 2 and _one_line(err).startswith(f"error: {msg}")
     code, out, _ = _main(capsys, "check", run_copy)
     assert code == 1
@@ -272,28 +268,30 @@ def test_truncated_chunks_are_one_line_errors_with_and_without_checksums(run_cop
     assert code == 1 and "chunk c/0/0/0 (maps 0-15) is damaged" in out
 
 
-def test_damaged_metadata_and_parquet_parts_are_one_line_errors(run_copy, ckpt, capsys):
+def test_damaged_metadata_and_parquet_parts_are_one_line_errors(run_copy, tiny_checkpoint, capsys):
     meta = run_copy / "maps.zarr" / "zarr.json"
     good = meta.read_bytes()
     meta.write_bytes(good[:len(good) // 2])
-    code, _, err = _main(capsys, "encode", run_copy, "--checkpoint", ckpt, "--device", "cpu")
+    code, _, err = _main(capsys, "encode", run_copy, "--checkpoint", tiny_checkpoint,
+                         "--device", "cpu")
     assert code == 2
     assert _one_line(err).startswith(f"error: {run_copy / 'maps.zarr'}: its metadata "
                                      f"(zarr.json) is damaged")
     meta.write_bytes(good)
     part = sorted((run_copy / "inferences.parquet").glob("part-*.parquet"))[3]
     part.write_bytes(part.read_bytes()[:50])
-    code, _, err = _main(capsys, "encode", run_copy, "--checkpoint", ckpt, "--device", "cpu")
+    code, _, err = _main(capsys, "encode", run_copy, "--checkpoint", tiny_checkpoint,
+                         "--device", "cpu")
     assert code == 2 and _one_line(err).startswith(f"error: {part} is damaged")
     code, out, _ = _main(capsys, "check", run_copy)
     assert code == 1 and f"damaged: {part} is not readable parquet" in out
 
 
-def test_check_passes_a_sound_run_and_flags_damaged_embeddings(run_copy, ckpt, capsys):
+def test_check_passes_a_sound_run_and_flags_damaged_embeddings(run_copy, tiny_checkpoint, capsys):
     from apmae_gpu import encoding
     from apmae_gpu.check import check_run
 
-    encoding.encode(run_copy, ckpt, device="cpu", block=16)
+    encoding.encode(run_copy, tiny_checkpoint, device="cpu", block=16)
     lines: list[str] = []
     assert check_run(run_copy, echo=lines.append) == []
     assert lines[-1] == f"{run_copy}: sound"
@@ -360,7 +358,7 @@ def test_a_failed_mine_leaves_no_run_directory(tmp_path, capsys):
 
 
 # --------------------------------------------------------------------------- 4/5. encode
-def test_encode_refuses_a_nan_map(run_copy, ckpt, capsys):
+def test_encode_refuses_a_nan_map(run_copy, tiny_checkpoint, capsys):
     import zarr
 
     store = MapStore(run_copy)
@@ -372,18 +370,19 @@ def test_encode_refuses_a_nan_map(run_copy, ckpt, capsys):
     m = arr[bad]
     m[5, 1] = np.nan
     arr[bad] = m
-    code, _, err = _main(capsys, "encode", run_copy, "--checkpoint", ckpt, "--device", "cpu")
+    code, _, err = _main(capsys, "encode", run_copy, "--checkpoint", tiny_checkpoint,
+                         "--device", "cpu")
     assert code == 2
     assert _one_line(err) == (f"error: {run_copy / 'maps.zarr'}: NaN or infinite values in map "
                               f"{bad}; refusing to encode it (`apmae check {run_copy}` says what "
                               f"to rerun)")
 
 
-def test_encode_restart_keeps_the_old_embeddings_until_the_new_ones_are_complete(run_copy, ckpt,
-                                                                                 tmp_path, capsys):
+def test_encode_restart_keeps_the_old_embeddings_until_the_new_ones_are_complete(
+        run_copy, tiny_checkpoint, tmp_path, capsys):
     from apmae_gpu import encoding
 
-    encoding.encode(run_copy, ckpt, device="cpu", block=16)
+    encoding.encode(run_copy, tiny_checkpoint, device="cpu", block=16)
     before = encoding.read_head(run_copy / "embeddings.zarr", 0, 1)
     other = save_tiny_apmae(tmp_path / "other", image_size=64, patch_size=8)
     store = MapStore(run_copy)
@@ -397,7 +396,7 @@ def test_encode_restart_keeps_the_old_embeddings_until_the_new_ones_are_complete
     after = encoding.read_head(run_copy / "embeddings.zarr", 0, 1)
     assert np.array_equal(before[0], after[0])
     assert np.array_equal(before[1], after[1], equal_nan=True)
-    assert encoding.open_embeddings(run_copy).attrs["checkpoint"] == str(ckpt)
+    assert encoding.open_embeddings(run_copy).attrs["checkpoint"] == str(tiny_checkpoint)
     chunk.write_bytes(kept)
     encoding.encode(run_copy, other, device="cpu", restart=True)
     group = encoding.open_embeddings(run_copy)

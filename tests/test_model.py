@@ -20,31 +20,15 @@ from apmae_gpu.model import (
 )
 from apmae_gpu.runs import ApmaeError
 from apmae_gpu.synthetic import synthetic_maps
+from tests.tiny_models import micro_model
 
-# A micro model over 64x64 maps with 8x8 patches: still 36 lower-triangle patches.
-MICRO = dict(image_size=64, patch_size=8, hidden_size=32, num_hidden_layers=2,
-             num_attention_heads=2, head_dim=16, intermediate_size=64, decoder_hidden_size=32,
-             decoder_num_hidden_layers=1, decoder_num_attention_heads=2, decoder_head_dim=16,
-             decoder_intermediate_size=64)
-
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")
 def maps():
     x, _ = synthetic_maps(6, 64, seed=3)
     return torch.from_numpy(x)  # stored values: ln(max(p, 1e-8)), float16
-
-
-def micro(**kw) -> APMAEModel:
-    torch.manual_seed(0)
-    return APMAEModel(preset_config("tiny", **{**MICRO, **kw})).eval()
 
 
 # --------------------------------------------------------------------------- config
@@ -82,7 +66,7 @@ def test_lower_triangle_geometry():
     assert rc.shape == (36, 2) and bool((rc[:, 1] <= rc[:, 0]).all())
     valid = pixel_valid_mask(8, 8)
     assert int(valid.sum()) == 64 * 65 // 2  # exactly the map's lower triangle
-    m = micro()
+    m = micro_model()
     x = torch.randn(2, 64, 64)
     lower = torch.ones(64, 64).tril().bool()
     back = m.unpatchify(m.patchify(x))
@@ -92,7 +76,7 @@ def test_lower_triangle_geometry():
 
 
 def test_input_transform_is_lower_triangle_min_max_of_log(maps):
-    m = micro()
+    m = micro_model()
     x = maps[:2].float().numpy()
     got = m.transform(maps[:2]).numpy()
     lower = np.tril(np.ones((64, 64), bool))
@@ -104,7 +88,7 @@ def test_input_transform_is_lower_triangle_min_max_of_log(maps):
     poked = maps[:2].clone()
     poked[:, ~torch.from_numpy(lower)] = 5.0
     assert torch.equal(m.transform(poked), m.transform(maps[:2]))
-    raw = micro(input_scaling="raw").transform(maps[:1]).numpy()[0]
+    raw = micro_model(input_scaling="raw").transform(maps[:1]).numpy()[0]
     np.testing.assert_allclose(raw, np.where(lower, np.exp(x[0]), 0.0), rtol=1e-6, atol=1e-9)
     # rows of a causal softmax sum to one
     np.testing.assert_allclose(raw.sum(1), 1.0, atol=2e-2)
@@ -112,12 +96,12 @@ def test_input_transform_is_lower_triangle_min_max_of_log(maps):
 
 def test_wrong_window_is_a_clear_error():
     with pytest.raises(ApmaeError, match="takes 64x64 maps, got 32x32"):
-        micro()(torch.zeros(1, 32, 32))
+        micro_model()(torch.zeros(1, 32, 32))
 
 
 # --------------------------------------------------------------------------- MAE steps
 def test_random_masking_keeps_the_lowest_noise():
-    m = micro()
+    m = micro_model()
     x = torch.randn(3, 36, 5)
     noise = torch.rand(3, 36)
     vis, mask, restore = m.random_masking(x, 0.5, noise)
@@ -136,7 +120,7 @@ def test_random_masking_keeps_the_lowest_noise():
 def test_decoder_gets_encoded_patches_at_their_positions_and_mask_tokens_elsewhere(maps):
     """The reference package's defect: its decoder scattered mask tokens over the visible
     positions, so no encoded patch reached the decoder."""
-    m = micro()
+    m = micro_model()
     with torch.no_grad():
         m.mask_token.normal_()  # make mask tokens distinguishable
     seen = {}
@@ -165,7 +149,7 @@ def test_decoder_gets_encoded_patches_at_their_positions_and_mask_tokens_elsewhe
 def test_prediction_of_masked_patches_depends_on_visible_patch_tokens(maps):
     """Change one visible patch: the decoder's predictions for masked patches change even
     when the CLS token path is removed (attention from mask tokens to encoded tokens)."""
-    m = micro()
+    m = micro_model()
     noise = torch.rand(1, 36, generator=torch.Generator().manual_seed(2))
     patches = m.prepare(maps[:1])
     with torch.no_grad():
@@ -179,7 +163,7 @@ def test_prediction_of_masked_patches_depends_on_visible_patch_tokens(maps):
 
 
 def test_loss_counts_masked_patches_and_lower_triangle_pixels_only(maps):
-    m = micro()
+    m = micro_model()
     noise = torch.rand(3, 36, generator=torch.Generator().manual_seed(4))
     with torch.no_grad():
         loss, pred, mask = m(maps[:3], noise=noise)
@@ -210,8 +194,8 @@ def test_loss_counts_masked_patches_and_lower_triangle_pixels_only(maps):
     assert float(m.forward_loss(target, p3, mask)) > float(loss)
 
 
-def test_attention_equals_explicit_softmax_attention():
-    m = micro()
+def test_attention_equals_explicit_softmax_attention(monkeypatch):
+    m = micro_model()
     attn = m.blocks[0].attn
     x = torch.randn(2, 19, 32)
     b, t, _ = x.shape
@@ -219,12 +203,17 @@ def test_attention_equals_explicit_softmax_attention():
     w = torch.softmax(qkv[0] @ qkv[1].transpose(-1, -2) / 4.0, dim=-1)
     ref = attn.proj((w @ qkv[2]).transpose(1, 2).reshape(b, t, 32))
     assert torch.allclose(attn(x), ref, atol=1e-5)
-    assert F.scaled_dot_product_attention is torch.nn.functional.scaled_dot_product_attention
+    # the heads' outputs come from one F.scaled_dot_product_attention call: the explicit softmax
+    sdpa, outs = F.scaled_dot_product_attention, []
+    monkeypatch.setattr(F, "scaled_dot_product_attention",
+                        lambda *a, **k: outs.append(sdpa(*a, **k)) or outs[-1])
+    attn(x)
+    assert len(outs) == 1 and torch.allclose(outs[0], w @ qkv[2], atol=1e-5)
 
 
 # --------------------------------------------------------------------------- encode
 def test_encode_cls_and_mean(maps):
-    m = micro()
+    m = micro_model()
     with torch.inference_mode():
         cls = m.encode(maps)
         mean = m.encode(maps, pool="mean")
@@ -241,7 +230,7 @@ def test_encode_cls_and_mean(maps):
 def test_save_pretrained_round_trip(tmp_path, maps):
     from transformers import AutoModel
 
-    m = micro(input_scaling="raw")
+    m = micro_model(input_scaling="raw")
     m.save_pretrained(tmp_path)
     assert (tmp_path / "model.safetensors").exists()
     cfg = json.loads((tmp_path / "config.json").read_text())
@@ -263,7 +252,7 @@ def test_save_pretrained_round_trip(tmp_path, maps):
 
 @pytest.mark.gpu
 def test_cuda_bf16_autocast_matches_cpu_fp32(maps):
-    m = micro()
+    m = micro_model()
     noise = torch.rand(6, 36, generator=torch.Generator().manual_seed(5))
     with torch.inference_mode():
         loss, pred, _ = m(maps, noise=noise)

@@ -126,15 +126,12 @@ def _embeddings(run: Path):
     return np.asarray(g["inference_id"][:]), np.asarray(g["embeddings"][:])
 
 
-def test_encode_on_two_ranks_equals_one_process(synthetic_run_dir, tmp_path):
-    from tests.tiny_models import save_tiny_apmae
-
-    ckpt = save_tiny_apmae(tmp_path / "ckpt", image_size=64, patch_size=16)
+def test_encode_on_two_ranks_equals_one_process(synthetic_run_dir, tiny_checkpoint, tmp_path):
     runs = {}
     for nproc in (1, 2):
         run = runs[nproc] = tmp_path / f"run{nproc}"
         shutil.copytree(synthetic_run_dir, run)
-        _ok(_cli(["encode", str(run), "--checkpoint", str(ckpt), "--block", "16",
+        _ok(_cli(["encode", str(run), "--checkpoint", str(tiny_checkpoint), "--block", "16",
                   "--batch-size", "32", "--device", "cpu"], nproc=nproc))
     (ids1, e1), (ids2, e2) = _embeddings(runs[1]), _embeddings(runs[2])
     assert ids1.size == 126 and np.array_equal(ids1, ids2)
@@ -222,15 +219,7 @@ def _assert_same_encoded(a: Path, b: Path):
     assert np.array_equal(ia, np.sort(inf.loc[inf.has_maps, "inference_id"].to_numpy()))
 
 
-@pytest.fixture(scope="module")
-def tiny_ckpt(tmp_path_factory):
-    from tests.tiny_models import save_tiny_apmae
-
-    return save_tiny_apmae(tmp_path_factory.mktemp("apmae") / "final", image_size=32,
-                           patch_size=4)
-
-
-def test_shards_encoding_while_they_capture_merge_to_the_one_process_run(tmp_path, tiny_ckpt,
+def test_shards_encoding_while_they_capture_merge_to_the_one_process_run(tmp_path, tiny_apmae,
                                                                          monkeypatch, caplog):
     """``--shard K/N --encode-with``: each shard keeps embeddings (no maps); a merge killed
     while a committed round's embedding waits in the writer's block (blocks of 3) reruns to
@@ -239,7 +228,7 @@ def test_shards_encoding_while_they_capture_merge_to_the_one_process_run(tmp_pat
     from apmae_gpu.capture import capture, merge_shards
 
     monkeypatch.setattr(encoding, "default_block", lambda *a, **k: 3)
-    kw = {"per_task": 2, "batch_size": 3, "device": "cpu", "encode_with": tiny_ckpt}
+    kw = {"per_task": 2, "batch_size": 3, "device": "cpu", "encode_with": tiny_apmae}
     ref = synthetic_tasks(tmp_path / "ref", "random:tiny-llama", n_per_task=10, window=32)
     capture(ref, "random:tiny-llama", **kw)
     run = synthetic_tasks(tmp_path / "run", "random:tiny-llama", n_per_task=10, window=32)
@@ -270,18 +259,18 @@ def test_shards_encoding_while_they_capture_merge_to_the_one_process_run(tmp_pat
 
 
 @pytest.fixture(scope="module")
-def encoded_reference(tmp_path_factory, tiny_ckpt):
+def encoded_reference(tmp_path_factory, tiny_apmae):
     """One process: the analysis split captured and encoded in one pass."""
     run = synthetic_tasks(tmp_path_factory.mktemp("enc") / "run", "random:tiny-llama",
                           n_per_task=14, window=32)
-    _ok(_cli(["capture", str(run), *ARGS, "--encode-with", str(tiny_ckpt)]))
+    _ok(_cli(["capture", str(run), *ARGS, "--encode-with", str(tiny_apmae)]))
     return run
 
 
-def test_two_ranks_encoding_while_they_capture_equal_one_process(encoded_reference, tiny_ckpt,
+def test_two_ranks_encoding_while_they_capture_equal_one_process(encoded_reference, tiny_apmae,
                                                                  tmp_path):
     run = synthetic_tasks(tmp_path / "run", "random:tiny-llama", n_per_task=14, window=32)
-    _ok(_cli(["capture", str(run), *ARGS, "--encode-with", str(tiny_ckpt)], nproc=2))
+    _ok(_cli(["capture", str(run), *ARGS, "--encode-with", str(tiny_apmae)], nproc=2))
     assert not (run / "shards").exists()
     _assert_same_encoded(encoded_reference, run)
     inf = MapStore(run).inferences()
@@ -291,9 +280,9 @@ def test_two_ranks_encoding_while_they_capture_equal_one_process(encoded_referen
 
 
 def test_a_killed_rank_encoding_while_it_captures_reruns_to_the_same_run(encoded_reference,
-                                                                         tiny_ckpt, tmp_path):
+                                                                         tiny_apmae, tmp_path):
     run = synthetic_tasks(tmp_path / "run", "random:tiny-llama", n_per_task=14, window=32)
-    args = ["capture", str(run), *ARGS, "--encode-with", str(tiny_ckpt)]
+    args = ["capture", str(run), *ARGS, "--encode-with", str(tiny_apmae)]
     _kill_rank_1_midway(run, args)
     assert (run / "shards" / "1-of-2" / "embeddings.zarr").exists()
     _ok(_cli(args, nproc=2))
