@@ -58,6 +58,7 @@ from sklearn.preprocessing import OneHotEncoder
 
 from apmae_gpu import TASKS, task_rank
 from apmae_gpu.cluster_backends import free_torch_cuda_cache
+from apmae_gpu.config import ClassifyConfig, section
 from apmae_gpu.figures import pyplot, save_figure
 from apmae_gpu.runs import (ApmaeError, load_frame, update_manifest, write_json,
                             write_parquet)
@@ -68,24 +69,33 @@ MISSING = -2   # a head without a cluster row for this inference (noise is -1, a
 METHODS = ("catboost", "majority", "logreg", "target_model")
 
 
+_PAPER = ClassifyConfig()   # the classify section's defaults: the reference notebook's
+
+
 @dataclass(frozen=True)
 class CatBoostSettings:
-    """CatBoost settings; defaults are the reference notebook's (paper-facts)."""
+    """The CatBoost settings of one fit: the ``classify`` section's (defaults from
+    :class:`~apmae_gpu.config.ClassifyConfig`, see :meth:`from_config`) plus the loss and the
+    thread count."""
 
-    iterations: int = 1000
-    depth: int = 6
-    learning_rate: float = 0.1
+    iterations: int = _PAPER.iterations
+    depth: int = _PAPER.depth
+    learning_rate: float = _PAPER.learning_rate
     loss_function: str = "Logloss"
-    early_stopping_rounds: int = 25
-    eval_fraction: float = 0.1     # of each training fold, stratified, for early stopping
+    early_stopping_rounds: int = _PAPER.early_stopping_rounds
+    eval_fraction: float = _PAPER.eval_fraction   # of each training fold, for early stopping
     thread_count: int = -1
-    # None: CatBoost's defaults (the reference).  Cluster ids have few values per head, and
-    # one_hot_max_size=16 (one-hot instead of target statistics and their combinations)
-    # cross-validates a task much faster: bench/results/classify.md.
-    one_hot_max_size: int | None = None
-    max_ctr_complexity: int | None = None
-    # None: CatBoost's choice (Ordered on small CPU data sets); "Plain" is cheaper per tree
-    boosting_type: str | None = None
+    one_hot_max_size: int | None = _PAPER.one_hot_max_size
+    max_ctr_complexity: int | None = _PAPER.max_ctr_complexity
+    boosting_type: str | None = _PAPER.boosting_type
+
+    @classmethod
+    def from_config(cls, cfg: ClassifyConfig, thread_count: int = -1) -> CatBoostSettings:
+        return cls(iterations=cfg.iterations, depth=cfg.depth, learning_rate=cfg.learning_rate,
+                   early_stopping_rounds=cfg.early_stopping_rounds,
+                   eval_fraction=cfg.eval_fraction, thread_count=thread_count,
+                   one_hot_max_size=cfg.one_hot_max_size,
+                   max_ctr_complexity=cfg.max_ctr_complexity, boosting_type=cfg.boosting_type)
 
 
 @dataclass
@@ -404,32 +414,18 @@ def classify_task(task: str, X: np.ndarray, y: np.ndarray, inference_ids: np.nda
 
 
 # --------------------------------------------------------------------------- the stage
-def classify(run: str | os.PathLike, folds: int = 10, gpu: str = "auto", seed: int = 0,
-             iterations: int = 1000, depth: int = 6, learning_rate: float = 0.1,
-             early_stopping_rounds: int = 25, eval_fraction: float = 0.1,
-             tasks: list[str] | None = None, shap_on: str = "oof",
-             thread_count: int = -1, one_hot_max_size: int | None = None,
-             max_ctr_complexity: int | None = None,
-             boosting_type: str | None = None) -> pd.DataFrame:
+def classify(run: str | os.PathLike, settings: ClassifyConfig | None = None, *, seed: int = 0,
+             thread_count: int = -1, **overrides) -> pd.DataFrame:
     """Classify correctness per task from per-head cluster ids; write ``RUN/classify/``.
 
-    Returns the metrics frame (one row per task and method).
+    ``settings``: the ``classify`` section (:class:`~apmae_gpu.config.ClassifyConfig`;
+    default the reference's), with keyword ``overrides`` of its fields over it.  Returns the
+    metrics frame (one row per task and method).
     """
     run = Path(run)
-    if folds < 2:
-        raise ApmaeError(f"--folds {folds}: needs at least 2")
-    if not 0 <= eval_fraction < 1:
-        raise ApmaeError(f"--eval-fraction {eval_fraction}: expected a fraction in [0, 1)")
-    if shap_on not in ("oof", "full"):
-        raise ApmaeError(f"--shap-on {shap_on}: expected oof or full")
-    if boosting_type not in (None, "Plain", "Ordered"):
-        raise ApmaeError(f"--boosting-type {boosting_type}: expected Plain or Ordered")
-    settings = CatBoostSettings(iterations=iterations, depth=depth, learning_rate=learning_rate,
-                                early_stopping_rounds=early_stopping_rounds,
-                                eval_fraction=eval_fraction, thread_count=thread_count,
-                                one_hot_max_size=one_hot_max_size,
-                                max_ctr_complexity=max_ctr_complexity,
-                                boosting_type=boosting_type)
+    cfg = section(ClassifyConfig, settings, overrides)
+    folds, gpu, tasks, shap_on = cfg.folds, cfg.gpu, cfg.tasks, cfg.shap_on
+    settings = CatBoostSettings.from_config(cfg, thread_count)
     task_type = resolve_task_type(gpu)
     if task_type == "GPU":
         free_torch_cuda_cache()   # CatBoost allocates GPU memory outside torch's cache

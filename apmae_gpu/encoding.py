@@ -36,6 +36,7 @@ import torch
 import zarr
 
 from apmae_gpu import ranks
+from apmae_gpu.config import EncodeConfig, section
 from apmae_gpu.devices import autocast
 from apmae_gpu.model import APMAEModel
 from apmae_gpu.runs import ApmaeError, progress, resolve_device, update_manifest
@@ -500,19 +501,19 @@ def _encode_ranked(run, checkpoint, store, model, index, target, n_layers, n_hea
 
 
 
-def encode(run: str | os.PathLike, checkpoint: str | os.PathLike | None = None,
-           batch_size: int = 256, pool: str = "cls", device: str = "auto",
-           block: int | None = None, restart: bool = False) -> Path:
+def encode(run: str | os.PathLike, settings: EncodeConfig | None = None, *,
+           checkpoint: str | os.PathLike | None = None, device: str = "auto",
+           restart: bool = False, **overrides) -> Path:
     """Encode every analysis map of ``run`` into ``RUN/embeddings.zarr``; resumable.
 
-    Reads ``MapStore(run)`` (the ``analysis`` inferences with maps), batches ``batch_size``
-    maps per forward pass and writes ``block`` inferences per commit.  Returns the path.
+    ``settings``: the ``encode`` section (:class:`~apmae_gpu.config.EncodeConfig`), with
+    keyword ``overrides`` of its fields over it.  Reads ``MapStore(run)`` (the ``analysis``
+    inferences with maps), batches ``batch_size`` maps per forward pass and writes ``block``
+    inferences per commit.  Returns the path.
     """
     run = Path(run)
-    if pool not in POOLS:
-        raise ApmaeError(f"--pool {pool}: expected cls or mean")
-    if batch_size < 1:
-        raise ApmaeError("--batch-size must be >= 1")
+    cfg = section(EncodeConfig, settings, overrides)
+    batch_size, pool, block = cfg.batch_size, cfg.pool, cfg.block
     checkpoint = Path(checkpoint) if checkpoint else run / "apmae" / "final"
     device = resolve_device(device)
     store = MapStore(run)

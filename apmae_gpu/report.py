@@ -33,7 +33,8 @@ import pandas as pd
 import typer
 from markupsafe import escape
 
-from apmae_gpu import TASKS, __version__, task_rank
+from apmae_gpu import TASKS, __version__, config, task_rank
+from apmae_gpu.config import ReportConfig
 from apmae_gpu.figures import png_bytes, pyplot
 from apmae_gpu.findings import findings, summary
 from apmae_gpu.runs import ApmaeError, atomic_path, read_manifest, update_manifest, write_parquet
@@ -547,9 +548,11 @@ def render(run: Path, sections: list[Section]) -> str:
         sections=sections, version=__version__, when=time.strftime("%Y-%m-%d %H:%M"))
 
 
-def report(run: str | os.PathLike, notebook: bool = False) -> Path:
-    """Write ``RUN/report/index.html`` (and, with ``notebook``, the executed findings
-    notebook beside it); records a ``report`` section in the manifest.  Returns the page."""
+def report(run: str | os.PathLike, settings: ReportConfig | None = None, **overrides) -> Path:
+    """Write ``RUN/report/index.html`` (and, with the ``report`` section's ``notebook``, the
+    executed findings notebook beside it); records a ``report`` section in the manifest.
+    Returns the page."""
+    notebook = config.section(ReportConfig, settings, overrides).notebook
     run = Path(run)
     if not run.is_dir():
         raise ApmaeError(f"{run} is not a directory")

@@ -4,6 +4,7 @@ on a seeded synthetic run in which a few heads' cluster ids really depend on cor
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import numpy as np
@@ -220,7 +221,8 @@ def test_classify_cli_and_bad_input(tmp_path, capsys):
     assert section["shap"].endswith("full-data model") and section["folds"] == 3
     assert section["catboost"]["one_hot_max_size"] == 8
     assert section["catboost"]["boosting_type"] == "Plain"
-    with pytest.raises(ApmaeError, match="--boosting-type Fast: expected Plain or Ordered"):
+    with pytest.raises(ApmaeError, match=re.escape("classify: boosting_type: input should be "
+                                                   "'Plain' or 'Ordered' (got 'Fast')")):
         C.classify(run, gpu="no", boosting_type="Fast")
     assert list(section["tasks"]) == ["end_of_line"] and list(section["skipped"]) == [
         "string_literals"]

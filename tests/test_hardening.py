@@ -291,7 +291,7 @@ def test_check_passes_a_sound_run_and_flags_damaged_embeddings(run_copy, tiny_ch
     from apmae_gpu import encoding
     from apmae_gpu.check import check_run
 
-    encoding.encode(run_copy, tiny_checkpoint, device="cpu", block=16)
+    encoding.encode(run_copy, checkpoint=tiny_checkpoint, device="cpu", block=16)
     lines: list[str] = []
     assert check_run(run_copy, echo=lines.append) == []
     assert lines[-1] == f"{run_copy}: sound"
