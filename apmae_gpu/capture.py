@@ -34,6 +34,12 @@ it fall short of the task's quota, and an attempt is kept while its class is sho
 have maps.  Each round is one commit, so a killed capture rerun with the same command gives
 exactly the uninterrupted result, and N processes (torchrun ranks or ``--shard K/N``) give
 exactly the result of one once their shards are merged.
+
+The stage, step by step (:func:`capture`): ``_settings`` (its arguments as one
+:class:`~apmae_gpu.config.CaptureConfig`), ``_context`` (the run, its tasks and this process's
+rank: a :class:`CaptureRun`), ``_load_target`` (device and LLM), ``_open_store`` (store,
+encoder, where a killed capture stopped, the round plan), ``_prompt_rounds`` (per round:
+forward with maps, judge, keep, write) and ``_finish`` (manifest; rank 0 merges).
 """
 
 from __future__ import annotations
@@ -374,6 +380,7 @@ def _settings(split: str, *, per_task: int, heads: str | None, max_attempts: int
         raise ApmaeError(f"--split {split}: expected train or analysis")
     if fields["scaler"] not in SCALERS:
         raise ApmaeError(f"--scaler {fields['scaler']}: expected one of {', '.join(SCALERS)}")
+    llm.check_dtype(fields["dtype"])
     heads = heads or ("layerwise:0.25" if split == "train" else "all")
     try:
         return CaptureConfig(**fields, **{split: CaptureSplitConfig(
