@@ -34,6 +34,12 @@ it fall short of the task's quota, and an attempt is kept while its class is sho
 have maps.  Each round is one commit, so a killed capture rerun with the same command gives
 exactly the uninterrupted result, and N processes (torchrun ranks or ``--shard K/N``) give
 exactly the result of one once their shards are merged.
+
+The stage, step by step (:func:`capture`): ``_settings`` (its arguments as one
+:class:`~apmae_gpu.config.CaptureConfig`), ``_context`` (the run, its tasks and this process's
+rank: a :class:`CaptureRun`), ``_load_target`` (device and LLM), ``_open_store`` (store,
+encoder, where a killed capture stopped, the round plan), ``_prompt_rounds`` (per round:
+forward with maps, judge, keep, write) and ``_finish`` (manifest; rank 0 merges).
 """
 
 from __future__ import annotations
@@ -49,10 +55,21 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
+from pydantic import ValidationError
+from transformers import AttentionInterface
+from transformers.integrations.sdpa_attention import sdpa_attention_forward
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from apmae_gpu import llm, ranks
+from apmae_gpu.config import CaptureConfig, CaptureSplitConfig
+from apmae_gpu.encoding import BLOCK_BUDGET_BYTES, StreamingEncoder
+from apmae_gpu.rank_embeddings import roll_back_unencoded
 from apmae_gpu.ranks import kept_target, split_rows  # noqa: F401  (part of capture's API)
-from apmae_gpu.runs import ApmaeError, progress, read_manifest, read_parquet, update_manifest
+from apmae_gpu.runs import (ApmaeError, progress, read_manifest, read_parquet, resolve_device,
+                            update_manifest)
 from apmae_gpu.scaling import FILL_VALUES, FLOOR, SCALERS, scale_maps
+from apmae_gpu.store import INFERENCE_SCHEMA, MapStore
 
 log = logging.getLogger("apmae_gpu.capture")
 
@@ -73,8 +90,6 @@ class _Session:
 def _capture_attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0,
                        **kwargs):
     """AttentionInterface function: the model's SDPA output, plus the probabilities."""
-    from transformers.integrations.sdpa_attention import sdpa_attention_forward
-
     session: _Session | None = getattr(module, "_apmae_session", None)
     if session is not None:
         _record(module, session, query, key, attention_mask, scaling, kwargs)
@@ -83,8 +98,6 @@ def _capture_attention(module, query, key, value, attention_mask, scaling=None, 
 
 
 def _record(module, session: _Session, query, key, attention_mask, scaling, kwargs) -> None:
-    import torch
-
     layer = module._apmae_layer
     B, Hq, T, D = query.shape
     Hkv = key.shape[1]
@@ -125,9 +138,6 @@ def _register() -> None:
     global _REGISTERED
     if _REGISTERED:
         return
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
-
     AttentionInterface.register(CAPTURE_IMPL, _capture_attention)
     ALL_MASK_ATTENTION_FUNCTIONS.register(CAPTURE_IMPL, sdpa_mask)
     _REGISTERED = True
@@ -139,8 +149,6 @@ def capturing(model, fam, heads: list, scaler: str, batch: int, window: int):
     ``session.buffer`` [batch, layers, K, window, window] (float16) with the scaled maps of
     ``heads`` (per layer: LongTensor [batch, K] or None for all heads).  Hooks and the
     attention implementation are always restored."""
-    import torch
-
     _register()
     k = max(fam.n_heads if h is None else h.shape[1] for h in heads)
     device = next(model.parameters()).device
@@ -165,8 +173,6 @@ def capturing(model, fam, heads: list, scaler: str, batch: int, window: int):
 def forward_with_maps(model, fam, input_ids, heads: list, scaler: str):
     """One forward pass: returns (last-position logits [B, V], maps [B, L, K, T, T] fp16),
     both on the model's device."""
-    import torch
-
     B, T = input_ids.shape
     with capturing(model, fam, heads, scaler, B, T) as session, torch.inference_mode():
         out = model(input_ids=input_ids, logits_to_keep=1, use_cache=False)
@@ -199,8 +205,6 @@ def choose_heads(inference_ids, n_layers: int, n_heads: int, frac: float | None,
     ``round(frac * n_heads)`` (at least 1) heads of each layer, drawn per prompt from its
     ``inference_ids`` (capture passes the task ids, so the draw does not depend on which
     process prompts it)."""
-    import torch
-
     if frac is None:
         return [None] * n_layers
     k = max(1, int(round(frac * n_heads)))
@@ -217,8 +221,6 @@ class _Writer:
     """Commits batches to the store on a background thread so writing overlaps compute."""
 
     def __init__(self, store):
-        from apmae_gpu.store import INFERENCE_SCHEMA
-
         self.store, self.schema = store, INFERENCE_SCHEMA
         self.q: queue.Queue = queue.Queue(maxsize=2)
         self.error: BaseException | None = None
@@ -262,6 +264,68 @@ class _Writer:
 
 
 # --------------------------------------------------------------------------- the stage
+@dataclass
+class CaptureRun:
+    """One capture call's context, apart from its settings (:class:`CaptureConfig`)."""
+
+    run: Path                       # the run directory
+    model: str
+    split: str                      # "train" | "analysis"
+    device: str                     # as given; resolved by :func:`_load_target`
+    seed: int
+    shard: str | None               # "K/N" as given
+    encode_with: Path | None
+    trust_remote_code: bool
+    frac: float | None              # heads per layer (None: all), from the split's ``heads``
+    dist: tuple[int, int, int] | None   # torchrun's (rank, world, local rank)
+    rank: int
+    world: int
+    out_run: Path                   # the run, or this process's shard of it
+    tasks: pd.DataFrame             # tasks.parquet
+    window: int                     # prompt length in tokens
+
+    @property
+    def sharded(self) -> bool:
+        return self.out_run != self.run
+
+
+@dataclass
+class _Target:
+    """The loaded target LLM."""
+
+    spec: llm.ModelSpec
+    lm: object
+    fam: llm.Family
+
+
+@dataclass
+class _State:
+    """Where the capture stands: the store, the plan and what was prompted so far."""
+
+    store: MapStore
+    encoder: StreamingEncoder | None
+    encoded_upto: int               # last inference id whose embedding is committed
+    plan: ranks.RoundPlan
+    known: ranks.Outcomes
+    by_id: pd.DataFrame             # tasks indexed by task_id
+    next_id: int
+    next_batch: int
+    stats: Counter = field(default_factory=Counter)
+
+
+@dataclass
+class _Round:
+    """One round's prompts: ``len(attempts)`` candidates of one task."""
+
+    task: str
+    attempts: np.ndarray
+    task_ids: np.ndarray
+    ids: np.ndarray                 # inference ids
+    input_ids: torch.Tensor         # [B, T] on the device
+    targets: torch.Tensor           # [B] on the CPU
+    heads: list                     # :func:`choose_heads`
+
+
 def _parse_shard(shard: str | None) -> tuple[int, int] | None:
     if not shard:
         return None
@@ -292,21 +356,49 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
     rounds into ``RUN/shards/K-of-N`` and the shards are merged into the same run one process
     writes (:mod:`apmae_gpu.ranks`); under torchrun rank 0 merges at the end.
     """
-    import torch
+    cfg = _settings(split, per_task=per_task, heads=heads, max_attempts=max_attempts,
+                    scaler=scaler, dtype=dtype, batch_size=batch_size, chunk_maps=chunk_maps,
+                    device_map=device_map, encode_analysis=encode_with is not None, pool=pool)
+    ctx = _context(cfg, Path(run), model, split, device, seed, shard, encode_with,
+                   trust_remote_code)
+    target = _load_target(ctx, cfg)
+    state = _open_store(ctx, cfg, target)
+    log.info("capture %s split of %s with %s on %s (%s, %d layers x %d heads, scaler %s%s)",
+             split, ctx.run, target.spec.spec, ctx.device,
+             str(target.lm.dtype).replace("torch.", ""), target.fam.n_layers,
+             target.fam.n_heads, cfg.scaler,
+             f", rank {ctx.rank} of {ctx.world}" if ctx.world > 1 else "")
+    seconds = _prompt_rounds(ctx, cfg, target, state)
+    return _finish(ctx, cfg, target, state, seconds)
 
-    from apmae_gpu import llm, ranks
-    from apmae_gpu.runs import resolve_device
-    from apmae_gpu.store import MapStore
 
-    run = Path(run)
+def _settings(split: str, *, per_task: int, heads: str | None, max_attempts: int | None,
+              **fields) -> CaptureConfig:
+    """capture()'s arguments as its config section (the split's in ``train``/``analysis``,
+    ``heads`` resolved to the split's default); bad values are one-line errors."""
     if split not in ("train", "analysis"):
         raise ApmaeError(f"--split {split}: expected train or analysis")
-    if scaler not in SCALERS:
-        raise ApmaeError(f"--scaler {scaler}: expected one of {', '.join(SCALERS)}")
+    if fields["scaler"] not in SCALERS:
+        raise ApmaeError(f"--scaler {fields['scaler']}: expected one of {', '.join(SCALERS)}")
+    llm.check_dtype(fields["dtype"])
+    heads = heads or ("layerwise:0.25" if split == "train" else "all")
+    try:
+        return CaptureConfig(**fields, **{split: CaptureSplitConfig(
+            per_task=per_task, heads=heads, max_attempts=max_attempts)})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        raise ApmaeError(f"--{str(err['loc'][-1]).replace('_', '-')} {err.get('input')}: "
+                         f"{err['msg'].lower()}") from None
+
+
+def _context(cfg: CaptureConfig, run: Path, model: str, split: str, device: str, seed: int,
+             shard: str | None, encode_with: Path | None, trust_remote_code: bool
+             ) -> CaptureRun:
+    """Check the arguments against each other and the run; read the run's tasks."""
     if encode_with is not None and split != "analysis":
         raise ApmaeError("--encode-with applies to the analysis split (AP-MAE trains on the "
                          "stored maps of the train split)")
-    frac = parse_heads(heads, split)
+    frac = parse_heads(getattr(cfg, split).heads, split)
     shard_kn = _parse_shard(shard)
     dist = ranks.dist_env()
     if dist is not None and shard_kn is not None:
@@ -329,43 +421,58 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
                          "`apmae merge-shards`")
     rank, world = (dist[0], dist[1]) if dist else (shard_kn or (0, 1))
     out_run = run if world == 1 and shard_kn is None else run / "shards" / f"{rank}-of-{world}"
+    return CaptureRun(run=run, model=model, split=split, device=device, seed=seed, shard=shard,
+                      encode_with=encode_with, trust_remote_code=trust_remote_code, frac=frac,
+                      dist=dist, rank=rank, world=world, out_run=out_run, tasks=tasks,
+                      window=window)
 
-    device = resolve_device(device)
-    if dist is not None:
-        device = ranks.rank_device(device, dist[2])
-        ranks.init_group(device)
-    spec = llm.resolve(model)
-    lm = llm.load_model(spec, device=device, dtype=llm.parse_dtype(dtype, device), device_map=device_map,
-                        trust_remote_code=trust_remote_code, seed=seed)
+
+def _load_target(ctx: CaptureRun, cfg: CaptureConfig) -> _Target:
+    """Resolve the device (joining torchrun's group), load the LLM and check that the tasks
+    fit its context and vocabulary."""
+    ctx.device = resolve_device(ctx.device)
+    if ctx.dist is not None:
+        ctx.device = ranks.rank_device(ctx.device, ctx.dist[2])
+        ranks.init_group(ctx.device)
+    spec = llm.resolve(ctx.model)
+    lm = llm.load_model(spec, device=ctx.device, dtype=llm.parse_dtype(cfg.dtype, ctx.device),
+                        device_map=cfg.device_map, trust_remote_code=ctx.trust_remote_code,
+                        seed=ctx.seed)
     fam = llm.family(lm)
-    ctx = llm.context_length(lm)
-    if ctx is not None and window > ctx:
-        raise ApmaeError(f"prompts are {window} tokens but {model} has a context of {ctx}")
+    n_ctx = llm.context_length(lm)
+    if n_ctx is not None and ctx.window > n_ctx:
+        raise ApmaeError(f"prompts are {ctx.window} tokens but {ctx.model} has a context of "
+                         f"{n_ctx}")
     vocab = lm.get_input_embeddings().num_embeddings
-    top = max(int(max(ids)) for ids in tasks.input_ids.head(1000))
+    top = max(int(max(ids)) for ids in ctx.tasks.input_ids.head(1000))
     if top >= vocab:
-        raise ApmaeError(f"tasks hold token id {top} but {model} has a vocabulary of {vocab}: "
-                         "mine with this model's tokenizer")
-    quota = per_task
+        raise ApmaeError(f"tasks hold token id {top} but {ctx.model} has a vocabulary of "
+                         f"{vocab}: mine with this model's tokenizer")
+    return _Target(spec, lm, fam)
 
-    store = MapStore.create_or_open(out_run, window=window, scaler=scaler,
-                                    fill_value=FILL_VALUES[scaler], floor=FLOOR if scaler == "log" else None,
-                                    chunk_maps=chunk_maps)
+
+def _open_store(ctx: CaptureRun, cfg: CaptureConfig, target: _Target) -> _State:
+    """Open (or create) the store, and the encoder with ``encode_with``; find where a killed
+    capture stopped and build the round plan (saved for the merge when sharded)."""
+    split, fam = ctx.split, target.fam
+    store = MapStore.create_or_open(ctx.out_run, window=ctx.window, scaler=cfg.scaler,
+                                    fill_value=FILL_VALUES[cfg.scaler],
+                                    floor=FLOOR if cfg.scaler == "log" else None,
+                                    chunk_maps=cfg.chunk_maps)
     encoder = None
-    if encode_with is not None:
-        from apmae_gpu.encoding import BLOCK_BUDGET_BYTES, StreamingEncoder
-
+    if ctx.encode_with is not None:
         # a shard's blocks are smaller (the merge holds one block of every shard in memory)
-        encoder = StreamingEncoder(out_run, encode_with, fam.n_layers, fam.n_heads, pool=pool,
-                                   device=device, block_budget=None if out_run == run
-                                   else BLOCK_BUDGET_BYTES // world)
-        _roll_back_unencoded(store, split, encoder.committed_ids)
-    if dist is not None:
-        ranks.barrier(device)   # no rank reads the shards while another rolls its own back
+        encoder = StreamingEncoder(ctx.out_run, ctx.encode_with, fam.n_layers, fam.n_heads,
+                                   pool=cfg.pool, device=ctx.device,
+                                   block_budget=BLOCK_BUDGET_BYTES // ctx.world
+                                   if ctx.sharded else None)
+        roll_back_unencoded(store, split, encoder.committed_ids)
+    if ctx.dist is not None:
+        ranks.barrier(ctx.device)   # no rank reads the shards while another rolls its own back
     encoded_upto = (int(encoder.committed_ids[-1]) if encoder is not None
                     and len(encoder.committed_ids) else -1)
     used_elsewhere: set = set()
-    for src in [run, *ranks.shard_dirs(run)]:
+    for src in [ctx.run, *ranks.shard_dirs(ctx.run)]:
         if (src / "maps.zarr").exists():
             other = MapStore(src).inferences(columns=["inference_id", "split", "task_id"])
             if not other.empty:
@@ -374,94 +481,50 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
     next_id = int(done_all.inference_id.max()) + 1 if not done_all.empty else 0
     done = done_all[done_all.split == split] if not done_all.empty else done_all
     next_batch = int(done.batch.max()) + 1 if not done.empty else 0
-    plan = ranks.RoundPlan.build(tasks, split, quota, batch_size, seed, max_attempts,
-                                 used_elsewhere)
-    if out_run != run:
-        encoding = {"encode_with": None if encode_with is None else str(encode_with),
-                    "pool": pool if encode_with is not None else None}
-        ranks.check_plan(run, plan, seed, encoding["encode_with"])
-        plan.save(ranks.plan_path(run, split), {
-            "seed": seed, "per_task": per_task, "batch_size": batch_size,
-            "max_attempts": max_attempts, "capped": plan.capped, **encoding,
-            "heads": heads or ("layerwise:0.25" if split == "train" else "all")})
-    known = ranks.Outcomes(plan, run)
-    by_id = tasks.set_index("task_id")
+    sc = getattr(cfg, split)
+    plan = ranks.RoundPlan.build(ctx.tasks, split, sc.per_task, cfg.batch_size, ctx.seed,
+                                 sc.max_attempts, used_elsewhere)
+    if ctx.sharded:
+        encoding = {"encode_with": None if ctx.encode_with is None else str(ctx.encode_with),
+                    "pool": cfg.pool if ctx.encode_with is not None else None}
+        ranks.check_plan(ctx.run, plan, ctx.seed, encoding["encode_with"])
+        plan.save(ranks.plan_path(ctx.run, split), {
+            "seed": ctx.seed, "per_task": sc.per_task, "batch_size": cfg.batch_size,
+            "max_attempts": sc.max_attempts, "capped": plan.capped, **encoding,
+            "heads": sc.heads})
+    return _State(store=store, encoder=encoder, encoded_upto=encoded_upto, plan=plan,
+                  known=ranks.Outcomes(plan, ctx.run), by_id=ctx.tasks.set_index("task_id"),
+                  next_id=next_id, next_batch=next_batch)
 
-    log.info("capture %s split of %s with %s on %s (%s, %d layers x %d heads, scaler %s%s)",
-             split, run, spec.spec, device, str(lm.dtype).replace("torch.", ""), fam.n_layers,
-             fam.n_heads, scaler, f", rank {rank} of {world}" if world > 1 else "")
-    writer = _Writer(store)
+
+def _prompt_rounds(ctx: CaptureRun, cfg: CaptureConfig, target: _Target, state: _State
+                   ) -> float:
+    """Prompt round after round until the plan is done, committing each on the writer's
+    thread; returns the seconds it took."""
+    writer = _Writer(state.store)
     t0 = time.perf_counter()
-    stats = Counter()
-    bar = progress(desc=f"capture {split}", unit="inf")
+    stats = state.stats
+    bar = progress(desc=f"capture {ctx.split}", unit="inf")
     try:
         while True:
-            nxt = ranks.next_round(known, rank, world, wait=dist is not None)
+            nxt = ranks.next_round(state.known, ctx.rank, ctx.world, wait=ctx.dist is not None)
             if nxt is None:
                 break
-            task, k = nxt
-            attempts = plan.attempts(task, k)
-            task_ids = plan.order[task][attempts]
-            ids = np.arange(next_id, next_id + len(attempts), dtype=np.int64)
-            input_ids = torch.tensor(np.stack([np.asarray(by_id.at[t, "input_ids"], dtype=np.int64)
-                                               for t in task_ids]), device=device)
-            targets = torch.tensor([int(by_id.at[t, "target_token_id"]) for t in task_ids])
-            head_sel = choose_heads(task_ids, fam.n_layers, fam.n_heads, frac, seed)
-            logits, maps = forward_with_maps(lm, fam, input_ids, head_sel, scaler)
-            verdict = llm.judge(logits, targets.to(logits.device))
-            rows, keep_idx, index_parts = [], [], []
-            for b, (task_id, attempt) in enumerate(zip(task_ids, attempts)):
-                has_target = int(targets[b]) >= 0
-                correct = bool(verdict["correct"][b]) if has_target else None
-                code = ranks.outcome_code(correct)
-                keep = known.may_keep(task, int(attempt), code)
-                known.record(task, int(attempt), code)
-                n_maps = 0
-                if keep:
-                    keep_idx.append(b)
-                    layers = np.repeat(np.arange(fam.n_layers), maps.shape[2])
-                    if frac is None:
-                        head_ids = np.tile(np.arange(fam.n_heads), fam.n_layers)
-                    else:
-                        head_ids = np.concatenate([h[b].numpy() for h in head_sel])
-                    n_maps = len(layers)
-                    index_parts.append(pd.DataFrame({"inference_id": ids[b], "layer": layers,
-                                                     "head": head_ids}))
-                rows.append({
-                    "inference_id": int(ids[b]), "split": split, "task": task,
-                    "task_id": int(task_id), "batch": next_batch, "attempt": int(attempt),
-                    "input_ids": input_ids[b].cpu().numpy().astype(np.int32),
-                    "target_token_id": int(targets[b]),
-                    "predicted_token_id": int(verdict["predicted"][b]), "correct": correct,
-                    "target_logprob": float(verdict["target_logprob"][b]),
-                    "target_rank": int(verdict["target_rank"][b]),
-                    "predicted_logprob": float(verdict["predicted_logprob"][b]),
-                    "has_maps": keep, "n_maps": n_maps})
-                stats["attempts"] += 1
-                stats["kept"] += int(keep)
-            kept_maps = None
-            if keep_idx and encoder is not None:
-                fresh = [b for b in keep_idx if ids[b] > encoded_upto]
-                if fresh:
-                    encoder.add(ids[fresh], maps[fresh])
-                stats["maps"] += len(keep_idx) * maps.shape[1] * maps.shape[2]
-                for r in rows:
-                    r["n_maps"] = 0
-                index_parts = []
-            elif keep_idx:
-                # only the kept prompts' maps leave the device (a third of the analysis split's
-                # prompts are surplus to their class quota)
-                kept_maps = maps[keep_idx].cpu().numpy().reshape(-1, window, window)
-                stats["maps"] += kept_maps.shape[0]
-            index = pd.concat(index_parts, ignore_index=True) if index_parts else None
+            rnd = _next_round(ctx, target, state, *nxt)
+            logits, maps = forward_with_maps(target.lm, target.fam, rnd.input_ids, rnd.heads,
+                                             cfg.scaler)
+            verdict = llm.judge(logits, rnd.targets.to(logits.device))
+            rows, keep_idx, index_parts = _judge_rows(ctx, target.fam, state, rnd, verdict,
+                                                      maps)
+            kept_maps, index = _kept_maps(ctx, state, rnd, maps, rows, keep_idx, index_parts)
             writer.put((kept_maps, index, pd.DataFrame(rows)))
-            next_id += len(attempts)
-            next_batch += 1
-            bar.update(len(attempts))
+            state.next_id += len(rnd.attempts)
+            state.next_batch += 1
+            bar.update(len(rnd.attempts))
             bar.set_postfix(kept=stats["kept"], maps=stats["maps"])
         writer.close()
-        if encoder is not None:
-            encoder.close()
+        if state.encoder is not None:
+            state.encoder.close()
     except BaseException:
         bar.close()
         try:
@@ -470,73 +533,135 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
             pass
         raise
     bar.close()
-    seconds = time.perf_counter() - t0
-    summary = ranks.summary(known)
-    section = read_manifest(out_run).get("capture", {})
+    return time.perf_counter() - t0
+
+
+def _next_round(ctx: CaptureRun, target: _Target, state: _State, task: str, k: int
+                ) -> _Round:
+    """Round ``k`` of ``task``: its candidates' prompts, targets and heads."""
+    attempts = state.plan.attempts(task, k)
+    task_ids = state.plan.order[task][attempts]
+    ids = np.arange(state.next_id, state.next_id + len(attempts), dtype=np.int64)
+    by_id = state.by_id
+    input_ids = torch.tensor(np.stack([np.asarray(by_id.at[t, "input_ids"], dtype=np.int64)
+                                       for t in task_ids]), device=ctx.device)
+    targets = torch.tensor([int(by_id.at[t, "target_token_id"]) for t in task_ids])
+    head_sel = choose_heads(task_ids, target.fam.n_layers, target.fam.n_heads, ctx.frac,
+                            ctx.seed)
+    return _Round(task, attempts, task_ids, ids, input_ids, targets, head_sel)
+
+
+def _judge_rows(ctx: CaptureRun, fam, state: _State, rnd: _Round, verdict: dict, maps
+                ) -> tuple[list[dict], list[int], list[pd.DataFrame]]:
+    """Record every attempt's outcome and decide which to keep: the inference rows, the
+    batch positions kept and their map index rows."""
+    rows, keep_idx, index_parts = [], [], []
+    known, targets, ids = state.known, rnd.targets, rnd.ids
+    for b, (task_id, attempt) in enumerate(zip(rnd.task_ids, rnd.attempts)):
+        has_target = int(targets[b]) >= 0
+        correct = bool(verdict["correct"][b]) if has_target else None
+        code = ranks.outcome_code(correct)
+        keep = known.may_keep(rnd.task, int(attempt), code)
+        known.record(rnd.task, int(attempt), code)
+        n_maps = 0
+        if keep:
+            keep_idx.append(b)
+            layers = np.repeat(np.arange(fam.n_layers), maps.shape[2])
+            if ctx.frac is None:
+                head_ids = np.tile(np.arange(fam.n_heads), fam.n_layers)
+            else:
+                head_ids = np.concatenate([h[b].numpy() for h in rnd.heads])
+            n_maps = len(layers)
+            index_parts.append(pd.DataFrame({"inference_id": ids[b], "layer": layers,
+                                             "head": head_ids}))
+        rows.append({
+            "inference_id": int(ids[b]), "split": ctx.split, "task": rnd.task,
+            "task_id": int(task_id), "batch": state.next_batch, "attempt": int(attempt),
+            "input_ids": rnd.input_ids[b].cpu().numpy().astype(np.int32),
+            "target_token_id": int(targets[b]),
+            "predicted_token_id": int(verdict["predicted"][b]), "correct": correct,
+            "target_logprob": float(verdict["target_logprob"][b]),
+            "target_rank": int(verdict["target_rank"][b]),
+            "predicted_logprob": float(verdict["predicted_logprob"][b]),
+            "has_maps": keep, "n_maps": n_maps})
+        state.stats["attempts"] += 1
+        state.stats["kept"] += int(keep)
+    return rows, keep_idx, index_parts
+
+
+def _kept_maps(ctx: CaptureRun, state: _State, rnd: _Round, maps, rows: list[dict],
+               keep_idx: list[int], index_parts: list[pd.DataFrame]):
+    """The kept prompts' maps for the store, and their index (None, None when nothing is
+    stored: nothing kept, or the maps went to the encoder)."""
+    kept_maps = None
+    if keep_idx and state.encoder is not None:
+        fresh = [b for b in keep_idx if rnd.ids[b] > state.encoded_upto]
+        if fresh:
+            state.encoder.add(rnd.ids[fresh], maps[fresh])
+        state.stats["maps"] += len(keep_idx) * maps.shape[1] * maps.shape[2]
+        for r in rows:
+            r["n_maps"] = 0
+        index_parts = []
+    elif keep_idx:
+        # only the kept prompts' maps leave the device (the analysis split's attempts
+        # surplus to their class quota never do)
+        kept_maps = maps[keep_idx].cpu().numpy().reshape(-1, ctx.window, ctx.window)
+        state.stats["maps"] += kept_maps.shape[0]
+    index = pd.concat(index_parts, ignore_index=True) if index_parts else None
+    return kept_maps, index
+
+
+def _finish(ctx: CaptureRun, cfg: CaptureConfig, target: _Target, state: _State,
+            seconds: float) -> dict:
+    """Record the split in the manifest; under torchrun rank 0 merges the shards.  Returns
+    the split's summary."""
+    split, fam, lm, store, stats = ctx.split, target.fam, target.lm, state.store, state.stats
+    sc = getattr(cfg, split)
+    summary = ranks.summary(state.known)
+    section = read_manifest(ctx.out_run).get("capture", {})
     section.update({
-        "model": spec.describe(), "model_revision": llm.model_revision(spec),
+        "model": target.spec.describe(), "model_revision": llm.model_revision(target.spec),
         "model_type": fam.name, "n_layers": fam.n_layers, "n_heads": fam.n_heads,
         "n_kv_heads": fam.n_kv_heads, "dtype": str(lm.dtype).replace("torch.", ""),
-        "device": device, "device_map": device_map,
+        "device": ctx.device, "device_map": cfg.device_map,
         "attention_backend": f"{CAPTURE_IMPL}: probabilities from the model's own q/k in float32 "
                              "through transformers' AttentionInterface; layer output by sdpa",
-        "scaler": scaler, "floor": FLOOR if scaler == "log" else None,
-        "fill_value": FILL_VALUES[scaler], "window": window, "chunk_maps": store.info.chunk_maps,
-        "codec": store.info.codec,
+        "scaler": cfg.scaler, "floor": FLOOR if cfg.scaler == "log" else None,
+        "fill_value": FILL_VALUES[cfg.scaler], "window": ctx.window,
+        "chunk_maps": store.info.chunk_maps, "codec": store.info.codec,
     })
-    if encoder is not None:
-        section["encoded_with"] = str(encode_with)
+    if state.encoder is not None:
+        section["encoded_with"] = str(ctx.encode_with)
     splits = section.setdefault("splits", {})
     splits[split] = {
-        "per_task": per_task, "quota": quota, "heads": heads or ("layerwise:0.25" if split == "train" else "all"),
-        "batch_size": batch_size, "seed": seed, "max_attempts": max_attempts, "shard": shard,
+        "per_task": sc.per_task, "quota": sc.per_task, "heads": sc.heads,
+        "batch_size": cfg.batch_size, "seed": ctx.seed, "max_attempts": sc.max_attempts,
+        "shard": ctx.shard,
         "tasks": summary, "this_call": {"attempts": stats["attempts"], "kept": stats["kept"],
                                          "maps": stats["maps"], "seconds": round(seconds, 2)},
         "n_maps_total": store.n_maps,
     }
-    if world > 1:
-        splits[split]["rank"] = f"{rank} of {world}"
-    update_manifest(out_run, "capture", section)
+    if ctx.world > 1:
+        splits[split]["rank"] = f"{ctx.rank} of {ctx.world}"
+    update_manifest(ctx.out_run, "capture", section)
     rate = stats["attempts"] / max(seconds, 1e-9)
     log.info("captured %d inferences (%d kept, %d maps) in %.1fs: %.2f inferences/s, %.0f maps/s",
              stats["attempts"], stats["kept"], stats["maps"], seconds, rate,
              stats["maps"] / max(seconds, 1e-9))
-    if dist is not None:
-        ranks.barrier(device)
-        if rank == 0:
-            ranks.merge_capture(run)
-            splits = read_manifest(run)["capture"]["splits"]
-        ranks.finish(device)
+    if ctx.dist is not None:
+        ranks.barrier(ctx.device)
+        if ctx.rank == 0:
+            ranks.merge_capture(ctx.run)
+            splits = read_manifest(ctx.run)["capture"]["splits"]
+        ranks.finish(ctx.device)
         return splits[split]
     short = {t: s["status"] for t, s in summary.items() if s["status"] != "quota met"}
-    if short and out_run == run:
+    if short and not ctx.sharded:
         log.warning("quotas not met: %s", short)
     return splits[split]
-
-
-def _roll_back_unencoded(store, split: str, committed_ids) -> None:
-    """Drop this split's commits from the first batch with a kept inference whose embedding
-    a crash lost (embeddings commit in blocks, inference rows per batch); the rerun recomputes
-    those batches exactly and skips the inferences already encoded."""
-    import pyarrow.parquet as pq
-
-    upto = int(committed_ids[-1]) if len(committed_ids) else -1
-    parts = {seq: pq.read_table(p, columns=["inference_id", "split", "batch", "has_maps"]).to_pandas()
-             for seq, p in store.parts().items()}
-    lost = [df[(df.split == split) & df.has_maps & (df.inference_id > upto)].batch.min()
-            for df in parts.values()]
-    lost = [b for b in lost if pd.notna(b)]
-    if not lost:
-        return
-    first = min(lost)
-    drop = [seq for seq, df in parts.items() if (df.split == split).all() and (df.batch >= first).all()]
-    log.warning("re-capturing %d batches whose embeddings were not committed", len(drop))
-    store.drop_commits(drop)
 
 
 def merge_shards(run: Path) -> dict:
     """Merge ``RUN/shards/K-of-N`` (torchrun ranks or ``--shard`` processes) into RUN's own
     store: the same inferences, maps and order as one process (:func:`ranks.merge_capture`)."""
-    from apmae_gpu.ranks import merge_capture
-
-    return merge_capture(Path(run))
+    return ranks.merge_capture(Path(run))

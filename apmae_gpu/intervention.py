@@ -8,7 +8,8 @@ Ablation
     forward pre-hooks installed by :func:`ablate_heads` / :func:`scale_heads`, context managers
     that always remove them; a mask can differ per sample, so many conditions run in one batch.
 
-Head groups (per task, from ``classify/head_importance.parquet``), as the reference forms them
+Head groups (:mod:`apmae_gpu.intervention_groups`; per task, from
+``classify/head_importance.parquet``), as the reference forms them
     ``positive``: largest mean of the positive parts of the head's SHAP values
     (``mean_shap_pos``) first; ``negative``: most negative mean of the negative parts
     (``mean_shap_neg``) first (``--rank-by mean_shap``: the signed mean for both, an option);
@@ -34,7 +35,7 @@ Outcomes
     are exactly what makes the two net changes differ; stored as ``n_better_than_random`` /
     ``n_worse_than_random``, so tests can pool tasks), with Holm's correction per task.
     First token as in the paper, or (``multi_token``) greedy completion of the whole target
-    with the KV cache, exact match.
+    with the KV cache, exact match.  The statistics live in :mod:`apmae_gpu.intervention_stats`.
 
 Work is resumable: per task and configuration, the held-out set and finished conditions are
 kept under ``RUN/intervene/work/<task>-<config>/``.
@@ -49,31 +50,31 @@ import logging
 import math
 import os
 import time
-import zlib
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import torch
 
-from apmae_gpu import TASKS
+from apmae_gpu import TASKS, llm
+from apmae_gpu.config import InterveneConfig
 from apmae_gpu.figures import pyplot, save_figure
+from apmae_gpu.intervention_groups import (EXTRA_GROUPS, GROUPS, RANKINGS, ZERO_TOL, head_groups,
+                                          sampled_mask, task_rng)
+from apmae_gpu.intervention_stats import aggregate, echo_summary, summarize
 from apmae_gpu.runs import (ApmaeError, load_frame, progress, read_manifest, resolve_device,
                             update_manifest, write_json, write_parquet)
 
 log = logging.getLogger("apmae_gpu.intervention")
 
-GROUPS = ("positive", "negative", "zero", "random")
-EXTRA_GROUPS = ("importance",)
-ZERO_TOL = 1e-5
 DEFAULT_K = (1, 2, 5, 10, 20, 50, 100, 200, 400, 600, 800)
 
 
 # --------------------------------------------------------------------------- hooks
 def head_mask(heads: Iterable[tuple[int, int]], n_layers: int, n_heads: int):
     """Bool ``[n_layers, n_heads]``, True for each ``(layer, head)`` in ``heads``."""
-    import torch
-
     mask = torch.zeros(n_layers, n_heads, dtype=torch.bool)
     for layer, head in heads:
         if not (0 <= layer < n_layers and 0 <= head < n_heads):
@@ -117,11 +118,7 @@ def scale_heads(model, scale, fam=None) -> Iterator:
     forward inside the block); 1 keeps a head, 0 ablates it.  Layers whose factors are all 1
     get no hook.  Yields the model's :class:`apmae_gpu.llm.Family`.
     """
-    import torch
-
-    from apmae_gpu.llm import family
-
-    fam = fam or family(model)
+    fam = fam or llm.family(model)
     scale = torch.as_tensor(scale)
     L, H, D = fam.n_layers, fam.n_heads, fam.head_dim
     if scale.dim() not in (2, 3) or tuple(scale.shape[-2:]) != (L, H):
@@ -149,8 +146,6 @@ def scale_heads(model, scale, fam=None) -> Iterator:
 def ablate_heads(model, ablate, fam=None) -> Iterator:
     """Zero the heads marked True in ``ablate`` (bool ``[L, H]`` or per sample ``[B, L, H]``)
     inside the ``with`` block; hooks are removed on exit, also after an exception."""
-    import torch
-
     ablate = torch.as_tensor(ablate, dtype=torch.bool)
     with scale_heads(model, (~ablate).float(), fam=fam) as f:
         yield f
@@ -159,8 +154,6 @@ def ablate_heads(model, ablate, fam=None) -> Iterator:
 # --------------------------------------------------------------------------- decoding
 def first_tokens(model, input_ids):
     """Greedy next token after each prompt: ``input_ids`` [B, T] long -> [B] long (CPU)."""
-    import torch
-
     with torch.inference_mode():
         out = model(input_ids=input_ids, use_cache=False, logits_to_keep=1)
     return out.logits[:, -1].argmax(-1).cpu()
@@ -169,8 +162,6 @@ def first_tokens(model, input_ids):
 def greedy_complete(model, input_ids, n_tokens: int):
     """Greedy completion of ``n_tokens`` tokens with the KV cache: [B, T] -> [B, n_tokens]
     (CPU).  No stopping at EOS and no logits processors: plain argmax decoding."""
-    import torch
-
     tokens = []
     with torch.inference_mode():
         out = model(input_ids=input_ids, use_cache=True, logits_to_keep=1)
@@ -183,73 +174,6 @@ def greedy_complete(model, input_ids, n_tokens: int):
     return torch.stack(tokens, dim=1).cpu()
 
 
-# --------------------------------------------------------------------------- head groups
-def _rng(seed: int, task: str) -> np.random.Generator:
-    return np.random.default_rng([seed, zlib.crc32(task.encode())])
-
-
-RANKINGS = {"shap_parts": ("mean_shap_pos", "mean_shap_neg"), "mean_shap": ("mean_shap",) * 2,
-            "extreme_shap": ("extreme_shap",) * 2}
-SAMPLED = ("zero", "random")      # groups drawn anew for every inference
-
-
-def head_groups(importance: pd.DataFrame, n_layers: int, n_heads: int, ks: list[int],
-                groups: Iterable[str], seed: int, task: str, rank_by: str = "shap_parts"
-                ) -> dict[tuple[str, int], dict]:
-    """The heads to ablate for every (group, k).  Ranked groups: ``{"heads": [(l, h), ...],
-    "n_in_group": int}``; sampled groups (:data:`SAMPLED`): ``{"heads": None, "pool": flat
-    head indices to draw from, "replace": bool, "n_in_group": k}``, drawn per inference by
-    :func:`sampled_mask`.  ``importance``: one task's rows of ``head_importance.parquet``
-    (heads without a row count as 0).  A ``zero`` group with an empty pool is left out."""
-    cols = RANKINGS[rank_by]
-    missing = sorted({*cols, "mean_shap"} - set(importance.columns))
-    if missing:
-        raise ApmaeError(f"head importance has no {', '.join(missing)} column (written by an "
-                         f"older `apmae classify`): rerun classify, or pass --rank-by mean_shap")
-    layer, head = importance["layer"].to_numpy(int), importance["head"].to_numpy(int)
-
-    def flat(col: str) -> np.ndarray:
-        out = np.zeros((n_layers, n_heads))
-        out[layer, head] = importance[col]
-        return out.ravel()
-
-    pos, neg, mean, imp = flat(cols[0]), flat(cols[1]), flat("mean_shap"), flat("importance")
-    tie = _rng(seed, task).random(pos.size)
-    order = {
-        "positive": (np.lexsort((tie, -pos)), pos > 0),
-        "negative": (np.lexsort((tie, neg)), neg < 0),
-        "importance": (np.lexsort((tie, -imp)), imp > 0),
-    }
-    pools = {"zero": (np.flatnonzero(np.abs(mean) <= ZERO_TOL), True),
-             "random": (np.arange(pos.size), False)}
-    out = {}
-    for g in groups:
-        for k in ks:
-            if g in pools:
-                pool, replace = pools[g]
-                if pool.size:
-                    out[(g, k)] = {"heads": None, "pool": pool, "replace": replace,
-                                   "n_in_group": k}
-                continue
-            ranking, member = order[g]
-            chosen = ranking[:k]
-            out[(g, k)] = {"heads": [divmod(int(i), n_heads) for i in chosen],
-                           "n_in_group": int(member[chosen].sum())}
-    return out
-
-
-def sampled_mask(cond: dict, k: int, sample_ids: np.ndarray, n_layers: int, n_heads: int,
-                 seed: int, task: str, group: str) -> np.ndarray:
-    """Bool ``[n, L, H]``: for each sample its own draw of ``k`` heads from ``cond["pool"]``
-    (seeded by seed, task, group, k and the sample, so reruns draw the same heads)."""
-    out = np.zeros((len(sample_ids), n_layers * n_heads), bool)
-    pool = cond["pool"]
-    for i, sid in enumerate(sample_ids):
-        rng = np.random.default_rng([seed, zlib.crc32(f"{task}/{group}".encode()), int(k), int(sid)])
-        out[i, rng.choice(pool, size=k, replace=cond["replace"])] = True
-    return out.reshape(len(sample_ids), n_layers, n_heads)
-
-
 # --------------------------------------------------------------------------- held-out data
 def heldout_candidates(task: str, inferences: pd.DataFrame, tasks: pd.DataFrame | None,
                        seed: int) -> pd.DataFrame:
@@ -259,7 +183,7 @@ def heldout_candidates(task: str, inferences: pd.DataFrame, tasks: pd.DataFrame 
     Columns: ``source`` (``surplus`` | ``unprompted``), ``inference_id`` (-1 for unprompted),
     ``task_id``, ``input_ids``, ``target_token_id``, ``target_token_ids``, ``recorded_correct``.
     """
-    rng = _rng(seed + 1, task)
+    rng = task_rng(seed + 1, task)
     used_ids = set(inferences.loc[inferences["has_maps"].astype(bool), "task_id"]) - {-1}
     targets = {}
     if tasks is not None:
@@ -318,8 +242,6 @@ def predict(model, fam, inputs: list, n_tokens: np.ndarray, masks, batch_size: i
     mode: ignored, 1); ``masks``: bool ``[n, L, H]`` or None (no ablation).  Returns the
     generated ids per input (one id in first-token mode).
     """
-    import torch
-
     lengths = np.array([len(x) for x in inputs])
     out: list[list[int] | None] = [None] * len(inputs)
     for idx in _length_batches(lengths, batch_size, n_tokens if multi_token else None):
@@ -382,71 +304,6 @@ def select_heldout(model, fam, candidates: pd.DataFrame, per_group: int, batch_s
     return samples.reset_index(drop=True), summary
 
 
-# --------------------------------------------------------------------------- statistics
-def mcnemar_exact(b: int, c: int) -> float:
-    """Two-sided exact McNemar p-value from the discordant counts ``b`` and ``c``."""
-    from scipy.stats import binomtest
-
-    return 1.0 if b + c == 0 else float(binomtest(int(b), int(b + c), 0.5).pvalue)
-
-
-def holm(p: np.ndarray) -> np.ndarray:
-    """Holm-Bonferroni adjusted p-values (NaN entries stay NaN)."""
-    p = np.asarray(p, dtype=float)
-    out = np.full_like(p, np.nan)
-    ok = np.flatnonzero(np.isfinite(p))
-    m = ok.size
-    if m:
-        order = ok[np.argsort(p[ok], kind="stable")]
-        adj = np.maximum.accumulate((m - np.arange(m)) * p[order])
-        out[order] = np.minimum(adj, 1.0)
-    return out
-
-
-def summarize(task: str, samples: pd.DataFrame, outcomes: pd.DataFrame, conditions: dict,
-              mode: str) -> pd.DataFrame:
-    """One row per (group, k): flip counts, net change and the tests (see module doc)."""
-    before = samples.set_index("sample_id")
-    rows = []
-    after_by = {}
-    for (g, k), grp in outcomes.groupby(["group", "k"], sort=False):
-        grp = grp.set_index("sample_id").loc[before.index]
-        after_by[(g, k)] = grp["correct"].to_numpy(bool)
-    cb = before["correct_before"].to_numpy(bool)
-    pb = [tuple(p) for p in before["predicted_before"]]
-    for (g, k), ca in after_by.items():
-        grp = outcomes[(outcomes["group"] == g) & (outcomes["k"] == k)].set_index(
-            "sample_id").loc[before.index]
-        changed = np.array([tuple(p) != q for p, q in zip(grp["predicted"], pb)])
-        c2i, i2c = int((cb & ~ca).sum()), int((~cb & ca).sum())
-        other = int((changed & (cb == ca)).sum())
-        rand = after_by.get(("random", k))
-        p_rand, better, worse = float("nan"), -1, -1
-        if rand is not None and g != "random":
-            better, worse = int((ca & ~rand).sum()), int((~ca & rand).sum())
-            p_rand = mcnemar_exact(better, worse)
-        cond = conditions[(g, k)]
-        heads = (" ".join(f"L{a}H{b}" for a, b in cond["heads"]) if cond["heads"] is not None
-                 else f"{k} drawn per inference from {len(cond['pool'])} heads"
-                      + (" (with replacement)" if cond["replace"] else ""))
-        rows.append(dict(task=task, mode=mode, group=g, k=int(k),
-                         n_heads=len(cond["heads"]) if cond["heads"] is not None else int(k),
-                         n_in_group=cond["n_in_group"], n=int(len(cb)),
-                         n_correct_before=int(cb.sum()), n_correct_to_incorrect=c2i,
-                         n_incorrect_to_correct=i2c, n_other_changes=other,
-                         n_unchanged=int((~changed).sum()), net_change=i2c - c2i,
-                         accuracy_before=float(cb.mean()), accuracy_after=float(ca.mean()),
-                         p_vs_baseline=mcnemar_exact(i2c, c2i), p_vs_random=p_rand,
-                         n_better_than_random=better, n_worse_than_random=worse, heads=heads))
-    out = pd.DataFrame(rows)
-    if not out.empty:
-        rank = {g: i for i, g in enumerate(GROUPS + EXTRA_GROUPS)}
-        out = out.sort_values(["group", "k"], key=lambda c: c.map(rank) if c.name == "group"
-                              else c, kind="stable").reset_index(drop=True)
-        out["p_vs_random_holm"] = holm(out["p_vs_random"].to_numpy())
-    return out
-
-
 # --------------------------------------------------------------------------- one task
 def _config_key(task: str, config: dict, importance: pd.DataFrame) -> str:
     h = hashlib.sha256(json.dumps({**config, "task": task}, sort_keys=True).encode())
@@ -470,38 +327,6 @@ def _condition_mask(cond: dict, key: tuple[str, int], sample_ids, fam, seed: int
                             task, group)
     one = head_mask(cond["heads"], fam.n_layers, fam.n_heads).numpy()
     return np.repeat(one[None], len(sample_ids), axis=0)
-
-
-def aggregate(results: pd.DataFrame) -> pd.DataFrame:
-    """Rows ``task == "all"``: every (group, k) summed over the tasks that have it (the
-    paper's figure over tasks); McNemar's exact test on the pooled discordant pairs, Holm over
-    the aggregate rows."""
-    if results.empty:
-        return results
-    sums = ["n", "n_correct_before", "n_correct_to_incorrect", "n_incorrect_to_correct",
-            "n_other_changes", "n_unchanged", "net_change"]
-    rows = []
-    for (g, k), grp in results.groupby(["group", "k"], sort=False):
-        row = {"task": "all", "mode": grp["mode"].iloc[0], "group": g, "k": int(k),
-               "n_heads": int(k), "n_in_group": int(grp["n_in_group"].sum()),
-               "n_tasks": int(len(grp)), **{c: int(grp[c].sum()) for c in sums}}
-        row["accuracy_before"] = row["n_correct_before"] / max(row["n"], 1)
-        row["accuracy_after"] = (row["n_correct_before"] + row["net_change"]) / max(row["n"], 1)
-        row["p_vs_baseline"] = mcnemar_exact(row["n_incorrect_to_correct"],
-                                             row["n_correct_to_incorrect"])
-        paired = grp[grp["n_better_than_random"] >= 0]
-        if len(paired) and g != "random":
-            row["n_better_than_random"] = int(paired["n_better_than_random"].sum())
-            row["n_worse_than_random"] = int(paired["n_worse_than_random"].sum())
-            row["p_vs_random"] = mcnemar_exact(row["n_better_than_random"],
-                                               row["n_worse_than_random"])
-        else:
-            row.update(n_better_than_random=-1, n_worse_than_random=-1, p_vs_random=float("nan"))
-        row["heads"] = f"per task ({len(grp)} tasks)"
-        rows.append(row)
-    out = pd.DataFrame(rows)
-    out["p_vs_random_holm"] = holm(out["p_vs_random"].to_numpy())
-    return out
 
 
 def intervene_task(task: str, model, fam, importance: pd.DataFrame, candidates: pd.DataFrame,
@@ -584,6 +409,30 @@ def _model_spec(run: Path, model: str | None) -> str:
     return spec
 
 
+@dataclass
+class _Inputs:
+    """What intervene reads from the run."""
+
+    importance: pd.DataFrame        # classify/head_importance.parquet
+    classified: dict                # the manifest's classify section
+    wanted: list[str]               # the tasks to intervene on
+    inferences: pd.DataFrame
+    tasks: pd.DataFrame | None      # tasks.parquet, if the run has it
+
+
+@dataclass
+class _Target:
+    """The loaded LLM and the run context the tasks share."""
+
+    lm: object
+    fam: llm.Family
+    device: str
+    seed: int
+    ks: list[int]                   # the settings' k that the model has heads for
+    too_big: list[int]              # the others
+    config: dict                    # what a task's resumable work is keyed by
+
+
 def intervene(run: str | os.PathLike, task: str | None = None, k: list[int] | None = None,
               per_group: int = 50, model: str | None = None, device: str = "auto",
               batch_size: int = 8, seed: int = 0, groups: list[str] | None = None,
@@ -593,11 +442,49 @@ def intervene(run: str | os.PathLike, task: str | None = None, k: list[int] | No
     classified task, as the paper); write ``RUN/intervene/results.parquet`` (with ``task ==
     "all"`` rows aggregating the tasks when there are several) and ``net_change.png``.
     Returns the results frame."""
-    import torch
-
-    from apmae_gpu import llm
-
+    cfg = _settings(task=task, k=k, per_group=per_group, batch_size=batch_size, groups=groups,
+                    multi_token=multi_token, rank_by=rank_by, dtype=dtype)
     run = Path(run)
+    inputs = _read_inputs(run, cfg)
+    target = _load_target(run, model, device, seed, cfg, inputs.importance)
+    out = run / "intervene"
+    t0 = time.perf_counter()
+    all_results, records, skipped = _intervene_tasks(target, cfg, inputs, out)
+    if not all_results:
+        raise ApmaeError("no task could be intervened on: " +
+                         "; ".join(f"{t}: {r}" for t, r in skipped.items()))
+    results = pd.concat(all_results, ignore_index=True)
+    if len(all_results) > 1:
+        results = pd.concat([results, aggregate(results)], ignore_index=True)
+    write_parquet(results, out / "results.parquet")
+    figure = plot_net_change(results, out / "net_change.png")
+    fam, config = target.fam, target.config
+    update_manifest(run, "intervene", {
+        "model": config, "family": fam.name, "layers": fam.n_layers, "heads": fam.n_heads,
+        "mode": "multi_token" if cfg.multi_token else "first_token", "k": target.ks,
+        "k_skipped": target.too_big, "groups": cfg.groups, "rank_by": cfg.rank_by,
+        "per_group": cfg.per_group, "batch_size": cfg.batch_size, "zero_tolerance": ZERO_TOL,
+        "test": "exact McNemar (paired, same samples): vs the random group at the same k and "
+                "vs the unablated model; Holm-adjusted per task; task 'all' pools the tasks' "
+                "discordant pairs (Holm over its rows)",
+        "sampled_groups": "zero and random drawn anew for every inference and every k",
+        "dtype": config["dtype"],
+        "tasks": records, "skipped": skipped,
+        "inferences": sum(r["inferences"] for r in records.values()),
+        "seconds": round(time.perf_counter() - t0, 2),
+        "files": ["intervene/results.parquet", figure],
+    })
+    echo_summary(results)
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return results
+
+
+def _settings(*, task: str | None, k: list[int] | None, per_group: int, batch_size: int,
+              groups: list[str] | None, multi_token: bool, rank_by: str, dtype: str
+              ) -> InterveneConfig:
+    """intervene()'s arguments as its config section (``k`` sorted without repeats, the
+    default groups filled in); bad values are one-line errors."""
     ks = sorted(set(k or DEFAULT_K))
     groups = list(groups or GROUPS)
     bad = [g for g in groups if g not in GROUPS + EXTRA_GROUPS]
@@ -610,6 +497,14 @@ def intervene(run: str | os.PathLike, task: str | None = None, k: list[int] | No
         raise ApmaeError("--per-group and --batch-size must be at least 1")
     if rank_by not in RANKINGS:
         raise ApmaeError(f"--rank-by {rank_by}: expected one of {', '.join(RANKINGS)}")
+    llm.check_dtype(dtype)
+    return InterveneConfig(task=task, k=ks, per_group=per_group, batch_size=batch_size,
+                           groups=groups, multi_token=multi_token, rank_by=rank_by,
+                           dtype=dtype or "auto")
+
+
+def _read_inputs(run: Path, cfg: InterveneConfig) -> _Inputs:
+    """The head importance, the tasks to run, the inferences and the mined tasks."""
     imp_path = run / "classify" / "head_importance.parquet"
     if not imp_path.exists():
         raise ApmaeError(f"{run}: no classify/head_importance.parquet (run `apmae classify` first)")
@@ -617,7 +512,7 @@ def intervene(run: str | os.PathLike, task: str | None = None, k: list[int] | No
     manifest_cls = read_manifest(run).get("classify") or {}
     known = [t for t in TASKS if t in set(importance["task"]) or t in manifest_cls.get("tasks", {})
              or t in manifest_cls.get("skipped", {})]
-    wanted = [t.strip() for t in task.split(",")] if task else known
+    wanted = [t.strip() for t in cfg.task.split(",")] if cfg.task else known
     if not wanted:
         raise ApmaeError(f"{imp_path} has no task")
     inferences = load_frame(run / "inferences.parquet", prefer="pandas",
@@ -629,17 +524,22 @@ def intervene(run: str | os.PathLike, task: str | None = None, k: list[int] | No
                                    "target_token_ids"]) if tasks_path.exists() else None
     if tasks_df is None:
         log.warning("%s: no tasks.parquet; only surplus attempts can be held out", run)
+    return _Inputs(importance, manifest_cls, wanted, inferences, tasks_df)
 
+
+def _load_target(run: Path, model: str | None, device: str, seed: int, cfg: InterveneConfig,
+                 importance: pd.DataFrame) -> _Target:
+    """Load the LLM; keep the k it has heads for; check the importance names its heads."""
     spec = _model_spec(run, model)
     device = resolve_device(device)
     t_load = time.perf_counter()
-    lm = llm.load_model(spec, device=device, dtype=llm.parse_dtype(dtype, device))
+    lm = llm.load_model(spec, device=device, dtype=llm.parse_dtype(cfg.dtype, device))
     fam = llm.family(lm)   # ApmaeError for a family without a known output projection
     total_heads = fam.n_layers * fam.n_heads
     log.info("loaded %s (%s, %d layers x %d heads) in %.1f s", spec, fam.name, fam.n_layers,
              fam.n_heads, time.perf_counter() - t_load)
-    too_big = [x for x in ks if x > total_heads]
-    ks = [x for x in ks if x <= total_heads]
+    too_big = [x for x in cfg.k if x > total_heads]
+    ks = [x for x in cfg.k if x <= total_heads]
     if too_big:
         log.warning("k=%s skipped: the model has only %d heads", ",".join(map(str, too_big)),
                     total_heads)
@@ -649,26 +549,33 @@ def intervene(run: str | os.PathLike, task: str | None = None, k: list[int] | No
     if (importance["layer"].max() >= fam.n_layers) or (importance["head"].max() >= fam.n_heads):
         raise ApmaeError(f"head importance names heads beyond the model's {fam.n_layers} layers "
                          f"x {fam.n_heads} heads: was the run captured with another model?")
-
     config = dict(model=spec, revision=llm.model_revision(spec), device=device.split(":")[0],
-                  dtype=str(next(lm.parameters()).dtype), per_group=per_group, seed=seed,
-                  multi_token=multi_token, rank_by=rank_by, sampled_groups="per inference")
-    out = run / "intervene"
+                  dtype=str(next(lm.parameters()).dtype), per_group=cfg.per_group, seed=seed,
+                  multi_token=cfg.multi_token, rank_by=cfg.rank_by,
+                  sampled_groups="per inference")
+    return _Target(lm, fam, device, seed, ks, too_big, config)
+
+
+def _intervene_tasks(target: _Target, cfg: InterveneConfig, inputs: _Inputs, out: Path
+                     ) -> tuple[list[pd.DataFrame], dict, dict]:
+    """Every wanted task in turn: its results frames, records and the skipped tasks (why)."""
     all_results, records, skipped = [], {}, {}
-    t0 = time.perf_counter()
-    for t in wanted:
+    importance = inputs.importance
+    for t in inputs.wanted:
         rows = importance[importance["task"] == t]
         if rows.empty:
-            why = (manifest_cls.get("skipped") or {}).get(t)
+            why = (inputs.classified.get("skipped") or {}).get(t)
             skipped[t] = ("no head importance rows" + (f" (classify skipped it: {why})" if why
                                                       else " (run `apmae classify` on it)"))
             log.error("%s: skipped: %s", t, skipped[t])
             continue
         try:
-            cands = heldout_candidates(t, inferences, tasks_df, seed)
-            work = out / "work" / f"{t}-{_config_key(t, config, rows)}"
-            results, rec = intervene_task(t, lm, fam, rows, cands, ks, groups, per_group,
-                                          batch_size, device, seed, multi_token, rank_by, work)
+            cands = heldout_candidates(t, inputs.inferences, inputs.tasks, target.seed)
+            work = out / "work" / f"{t}-{_config_key(t, target.config, rows)}"
+            results, rec = intervene_task(t, target.lm, target.fam, rows, cands, target.ks,
+                                          cfg.groups, cfg.per_group, cfg.batch_size,
+                                          target.device, target.seed, cfg.multi_token,
+                                          cfg.rank_by, work)
         except ApmaeError as exc:
             skipped[t] = str(exc)
             log.error("%s: skipped: %s", t, exc)
@@ -679,60 +586,7 @@ def intervene(run: str | os.PathLike, task: str | None = None, k: list[int] | No
         log.info("%s: %d conditions on %d held-out inferences; best net change %+d (%s, k=%d)",
                  t, len(results), rec["n_correct"] + rec["n_incorrect"], best.net_change,
                  best.group, best.k)
-    if not all_results:
-        raise ApmaeError("no task could be intervened on: " +
-                         "; ".join(f"{t}: {r}" for t, r in skipped.items()))
-    results = pd.concat(all_results, ignore_index=True)
-    if len(all_results) > 1:
-        results = pd.concat([results, aggregate(results)], ignore_index=True)
-    write_parquet(results, out / "results.parquet")
-    figure = plot_net_change(results, out / "net_change.png")
-    n_inf = sum(r["inferences"] for r in records.values())
-    update_manifest(run, "intervene", {
-        "model": config, "family": fam.name, "layers": fam.n_layers, "heads": fam.n_heads,
-        "mode": "multi_token" if multi_token else "first_token", "k": ks,
-        "k_skipped": too_big, "groups": groups, "rank_by": rank_by, "per_group": per_group,
-        "batch_size": batch_size, "zero_tolerance": ZERO_TOL,
-        "test": "exact McNemar (paired, same samples): vs the random group at the same k and "
-                "vs the unablated model; Holm-adjusted per task; task 'all' pools the tasks' "
-                "discordant pairs (Holm over its rows)",
-        "sampled_groups": "zero and random drawn anew for every inference and every k",
-        "dtype": config["dtype"],
-        "tasks": records, "skipped": skipped, "inferences": n_inf,
-        "seconds": round(time.perf_counter() - t0, 2),
-        "files": ["intervene/results.parquet", figure],
-    })
-    _echo_summary(results)
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-    return results
-
-
-def _echo_summary(results: pd.DataFrame) -> None:
-    from rich import box
-    from rich.console import Console
-    from rich.table import Table
-
-    table = Table(title="net change per k (incorrect->correct minus correct->incorrect)",
-                  box=box.SIMPLE, pad_edge=False)
-    ks = sorted(results["k"].unique())
-    table.add_column("task")
-    table.add_column("group")
-    for k in ks:
-        table.add_column(f"k={k}", justify="right")
-    for (task, group), g in results.groupby(["task", "group"], sort=False):
-        g = g.set_index("k")
-        cells = []
-        for k in ks:
-            if k not in g.index:
-                cells.append("-")
-                continue
-            r = g.loc[k]
-            star = "*" if np.isfinite(r.p_vs_random) and r.p_vs_random < 0.05 else ""
-            cells.append(f"{int(r.net_change):+d}{star}")
-        table.add_row(task, group, *cells)
-    Console(width=max(Console().width, 110)).print(table)
-    Console().print("* p < 0.05 against the random group (exact McNemar, unadjusted)")
+    return all_results, records, skipped
 
 
 # --------------------------------------------------------------------------- figure

@@ -26,9 +26,17 @@ import importlib.util
 import logging
 import os
 import re
+import shutil
+import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
+
+import torch
+from huggingface_hub import try_to_load_from_cache
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from apmae_gpu.runs import ApmaeError, quiet_hf_progress
 
@@ -153,9 +161,6 @@ def _offline() -> bool:
 
 
 def _hub_reachable(timeout: float = 2.0) -> bool:
-    import socket
-    from urllib.parse import urlparse
-
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname
     try:
         with socket.create_connection((host or "huggingface.co", 443), timeout=timeout):
@@ -175,8 +180,6 @@ def check_hub_model(ms: ModelSpec) -> None:
         raise ApmaeError(f"model {ms.spec}: not a local directory, a .gguf file, "
                          f"{EMBEDDED} or random:<shape>, and not a valid hub id")
     try:
-        from huggingface_hub import try_to_load_from_cache
-
         cached = try_to_load_from_cache(name, "config.json", revision=ms.revision)
     except Exception:  # an invalid id or revision for the hub client: let loading say why
         cached = None
@@ -193,8 +196,6 @@ def check_hub_model(ms: ModelSpec) -> None:
 # --------------------------------------------------------------------------- tokenizer
 def load_tokenizer(spec: str | ModelSpec, trust_remote_code: bool = False):
     """The tokenizer of MODEL, never its weights."""
-    from transformers import AutoTokenizer
-
     ms = spec if isinstance(spec, ModelSpec) else resolve(spec)
     try:
         if ms.kind in ("embedded", "random"):
@@ -212,8 +213,6 @@ def load_tokenizer(spec: str | ModelSpec, trust_remote_code: bool = False):
 
 
 def _embedded_tokenizer():
-    from transformers import AutoTokenizer
-
     gguf = embedded_gguf()
     target = cache_dir() / "tokenizers" / f"smollm2-{_file_tag(gguf)}"
     if not (target / "tokenizer.json").exists():
@@ -229,9 +228,6 @@ def _file_tag(path: Path) -> str:
 
 
 def _save_atomically(save, target: Path) -> None:
-    import shutil
-    import tempfile
-
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:
@@ -253,22 +249,23 @@ def fim_ids(tokenizer) -> tuple[int, int, int] | None:
 
 # --------------------------------------------------------------------------- weights
 def default_dtype(device: str):
-    import torch
-
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 
+def check_dtype(name: str | None) -> None:
+    """A one-line error unless ``name`` is None or one of :data:`DTYPES`."""
+    if name is not None and name not in DTYPES:
+        raise ApmaeError(f"--dtype {name}: expected one of {', '.join(DTYPES)}")
+
+
 def parse_dtype(name: str | None, device: str):
     """``auto`` (bf16 on CUDA, float32 elsewhere), ``float32``, ``bfloat16`` or ``float16``."""
-    import torch
-
+    check_dtype(name)
     if name in (None, "auto"):
         return default_dtype(device)
-    if name not in DTYPES:
-        raise ApmaeError(f"--dtype {name}: expected one of {', '.join(DTYPES)}")
     return getattr(torch, name)
 
 
@@ -278,9 +275,6 @@ def load_model(spec: str | ModelSpec, device: str = "cpu", dtype=None, attn_impl
 
     ``device_map="auto"`` spreads a model larger than one GPU over all visible GPUs.
     """
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     ms = spec if isinstance(spec, ModelSpec) else resolve(spec)
     dtype = dtype or default_dtype(device)
     kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attn_implementation)
@@ -295,7 +289,7 @@ def load_model(spec: str | ModelSpec, device: str = "cpu", dtype=None, attn_impl
             return model.eval()
         if ms.kind == "embedded":
             path = _embedded_checkpoint()
-            with quiet_hf_progress():   # a local 0.5 GB file loads in a second: no bar
+            with quiet_hf_progress():   # a local file: no download bar
                 model = AutoModelForCausalLM.from_pretrained(path, device_map=device_map, **kwargs)
         elif ms.kind == "gguf":
             with quiet_hf_progress():
@@ -321,8 +315,6 @@ def load_model(spec: str | ModelSpec, device: str = "cpu", dtype=None, attn_impl
 
 
 def random_config(shape: str):
-    from transformers import AutoConfig
-
     params = dict(RANDOM_SHAPES[shape])
     model_type = params.pop("model_type")
     return AutoConfig.for_model(model_type, **params)
@@ -330,8 +322,6 @@ def random_config(shape: str):
 
 def _embedded_checkpoint() -> Path:
     """De-quantise the embedded GGUF once into a safetensors checkpoint and return its dir."""
-    from transformers import AutoModelForCausalLM
-
     gguf = embedded_gguf()
     target = cache_dir() / "models" / f"smollm2-{_file_tag(gguf)}"
     if not (target / "model.safetensors").exists():
@@ -435,8 +425,6 @@ def judge(logits, target_token_id):
     ``target_logprob`` [B] float32 (NaN without target), ``target_rank`` [B] (0 = top,
     -1 without target), ``predicted_logprob`` [B].
     """
-    import torch
-
     logits = logits.float()
     logp = torch.log_softmax(logits, dim=-1)
     predicted = logits.argmax(dim=-1)
@@ -456,8 +444,6 @@ def judge(logits, target_token_id):
 
 def last_logits(model, input_ids):
     """Logits at the last position only ([B, V]), without materialising the others."""
-    import torch
-
     with torch.inference_mode():
         out = model(input_ids=input_ids, logits_to_keep=1, use_cache=False)
     return out.logits[:, -1, :]

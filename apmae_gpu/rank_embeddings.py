@@ -16,10 +16,34 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
+import pandas as pd
+import pyarrow.parquet as pq
+import zarr
 
+from apmae_gpu.encoding import EMBEDDINGS, open_writer
+from apmae_gpu.model import APMAEConfig
 from apmae_gpu.runs import ApmaeError, read_manifest, update_manifest
 
 log = logging.getLogger("apmae_gpu.ranks")
+
+
+def roll_back_unencoded(store, split: str, committed_ids) -> None:
+    """Drop this split's commits from the first batch with a kept inference whose embedding
+    a crash lost (embeddings commit in blocks, inference rows per batch); the rerun recomputes
+    those batches exactly and skips the inferences already encoded.  ``store``: a
+    :class:`~apmae_gpu.store.MapStore` (a capture's, or the run's during a merge)."""
+    upto = int(committed_ids[-1]) if len(committed_ids) else -1
+    parts = {seq: pq.read_table(p, columns=["inference_id", "split", "batch", "has_maps"]).to_pandas()
+             for seq, p in store.parts().items()}
+    lost = [df[(df.split == split) & df.has_maps & (df.inference_id > upto)].batch.min()
+            for df in parts.values()]
+    lost = [b for b in lost if pd.notna(b)]
+    if not lost:
+        return
+    first = min(lost)
+    drop = [seq for seq, df in parts.items() if (df.split == split).all() and (df.batch >= first).all()]
+    log.warning("re-capturing %d batches whose embeddings were not committed", len(drop))
+    store.drop_commits(drop)
 
 
 class ShardEmbeddings:
@@ -27,10 +51,6 @@ class ShardEmbeddings:
     nearly the order the shard captured them, so one cached block serves many rounds)."""
 
     def __init__(self, shard: Path, fingerprint: str):
-        import zarr
-
-        from apmae_gpu.encoding import EMBEDDINGS
-
         self.path = Path(shard) / EMBEDDINGS
         self.pos: dict[int, int] = {}
         self.cached: tuple[int, np.ndarray | None] = (-1, None)
@@ -63,10 +83,6 @@ class EmbeddingMerge:
 
     def __init__(self, run: Path, dst, split: str, extra: dict, dirs: list[Path],
                  n_layers: int, n_heads: int):
-        from apmae_gpu.capture import _roll_back_unencoded
-        from apmae_gpu.encoding import open_writer
-        from apmae_gpu.model import APMAEConfig
-
         self.run, self.dirs = Path(run), dirs
         self.checkpoint, self.pool = Path(extra["encode_with"]), extra.get("pool") or "cls"
         if not (self.checkpoint / "config.json").exists():
@@ -77,7 +93,7 @@ class EmbeddingMerge:
                                                     n_heads, self.pool)
         self.writer.group.attrs.update({"complete": False})
         self.resumed_from = self.writer.committed
-        _roll_back_unencoded(dst, split, self.writer.committed_ids)
+        roll_back_unencoded(dst, split, self.writer.committed_ids)
         ids = self.writer.committed_ids
         self.upto = int(ids[-1]) if len(ids) else -1
         self.shards = [ShardEmbeddings(d, self.fingerprint) for d in dirs]

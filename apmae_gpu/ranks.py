@@ -36,15 +36,21 @@ import json
 import logging
 import math
 import os
+import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import pyarrow.parquet as pq
+import torch
+import torch.distributed as dist
+import zarr
 
 from apmae_gpu import TASKS
-from apmae_gpu.runs import ApmaeError, atomic_path
+from apmae_gpu.runs import ApmaeError, atomic_path, read_manifest, update_manifest
+from apmae_gpu.store import INFERENCE_SCHEMA, INFERENCES, MapStore
 
 log = logging.getLogger("apmae_gpu.ranks")
 
@@ -64,18 +70,12 @@ def dist_env() -> tuple[int, int, int] | None:
 
 def init_group(device: str) -> None:
     """Join torchrun's process group (gloo on CPU, nccl on CUDA) if not joined yet."""
-    import torch.distributed as dist
-
     if not dist.is_initialized():
         dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
 
 
 def barrier(device: str) -> None:
-    import torch.distributed as dist
-
     if device.startswith("cuda"):
-        import torch
-
         dist.barrier(device_ids=[torch.cuda.current_device()])
     else:
         dist.barrier()
@@ -83,8 +83,6 @@ def barrier(device: str) -> None:
 
 def finish(device: str) -> None:
     """Wait for every rank, then leave the process group."""
-    import torch.distributed as dist
-
     barrier(device)
     dist.destroy_process_group()
 
@@ -92,8 +90,6 @@ def finish(device: str) -> None:
 def rank_device(device: str, local_rank: int) -> str:
     """Each rank on its own GPU (``cuda`` -> ``cuda:LOCAL_RANK``)."""
     if device == "cuda":
-        import torch
-
         torch.cuda.set_device(local_rank)
         return f"cuda:{local_rank}"
     return device
@@ -231,10 +227,6 @@ class Outcomes:
 
     def refresh(self) -> int:
         """Read inference parts committed since the last call; returns how many."""
-        import pyarrow.parquet as pq
-
-        from apmae_gpu.store import INFERENCES
-
         new = 0
         for src in [self.run, *shard_dirs(self.run)]:
             d = src / INFERENCES
@@ -395,11 +387,6 @@ def load_plan(path: Path) -> tuple[RoundPlan, dict]:
 def merge_capture(run: Path) -> dict:
     """Append the needed rounds of every shard under ``RUN/shards`` to RUN's store, in the
     order one process commits them (see module docstring); resumable; removes the shards."""
-    import shutil
-
-    from apmae_gpu.runs import read_manifest, update_manifest
-    from apmae_gpu.store import INFERENCE_SCHEMA, MapStore
-
     run = Path(run)
     dirs = [d for d in shard_dirs(run) if (d / "maps.zarr").exists()]
     plans = sorted((run / "shards").glob("plan-*.json"),
@@ -431,6 +418,7 @@ def merge_capture(run: Path) -> dict:
                                       chunk_maps=info.chunk_maps)
         emb = None
         if extra.get("encode_with"):
+            # imported here: rank_embeddings builds on encoding, which uses this module
             from apmae_gpu.rank_embeddings import EmbeddingMerge
 
             emb = EmbeddingMerge(run, dst, plan.split, extra, dirs, int(section["n_layers"]),
@@ -523,8 +511,6 @@ def encode_shard_dirs(run: Path) -> list[Path]:
 
 def blocks_in_shards(run: Path, target: np.ndarray, block: int) -> dict[int, tuple[Path, int]]:
     """Block number -> (shard's embeddings.zarr, position in it) of every committed block."""
-    import zarr
-
     out = {}
     for d in encode_shard_dirs(run):
         path = d / "embeddings.zarr"
@@ -543,10 +529,6 @@ def merge_encode(run: Path, writer, target: np.ndarray, complete: bool = True) -
     """Append the shards' blocks to the run's writer in order (resumable), then remove the
     shards; returns the number of inferences appended.  ``complete=False`` stops at the
     first missing block (one process encodes the rest)."""
-    import shutil
-
-    import zarr
-
     block = writer.block
     have = blocks_in_shards(run, target, block)
     n_blocks = math.ceil(target.size / block)

@@ -14,6 +14,7 @@ import pytest
 import torch
 
 from apmae_gpu import intervention as I
+from apmae_gpu import intervention_stats as S
 from apmae_gpu.llm import family, load_model
 from apmae_gpu.runs import ApmaeError, read_manifest, update_manifest
 
@@ -215,9 +216,9 @@ def test_head_groups():
 
 
 def test_statistics():
-    assert I.mcnemar_exact(0, 6) == pytest.approx(2 * 0.5 ** 6)
-    assert I.mcnemar_exact(3, 3) == pytest.approx(1.0) and I.mcnemar_exact(0, 0) == 1.0
-    adj = I.holm(np.array([0.01, 0.04, 0.03, np.nan]))
+    assert S.mcnemar_exact(0, 6) == pytest.approx(2 * 0.5 ** 6)
+    assert S.mcnemar_exact(3, 3) == pytest.approx(1.0) and S.mcnemar_exact(0, 0) == 1.0
+    adj = S.holm(np.array([0.01, 0.04, 0.03, np.nan]))
     np.testing.assert_allclose(adj[:3], [0.03, 0.06, 0.06])
     assert np.isnan(adj[3])
 
@@ -305,7 +306,7 @@ def test_intervene_results(intervened):
         assert (agg[col] == per[col].sum().loc[agg.index]).all(), col
     row = agg.loc[("positive", 2)]
     assert row["n_better_than_random"] == per["n_better_than_random"].sum().loc[("positive", 2)]
-    assert row["p_vs_random"] == pytest.approx(I.mcnemar_exact(row["n_better_than_random"],
+    assert row["p_vs_random"] == pytest.approx(S.mcnemar_exact(row["n_better_than_random"],
                                                                row["n_worse_than_random"]))
     assert (agg["n_tasks"] == 2).all()
     r = results[results.task != "all"]
@@ -319,7 +320,7 @@ def test_intervene_results(intervened):
     # the discordant pairs against random give the stored p-value and the accuracy gap
     rand = r[r.group == "random"].set_index(["task", "k"])
     for x in r[r.group != "random"].itertuples():
-        assert x.p_vs_random == pytest.approx(I.mcnemar_exact(x.n_better_than_random,
+        assert x.p_vs_random == pytest.approx(S.mcnemar_exact(x.n_better_than_random,
                                                               x.n_worse_than_random))
         gap = x.accuracy_after - rand.loc[(x.task, x.k), "accuracy_after"]
         assert (x.n_better_than_random - x.n_worse_than_random) / x.n == pytest.approx(gap)
