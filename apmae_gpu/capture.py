@@ -56,13 +56,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import torch
-from pydantic import ValidationError
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from apmae_gpu import llm, ranks
-from apmae_gpu.config import CaptureConfig, CaptureSplitConfig
+from apmae_gpu import llm, rank_merge, ranks
+from apmae_gpu.config import CaptureConfig, CaptureSplitConfig, section, split_settings
 from apmae_gpu.encoding import BLOCK_BUDGET_BYTES, StreamingEncoder
 from apmae_gpu.rank_embeddings import roll_back_unencoded
 from apmae_gpu.ranks import kept_target, split_rows  # noqa: F401  (part of capture's API)
@@ -338,12 +337,10 @@ def _parse_shard(shard: str | None) -> tuple[int, int] | None:
     return k, n
 
 
-def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
-            heads: str | None = None, scaler: str = "log", batch_size: int = 8,
-            device: str = "auto", seed: int = 0, max_attempts: int | None = None,
-            shard: str | None = None, device_map: str | None = None, chunk_maps: int = 32,
-            trust_remote_code: bool = False, encode_with: Path | None = None,
-            pool: str = "cls", dtype: str = "auto") -> dict:
+def capture(run: Path, model: str, settings: CaptureConfig | None = None, *,
+            split: str = "analysis", device: str = "auto", seed: int = 0,
+            shard: str | None = None, trust_remote_code: bool = False,
+            encode_with: Path | None = None, **overrides) -> dict:
     """Capture one split of RUN (see module docstring); returns the split's summary.
 
     ``encode_with`` (an AP-MAE checkpoint, analysis split only) encodes the kept maps in the
@@ -355,10 +352,12 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
     Under ``torchrun`` (or with ``--shard K/N``) every process captures its share of the
     rounds into ``RUN/shards/K-of-N`` and the shards are merged into the same run one process
     writes (:mod:`apmae_gpu.ranks`); under torchrun rank 0 merges at the end.
+
+    ``settings``: the ``capture`` section (:class:`~apmae_gpu.config.CaptureConfig`; default
+    the paper's), with keyword ``overrides`` of its fields over it, the split's own
+    (``per_task``, ``heads``, ``max_attempts``) included.
     """
-    cfg = _settings(split, per_task=per_task, heads=heads, max_attempts=max_attempts,
-                    scaler=scaler, dtype=dtype, batch_size=batch_size, chunk_maps=chunk_maps,
-                    device_map=device_map, encode_analysis=encode_with is not None, pool=pool)
+    cfg = _settings(split, settings, overrides, encode_with)
     ctx = _context(cfg, Path(run), model, split, device, seed, shard, encode_with,
                    trust_remote_code)
     target = _load_target(ctx, cfg)
@@ -372,23 +371,23 @@ def capture(run: Path, model: str, split: str = "analysis", per_task: int = 10,
     return _finish(ctx, cfg, target, state, seconds)
 
 
-def _settings(split: str, *, per_task: int, heads: str | None, max_attempts: int | None,
-              **fields) -> CaptureConfig:
-    """capture()'s arguments as its config section (the split's in ``train``/``analysis``,
-    ``heads`` resolved to the split's default); bad values are one-line errors."""
+def _settings(split: str, settings: CaptureConfig | None, overrides: dict,
+              encode_with: Path | None) -> CaptureConfig:
+    """The capture section with capture()'s keyword overrides over it (the split's own
+    settings into ``train``/``analysis``; ``heads`` None: the split's default); bad values
+    are one-line errors."""
     if split not in ("train", "analysis"):
         raise ApmaeError(f"--split {split}: expected train or analysis")
-    if fields["scaler"] not in SCALERS:
-        raise ApmaeError(f"--scaler {fields['scaler']}: expected one of {', '.join(SCALERS)}")
-    llm.check_dtype(fields["dtype"])
-    heads = heads or ("layerwise:0.25" if split == "train" else "all")
-    try:
-        return CaptureConfig(**fields, **{split: CaptureSplitConfig(
-            per_task=per_task, heads=heads, max_attempts=max_attempts)})
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        raise ApmaeError(f"--{str(err['loc'][-1]).replace('_', '-')} {err.get('input')}: "
-                         f"{err['msg'].lower()}") from None
+    if overrides.get("scaler", "log") not in SCALERS:
+        raise ApmaeError(f"--scaler {overrides['scaler']}: expected one of {', '.join(SCALERS)}")
+    llm.check_dtype(overrides.get("dtype", "auto"))
+    own, of_split = split_settings(overrides, CaptureConfig, CaptureSplitConfig)
+    base = settings if settings is not None else CaptureConfig()
+    split_cfg = {**getattr(base, split).model_dump(), **of_split}
+    if split_cfg["heads"] is None:
+        split_cfg["heads"] = getattr(CaptureConfig(), split).heads
+    return section(CaptureConfig, base, {**own, split: split_cfg,
+                                         "encode_analysis": encode_with is not None})
 
 
 def _context(cfg: CaptureConfig, run: Path, model: str, split: str, device: str, seed: int,
@@ -651,7 +650,7 @@ def _finish(ctx: CaptureRun, cfg: CaptureConfig, target: _Target, state: _State,
     if ctx.dist is not None:
         ranks.barrier(ctx.device)
         if ctx.rank == 0:
-            ranks.merge_capture(ctx.run)
+            rank_merge.merge_capture(ctx.run)
             splits = read_manifest(ctx.run)["capture"]["splits"]
         ranks.finish(ctx.device)
         return splits[split]
@@ -663,5 +662,5 @@ def _finish(ctx: CaptureRun, cfg: CaptureConfig, target: _Target, state: _State,
 
 def merge_shards(run: Path) -> dict:
     """Merge ``RUN/shards/K-of-N`` (torchrun ranks or ``--shard`` processes) into RUN's own
-    store: the same inferences, maps and order as one process (:func:`ranks.merge_capture`)."""
-    return ranks.merge_capture(Path(run))
+    store: the same inferences, maps and order as one process (:func:`rank_merge.merge_capture`)."""
+    return rank_merge.merge_capture(Path(run))

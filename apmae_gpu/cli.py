@@ -16,19 +16,18 @@ import json
 import logging
 import sys
 import traceback
-import typing
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
-from pydantic import BaseModel, ValidationError
 
 from apmae_gpu import TASKS, __version__
-from apmae_gpu.config import (EXTRA_GROUPS, GROUPS, SECTION_OF, CaptureConfig,
-                              CaptureSplitConfig, ClassifyConfig, ClusterConfig, EncodeConfig,
-                              EvaluateConfig, InterveneConfig, M, MineConfig, PipelineConfig,
-                              ReportConfig, StabilityConfig, TrainConfig, TrustConfig,
-                              load_config)
+from apmae_gpu.cli_options import (ConfigOpt, bounds, opt, pipeline_config, section_from, top,
+                                   without)
+from apmae_gpu.config import (EXTRA_GROUPS, GROUPS, CaptureConfig, CaptureSplitConfig,
+                              ClassifyConfig, ClusterConfig, EncodeConfig, EvaluateConfig,
+                              InterveneConfig, MineConfig, ReportConfig, StabilityConfig,
+                              TrainConfig, TrustConfig)
 from apmae_gpu.runs import ApmaeError, crash_log, setup_logging, writer_lock
 
 app = typer.Typer(
@@ -95,107 +94,6 @@ def _writing_ranked(run, shard=None):
     return _writing(run, shard=shard)
 
 
-def _split_csv(value: str) -> list[str]:
-    return [v.strip() for v in value.split(",") if v.strip()]
-
-
-# --------------------------------------------------------------------------- settings
-# Every option that is a stage setting takes its default and bounds from the setting's field
-# in apmae_gpu/config.py (`_opt`), and the command builds the stage's config section from its
-# options (`_settings`): a setting is written once, in its config model.  `--config FILE`
-# takes a command's settings (and seed, device) from a pipeline config; options given on the
-# command line override it.  tests/test_cli_settings.py compares every option with its field.
-
-ConfigOpt = Annotated[Optional[Path], typer.Option(
-    "--config", help="Take this command's settings (and --seed, --device) from a pipeline "
-    "config's section; options given on the command line override it.")]
-
-
-def _bounds(info) -> dict:
-    """click's min/max for a field's closed bounds (open bounds are checked by the model)."""
-    out = {}
-    for meta in info.metadata:
-        if getattr(meta, "ge", None) is not None:
-            out["min"] = meta.ge
-        if getattr(meta, "le", None) is not None:
-            out["max"] = meta.le
-    return out
-
-
-def _opt(model: type[BaseModel], name: str, *decls: str, help: str | None = None, **kw):
-    """A typer option for the setting ``model.name``: the field's default (a list as a comma
-    list) and bounds, and its description unless ``help`` is given."""
-    info = model.model_fields[name]
-    default = info.get_default(call_default_factory=True)
-    if isinstance(default, (list, tuple)):
-        default = ",".join(map(str, default))
-    text = help if help is not None else (info.description or "").capitalize() + "."
-    return typer.Option(default, *decls, help=text, **_bounds(info), **kw)
-
-
-def _pipeline_config(path: Path | None) -> PipelineConfig | None:
-    return load_config(path) if path is not None else None
-
-
-def _given(ctx: typer.Context, name: str) -> bool:
-    source = ctx.get_parameter_source(name)
-    return source is not None and source.name != "DEFAULT"
-
-
-def _top(ctx: typer.Context, cfg: PipelineConfig | None, name: str, value):
-    """A run-wide setting (seed, device, model, trust_remote_code): the option when given,
-    else the config's when there is one, else the option's default."""
-    if cfg is not None and not _given(ctx, name):
-        return getattr(cfg, name)
-    return value
-
-
-def _settings(ctx: typer.Context, model: type[M], values: dict, cfg: PipelineConfig | None,
-              rename: dict[str, str] | None = None, split: str | None = None) -> M:
-    """The config section ``model`` from a command's options: the pipeline config's section
-    (or the model's defaults) with the options given over it.  A comma-list option fills a
-    list field; a bad value is a one-line error naming the option."""
-    rename = rename or {}
-    base = getattr(cfg, SECTION_OF[model]) if cfg is not None else None
-    data = (base if base is not None else model()).model_dump()
-    flags = {}
-    for param in ctx.command.params:
-        field = rename.get(param.name, param.name)
-        fields = CaptureSplitConfig.model_fields if split and field in SPLIT_FIELDS else model.model_fields
-        if field not in fields or param.name not in values:
-            continue
-        value = values[param.name]
-        if (base is not None or value is None) and not _given(ctx, param.name):
-            continue
-        if isinstance(value, str) and _is_list(fields[field].annotation):
-            value = _split_csv(value)
-        (data[split] if fields is not model.model_fields else data)[field] = value
-        flags[field] = param.opts[0]
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        err = exc.errors()[0]
-        loc = [str(p) for p in err["loc"]]
-        key = loc[1] if split and loc[:1] == [split] and len(loc) > 1 else loc[0]
-        given = err.get("input")
-        shown = "" if isinstance(given, (dict, list)) else f" (got {given!r})"
-        raise ApmaeError(f"{flags.get(key, key)}: {err['msg'].lower()}{shown}") from None
-
-
-SPLIT_FIELDS = ("per_task", "heads", "max_attempts")
-
-
-def _without(values: dict, *names: str) -> dict:
-    return {k: v for k, v in values.items() if k not in names}
-
-
-def _is_list(annotation) -> bool:
-    """Whether a field holds a list (also inside Optional)."""
-    if typing.get_origin(annotation) is list:
-        return True
-    return any(_is_list(a) for a in typing.get_args(annotation))
-
-
 # --------------------------------------------------------------------------- mine
 @app.command()
 def mine(
@@ -203,34 +101,34 @@ def mine(
     model: Annotated[str, typer.Option("--model", help="Tokenizer source: smollm2 (embedded), an HF "
                                        "id or directory, a .gguf file, or random:<shape>.")],
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
-    corpus: str = _opt(MineConfig, "corpus", "--corpus", help="Java sources: jdk (the JDK's "
+    corpus: str = opt(MineConfig, "corpus", "--corpus", help="Java sources: jdk (the JDK's "
                        "src.zip), a directory of .java files, a .zip/.jar of sources, a "
                        ".jsonl/.parquet file with a `content` column, or hf:<dataset id>."),
-    tasks: str = _opt(MineConfig, "tasks", "--tasks", help="all, or a comma list of: "
+    tasks: str = opt(MineConfig, "tasks", "--tasks", help="all, or a comma list of: "
                       + ", ".join(TASKS)),
-    per_task: int = _opt(MineConfig, "per_task", "--per-task",
+    per_task: int = opt(MineConfig, "per_task", "--per-task",
                          help="Analysis rows to mine per task."),
-    train_per_task: int = _opt(MineConfig, "train_per_task", "--train-per-task",
+    train_per_task: int = opt(MineConfig, "train_per_task", "--train-per-task",
                                help="Random-masking rows for AP-MAE training, from files the "
                                     "analysis rows never come from."),
-    train_corpus: Optional[str] = _opt(MineConfig, "train_corpus", "--train-corpus",
+    train_corpus: Optional[str] = opt(MineConfig, "train_corpus", "--train-corpus",
                                        help="Mine the training rows from this corpus instead "
                                             "(e.g. a dataset's train split while --corpus is "
                                             "its test split)."),
-    type_identifiers: bool = _opt(MineConfig, "type_identifiers", "--type-identifiers",
+    type_identifiers: bool = opt(MineConfig, "type_identifiers", "--type-identifiers",
                                   help="Also mask type identifiers in the identifiers task "
                                        "(the reference takes identifier nodes only)."),
-    window: int = _opt(MineConfig, "window", "--window", help="Prompt length in tokens."),
+    window: int = opt(MineConfig, "window", "--window", help="Prompt length in tokens."),
     seed: SeedOpt = 0,
-    per_file: int = _opt(MineConfig, "per_file", "--per-file", help="At most this many rows "
+    per_file: int = opt(MineConfig, "per_file", "--per-file", help="At most this many rows "
                          "per task from one file (spreads tasks over files)."),
-    dedup: bool = _opt(MineConfig, "dedup", "--dedup/--no-dedup", help="Skip exact duplicate "
+    dedup: bool = opt(MineConfig, "dedup", "--dedup/--no-dedup", help="Skip exact duplicate "
                        "files (SHA-256 of the content)."),
-    max_files: Optional[int] = _opt(MineConfig, "max_files", "--max-files",
+    max_files: Optional[int] = opt(MineConfig, "max_files", "--max-files",
                                     help="Stop after this many files."),
-    max_file_bytes: int = _opt(MineConfig, "max_file_bytes", "--max-file-bytes",
+    max_file_bytes: int = opt(MineConfig, "max_file_bytes", "--max-file-bytes",
                                help="Skip larger files."),
-    content_column: str = _opt(MineConfig, "content_column", "--content-column",
+    content_column: str = opt(MineConfig, "content_column", "--content-column",
                                help="Column holding the source text in JSONL/Parquet/HF "
                                     "corpora."),
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub "
@@ -241,12 +139,12 @@ def mine(
     from apmae_gpu import mining
     from apmae_gpu.runs import check_mine_out, new_run_dir
 
-    pcfg = _pipeline_config(config)
-    settings = _settings(ctx, MineConfig, locals(), pcfg)
+    pcfg = pipeline_config(config)
+    settings = section_from(ctx, MineConfig, locals(), pcfg)
     check_mine_out(out)
     with new_run_dir(out), _writing(out):
-        mining.mine(out, settings, model=model, seed=_top(ctx, pcfg, "seed", seed),
-                    trust_remote_code=_top(ctx, pcfg, "trust_remote_code", trust_remote_code))
+        mining.mine(out, settings, model=model, seed=top(ctx, pcfg, "seed", seed),
+                    trust_remote_code=top(ctx, pcfg, "trust_remote_code", trust_remote_code))
 
 
 # --------------------------------------------------------------------------- capture
@@ -262,36 +160,36 @@ def capture(
                                        "the heads of each layer) or analysis (every task, all "
                                        "heads, balanced correct/incorrect).")] = "analysis",
     per_task: Annotated[Optional[int], typer.Option(
-        "--per-task", **_bounds(CaptureSplitConfig.model_fields["per_task"]),
+        "--per-task", **bounds(CaptureSplitConfig.model_fields["per_task"]),
         help=f"train: inferences to keep; analysis: N correct and N incorrect per task (2N for "
              f"noise) (default: the config's, {_SPLITS.train.per_task:,} for train and "
              f"{_SPLITS.analysis.per_task:,} for analysis).")] = None,
     heads: Annotated[Optional[str], typer.Option(
         "--heads", help=f"all, or layerwise:FRACTION (default: {_SPLITS.train.heads} for train, "
                         f"{_SPLITS.analysis.heads} for analysis).")] = None,
-    scaler: str = _opt(CaptureConfig, "scaler", "--scaler", help="log, log_normalize or none."),
-    batch_size: int = _opt(CaptureConfig, "batch_size", "--batch-size",
+    scaler: str = opt(CaptureConfig, "scaler", "--scaler", help="log, log_normalize or none."),
+    batch_size: int = opt(CaptureConfig, "batch_size", "--batch-size",
                            help="Prompts per forward pass."),
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
     max_attempts: Annotated[Optional[int], typer.Option(
-        "--max-attempts", **_bounds(CaptureSplitConfig.model_fields["max_attempts"]),
+        "--max-attempts", **bounds(CaptureSplitConfig.model_fields["max_attempts"]),
         help="Stop prompting a task after this many attempts.")] = None,
     shard: Annotated[Optional[str], typer.Option("--shard", help="K/N: this process is rank K "
                                                  "of N started by a scheduler (SLURM arrays); "
                                                  "merge with `apmae merge-shards`. Under "
                                                  "torchrun ranks need no --shard.")] = None,
-    device_map: Optional[str] = _opt(CaptureConfig, "device_map", "--device-map",
+    device_map: Optional[str] = opt(CaptureConfig, "device_map", "--device-map",
                                      help="e.g. auto: spread a model larger than one GPU."),
-    chunk_maps: int = _opt(CaptureConfig, "chunk_maps", "--chunk-maps",
+    chunk_maps: int = opt(CaptureConfig, "chunk_maps", "--chunk-maps",
                            help="Maps per Zarr chunk."),
     trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
     encode_with: Annotated[Optional[Path], typer.Option("--encode-with", help="AP-MAE checkpoint: "
                                                         "encode the analysis maps in the same "
                                                         "pass and keep only their embeddings "
                                                         "(paper scale).")] = None,
-    pool: str = _opt(CaptureConfig, "pool", "--pool", help="With --encode-with: cls or mean."),
-    dtype: str = _opt(CaptureConfig, "dtype", "--dtype", help=DTYPE_HELP),
+    pool: str = opt(CaptureConfig, "pool", "--pool", help="With --encode-with: cls or mean."),
+    dtype: str = opt(CaptureConfig, "dtype", "--dtype", help=DTYPE_HELP),
     config: ConfigOpt = None,
 ) -> None:
     """Prompt the LLM on mined tasks, judge its next token and store every head's scaled
@@ -301,18 +199,18 @@ def capture(
 
     if split not in ("train", "analysis"):
         raise ApmaeError(f"--split {split}: expected train or analysis")
-    pcfg = _pipeline_config(config)
-    settings = _settings(ctx, CaptureConfig, locals(), pcfg, split=split)
+    pcfg = pipeline_config(config)
+    settings = section_from(ctx, CaptureConfig, locals(), pcfg, split=split)
     kn = capture_mod._parse_shard(shard)
     dist = ranks.dist_env()
     if kn is None and dist is not None:   # a torchrun rank writes its own shard
         kn = dist[:2]
     shard_dir = None if kn is None else Path(run) / "shards" / f"{kn[0]}-of-{kn[1]}"
     with _writing_ranked(run, shard=shard_dir):
-        capture_mod.capture(run, settings, split=split, model=model,
-                            device=_top(ctx, pcfg, "device", device),
-                            seed=_top(ctx, pcfg, "seed", seed), shard=shard,
-                            trust_remote_code=_top(ctx, pcfg, "trust_remote_code",
+        capture_mod.capture(run, model, settings, split=split,
+                            device=top(ctx, pcfg, "device", device),
+                            seed=top(ctx, pcfg, "seed", seed), shard=shard,
+                            trust_remote_code=top(ctx, pcfg, "trust_remote_code",
                                                    trust_remote_code),
                             encode_with=encode_with)
 
@@ -332,33 +230,33 @@ def merge_shards(run: RunArg) -> None:
 def train(
     ctx: typer.Context,
     run: RunArg,
-    preset: str = _opt(TrainConfig, "preset", "--preset", help="paper, small or tiny."),
-    steps: int = _opt(TrainConfig, "steps", "--steps", help="Optimizer steps."),
-    batch_size: int = _opt(TrainConfig, "batch_size", "--batch-size",
+    preset: str = opt(TrainConfig, "preset", "--preset", help="paper, small or tiny."),
+    steps: int = opt(TrainConfig, "steps", "--steps", help="Optimizer steps."),
+    batch_size: int = opt(TrainConfig, "batch_size", "--batch-size",
                            help="Maps per step (per rank)."),
-    lr: Optional[float] = _opt(TrainConfig, "lr", "--lr", help="Peak learning rate (default: "
+    lr: Optional[float] = opt(TrainConfig, "lr", "--lr", help="Peak learning rate (default: "
                                "base x global batch / 50, with the preset's base; the paper's "
                                "for paper)."),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint directory (default "
                                                 "RUN/apmae).")] = None,
-    raw: bool = _opt(TrainConfig, "raw", "--raw", help="Ablation: train on raw probabilities "
+    raw: bool = opt(TrainConfig, "raw", "--raw", help="Ablation: train on raw probabilities "
                      "instead of log-scaled maps."),
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
-    compile: bool = _opt(TrainConfig, "compile", "--compile", help="torch.compile the model."),
-    val_fraction: float = _opt(TrainConfig, "val_fraction", "--val-fraction",
+    compile: bool = opt(TrainConfig, "compile", "--compile", help="torch.compile the model."),
+    val_fraction: float = opt(TrainConfig, "val_fraction", "--val-fraction",
                                help="Share of inferences held out for validation."),
     model_config: Annotated[Optional[Path], typer.Option("--model-config", help="JSON/YAML file "
                                                          "of AP-MAE config keys that differ from "
                                                          "the preset (e.g. image_size, "
                                                          "patch_size).")] = None,
-    warmup_steps: Optional[int] = _opt(TrainConfig, "warmup_steps", "--warmup-steps",
+    warmup_steps: Optional[int] = opt(TrainConfig, "warmup_steps", "--warmup-steps",
                                        help="Linear warm-up steps (default 5% of --steps)."),
-    save_every: Optional[int] = _opt(TrainConfig, "save_every", "--save-every",
+    save_every: Optional[int] = opt(TrainConfig, "save_every", "--save-every",
                                      help="Checkpoint every N steps (default steps/10, at most "
                                           "2000)."),
-    eval_every: Optional[int] = _opt(TrainConfig, "eval_every", "--eval-every",
+    eval_every: Optional[int] = opt(TrainConfig, "eval_every", "--eval-every",
                                      help="Validation MSE every N steps (default steps/10)."),
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for "
                                                    "torch (default: torch's choice; 1 on "
@@ -368,15 +266,15 @@ def train(
     """Train AP-MAE on RUN/maps.zarr (train split); torchrun for several GPUs."""
     from apmae_gpu import training
 
-    pcfg = _pipeline_config(config)
-    settings = _settings(ctx, TrainConfig, locals(), pcfg)
+    pcfg = pipeline_config(config)
+    settings = section_from(ctx, TrainConfig, locals(), pcfg)
     # under torchrun, rank 0 holds the lock for the job
     lock = _writing_ranked(run)
     _uses(run)
     with lock:
         summary = training.train(run, settings, resume=resume, out=out,
-                                 device=_top(ctx, pcfg, "device", device),
-                                 seed=_top(ctx, pcfg, "seed", seed),
+                                 device=top(ctx, pcfg, "device", device),
+                                 seed=top(ctx, pcfg, "seed", seed),
                                  model_config=model_config, threads=threads)
     if summary.get("val_loss") is not None and os.environ.get("RANK", "0") == "0":
         typer.echo(f"AP-MAE {summary['preset']}: {summary['steps']} steps, validation MSE "
@@ -394,28 +292,28 @@ def evaluate(
     data: Annotated[list[Path], typer.Option("--data", help="One or more run directories.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default "
                                                 "RUN/evaluate of the first --data).")] = None,
-    split: str = _opt(EvaluateConfig, "split", "--split", help="Which maps: validation "
+    split: str = opt(EvaluateConfig, "split", "--split", help="Which maps: validation "
                       "(held-out train inferences), analysis or all."),
-    max_maps: int = _opt(EvaluateConfig, "max_maps", "--max-maps", help="Evaluate at most this "
+    max_maps: int = opt(EvaluateConfig, "max_maps", "--max-maps", help="Evaluate at most this "
                          "many maps per dataset."),
-    batch_size: int = _opt(EvaluateConfig, "batch_size", "--batch-size", help="Maps per batch."),
+    batch_size: int = opt(EvaluateConfig, "batch_size", "--batch-size", help="Maps per batch."),
     device: DeviceOpt = "auto",
     seed: SeedOpt = 0,
-    figure_maps: int = _opt(EvaluateConfig, "figure_maps", "--figure-maps", help="Maps per "
+    figure_maps: int = opt(EvaluateConfig, "figure_maps", "--figure-maps", help="Maps per "
                             "reconstruction figure (0: no figure)."),
     config: ConfigOpt = None,
 ) -> None:
     """Reconstruction MSE of every checkpoint on every dataset, with baselines."""
     from apmae_gpu import evaluation
 
-    pcfg = _pipeline_config(config)
+    pcfg = pipeline_config(config)
     # --data names every run to evaluate; the section's `data`, the runs beside a pipeline's
-    settings = _settings(ctx, EvaluateConfig, _without(locals(), "data"), pcfg)
+    settings = section_from(ctx, EvaluateConfig, without(locals(), "data"), pcfg)
     lock = _writing(data[0]) if data and out is None else contextlib.nullcontext()
     with lock:
         evaluation.evaluate(checkpoint, data, settings, out=out,
-                            device=_top(ctx, pcfg, "device", device),
-                            seed=_top(ctx, pcfg, "seed", seed))
+                            device=top(ctx, pcfg, "device", device),
+                            seed=top(ctx, pcfg, "seed", seed))
 
 
 # --------------------------------------------------------------------------- encode
@@ -425,10 +323,10 @@ def encode(
     run: RunArg,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="AP-MAE checkpoint "
                                                        "(default RUN/apmae/final).")] = None,
-    batch_size: int = _opt(EncodeConfig, "batch_size", "--batch-size", help="Maps per batch."),
-    pool: str = _opt(EncodeConfig, "pool", "--pool", help="cls or mean (of patch tokens)."),
+    batch_size: int = opt(EncodeConfig, "batch_size", "--batch-size", help="Maps per batch."),
+    pool: str = opt(EncodeConfig, "pool", "--pool", help="cls or mean (of patch tokens)."),
     device: DeviceOpt = "auto",
-    block: Optional[int] = _opt(EncodeConfig, "block", "--block", help="Inferences per chunk "
+    block: Optional[int] = opt(EncodeConfig, "block", "--block", help="Inferences per chunk "
                                 "and per commit (default: by memory, <= 1024)."),
     restart: Annotated[bool, typer.Option("--restart", help="Discard RUN/embeddings.zarr and "
                                           "encode from scratch.")] = False,
@@ -437,17 +335,17 @@ def encode(
     """Encode every analysis map into RUN/embeddings.zarr [layers, heads, inferences, dim]."""
     from apmae_gpu import encoding
 
-    pcfg = _pipeline_config(config)
-    settings = _settings(ctx, EncodeConfig, locals(), pcfg)
+    pcfg = pipeline_config(config)
+    settings = section_from(ctx, EncodeConfig, locals(), pcfg)
     _uses(run)
     with _writing_ranked(run):
         encoding.encode(run, settings, checkpoint=checkpoint,
-                        device=_top(ctx, pcfg, "device", device), restart=restart)
+                        device=top(ctx, pcfg, "device", device), restart=restart)
 
 
 # --------------------------------------------------------------------------- cluster
 def _cluster_opt(name: str, *decls: str, help: str | None = None, **kw):
-    return _opt(ClusterConfig, name, *decls, help=help, **kw)
+    return opt(ClusterConfig, name, *decls, help=help, **kw)
 
 
 BACKEND_HELP = "auto, cuml or cpu."
@@ -494,10 +392,10 @@ def cluster(
     """UMAP + HDBSCAN per head into RUN/clusters.parquet, heads spread over dask workers."""
     from apmae_gpu import clustering
 
-    pcfg = _pipeline_config(config)
-    settings = _settings(ctx, ClusterConfig, locals(), pcfg)
+    pcfg = pipeline_config(config)
+    settings = section_from(ctx, ClusterConfig, locals(), pcfg)
     with _writing(run):
-        clustering.cluster(run, settings, seed=_top(ctx, pcfg, "seed", seed), restart=restart)
+        clustering.cluster(run, settings, seed=top(ctx, pcfg, "seed", seed), restart=restart)
 
 
 # --------------------------------------------------------------------------- classify
@@ -505,33 +403,33 @@ def cluster(
 def classify(
     ctx: typer.Context,
     run: RunArg,
-    folds: int = _opt(ClassifyConfig, "folds", "--folds", help="Cross-validation folds."),
-    gpu: str = _opt(ClassifyConfig, "gpu", "--gpu", help="auto, yes or no: CatBoost task_type "
+    folds: int = opt(ClassifyConfig, "folds", "--folds", help="Cross-validation folds."),
+    gpu: str = opt(ClassifyConfig, "gpu", "--gpu", help="auto, yes or no: CatBoost task_type "
                     "GPU."),
     seed: SeedOpt = 0,
-    iterations: int = _opt(ClassifyConfig, "iterations", "--iterations", help="CatBoost trees "
+    iterations: int = opt(ClassifyConfig, "iterations", "--iterations", help="CatBoost trees "
                            "(at most, with early stopping)."),
-    depth: int = _opt(ClassifyConfig, "depth", "--depth", help="CatBoost tree depth."),
-    learning_rate: float = _opt(ClassifyConfig, "learning_rate", "--learning-rate",
+    depth: int = opt(ClassifyConfig, "depth", "--depth", help="CatBoost tree depth."),
+    learning_rate: float = opt(ClassifyConfig, "learning_rate", "--learning-rate",
                                 help="CatBoost learning rate."),
-    early_stopping_rounds: int = _opt(ClassifyConfig, "early_stopping_rounds",
+    early_stopping_rounds: int = opt(ClassifyConfig, "early_stopping_rounds",
                                       "--early-stopping", help="Rounds without improvement on "
                                       "the eval split (0: off)."),
-    eval_fraction: float = _opt(ClassifyConfig, "eval_fraction", "--eval-fraction",
+    eval_fraction: float = opt(ClassifyConfig, "eval_fraction", "--eval-fraction",
                                 help="Share of each training fold held out for early stopping."),
-    tasks: Optional[str] = _opt(ClassifyConfig, "tasks", "--tasks", help="Comma list of tasks "
+    tasks: Optional[str] = opt(ClassifyConfig, "tasks", "--tasks", help="Comma list of tasks "
                                 "(default: every labelled task)."),
-    shap_on: str = _opt(ClassifyConfig, "shap_on", "--shap-on", help="oof (each inference "
+    shap_on: str = opt(ClassifyConfig, "shap_on", "--shap-on", help="oof (each inference "
                         "explained by the fold model that did not train on it) or full (one "
                         "model fitted on all data)."),
-    one_hot_max_size: Optional[int] = _opt(
+    one_hot_max_size: Optional[int] = opt(
         ClassifyConfig, "one_hot_max_size", "--one-hot-max-size", help="One-hot encode heads "
         "with at most this many clusters instead of target statistics (default: CatBoost's; "
         "16 is much faster on CPU: bench/results/classify.md)."),
-    max_ctr_complexity: Optional[int] = _opt(
+    max_ctr_complexity: Optional[int] = opt(
         ClassifyConfig, "max_ctr_complexity", "--max-ctr-complexity", help="Most heads combined "
         "in one categorical feature combination (default: CatBoost's)."),
-    boosting_type: Optional[str] = _opt(
+    boosting_type: Optional[str] = opt(
         ClassifyConfig, "boosting_type", "--boosting-type", help="Plain or Ordered (default: "
         "CatBoost's choice, Ordered on small CPU data sets; Plain is cheaper per tree)."),
     config: ConfigOpt = None,
@@ -539,10 +437,10 @@ def classify(
     """CatBoost per task on per-head cluster ids; SHAP head importance."""
     from apmae_gpu import classification
 
-    pcfg = _pipeline_config(config)
-    settings = _settings(ctx, ClassifyConfig, locals(), pcfg)
+    pcfg = pipeline_config(config)
+    settings = section_from(ctx, ClassifyConfig, locals(), pcfg)
     with _writing(run):
-        classification.classify(run, settings, seed=_top(ctx, pcfg, "seed", seed))
+        classification.classify(run, settings, seed=top(ctx, pcfg, "seed", seed))
 
 
 # --------------------------------------------------------------------------- intervene
@@ -550,38 +448,38 @@ def classify(
 def intervene(
     ctx: typer.Context,
     run: RunArg,
-    task: Optional[str] = _opt(InterveneConfig, "task", "--task", help="One task (default: "
+    task: Optional[str] = opt(InterveneConfig, "task", "--task", help="One task (default: "
                                "every task the classifier ranked)."),
-    k: str = _opt(InterveneConfig, "k", "--k", help="Comma list of head counts."),
-    per_group: int = _opt(InterveneConfig, "per_group", "--per-group", help="N originally "
+    k: str = opt(InterveneConfig, "k", "--k", help="Comma list of head counts."),
+    per_group: int = opt(InterveneConfig, "per_group", "--per-group", help="N originally "
                           "correct and N originally incorrect held-out inferences."),
     model: Annotated[Optional[str], typer.Option("--model", help="The target LLM (default: the "
                                                  "one recorded in the manifest).")] = None,
     device: DeviceOpt = "auto",
-    batch_size: int = _opt(InterveneConfig, "batch_size", "--batch-size",
+    batch_size: int = opt(InterveneConfig, "batch_size", "--batch-size",
                            help="Prompts per forward pass."),
     seed: SeedOpt = 0,
-    groups: str = _opt(InterveneConfig, "groups", "--groups", help="Comma list of head groups: "
+    groups: str = opt(InterveneConfig, "groups", "--groups", help="Comma list of head groups: "
                        + ", ".join(GROUPS + EXTRA_GROUPS) + "."),
-    multi_token: bool = _opt(InterveneConfig, "multi_token", "--multi-token", help="Judge "
+    multi_token: bool = opt(InterveneConfig, "multi_token", "--multi-token", help="Judge "
                              "greedy completion of the whole target (KV cache), exact match, "
                              "instead of the first token."),
-    rank_by: str = _opt(InterveneConfig, "rank_by", "--rank-by", help="What ranks the "
+    rank_by: str = opt(InterveneConfig, "rank_by", "--rank-by", help="What ranks the "
                         "positive/negative groups: shap_parts (the reference: mean of the "
                         "positive / negative parts of the SHAP values), mean_shap (signed mean) "
                         "or extreme_shap."),
-    dtype: str = _opt(InterveneConfig, "dtype", "--dtype", help=DTYPE_HELP),
+    dtype: str = opt(InterveneConfig, "dtype", "--dtype", help=DTYPE_HELP),
     config: ConfigOpt = None,
 ) -> None:
     """Zero the heads SHAP selects while generating, and count what flips."""
     from apmae_gpu import intervention
 
-    pcfg = _pipeline_config(config)
-    settings = _settings(ctx, InterveneConfig, locals(), pcfg)
+    pcfg = pipeline_config(config)
+    settings = section_from(ctx, InterveneConfig, locals(), pcfg)
     with _writing(run):
-        intervention.intervene(run, settings, model=_top(ctx, pcfg, "model", model),
-                               device=_top(ctx, pcfg, "device", device),
-                               seed=_top(ctx, pcfg, "seed", seed))
+        intervention.intervene(run, settings, model=top(ctx, pcfg, "model", model),
+                               device=top(ctx, pcfg, "device", device),
+                               seed=top(ctx, pcfg, "seed", seed))
 
 
 # --------------------------------------------------------------------------- report / pipeline
@@ -589,7 +487,7 @@ def intervene(
 def report(
     ctx: typer.Context,
     run: RunArg,
-    notebook: bool = _opt(ReportConfig, "notebook", "--notebook", help="Also execute notebooks/"
+    notebook: bool = opt(ReportConfig, "notebook", "--notebook", help="Also execute notebooks/"
                           "findings.ipynb on the run (needs nbclient); keeps "
                           "RUN/report/findings.ipynb."),
     config: ConfigOpt = None,
@@ -597,7 +495,7 @@ def report(
     """Write RUN/report/index.html: one self-contained page over the whole run."""
     from apmae_gpu import report as report_mod
 
-    settings = _settings(ctx, ReportConfig, locals(), _pipeline_config(config))
+    settings = section_from(ctx, ReportConfig, locals(), pipeline_config(config))
     with _writing(run):
         report_mod.report(run, settings)
 
@@ -631,14 +529,14 @@ def pipeline(
 def trust(
     ctx: typer.Context,
     run: RunArg,
-    dims: str = _opt(TrustConfig, "dims", "--dims", help="Comma list of UMAP dimensions."),
-    heads: str = _opt(TrustConfig, "heads", "--heads"),
-    trials: int = _opt(TrustConfig, "trials", "--trials"),
-    max_points: int = _opt(TrustConfig, "max_points", "--max-points"),
+    dims: str = opt(TrustConfig, "dims", "--dims", help="Comma list of UMAP dimensions."),
+    heads: str = opt(TrustConfig, "heads", "--heads"),
+    trials: int = opt(TrustConfig, "trials", "--trials"),
+    max_points: int = opt(TrustConfig, "max_points", "--max-points"),
     neighbors: int = _cluster_opt("neighbors", "--neighbors", help="UMAP n_neighbors."),
     min_dist: float = _cluster_opt("min_dist", "--min-dist", help="UMAP min_dist."),
     metric: str = _cluster_opt("metric", "--metric", help="UMAP metric."),
-    trust_neighbors: Optional[int] = _opt(TrustConfig, "trust_neighbors", "--trust-neighbors",
+    trust_neighbors: Optional[int] = opt(TrustConfig, "trust_neighbors", "--trust-neighbors",
                                           help="k of the trustworthiness score (default: "
                                                "--neighbors)."),
     backend: str = _cluster_opt("backend", "--backend", help=BACKEND_HELP),
@@ -651,32 +549,32 @@ def trust(
     """Trustworthiness of UMAP per number of dimensions, to choose --umap-dims."""
     from apmae_gpu import cluster_studies
 
-    pcfg = _pipeline_config(config)
-    study = _settings(ctx, TrustConfig, locals(), pcfg)
-    clusters = _settings(ctx, ClusterConfig, _without(locals(), "heads"), pcfg)
+    pcfg = pipeline_config(config)
+    study = section_from(ctx, TrustConfig, locals(), pcfg)
+    clusters = section_from(ctx, ClusterConfig, without(locals(), "heads"), pcfg)
     with _writing(run):
-        cluster_studies.trust(run, study, clusters, seed=_top(ctx, pcfg, "seed", seed))
+        cluster_studies.trust(run, study, clusters, seed=top(ctx, pcfg, "seed", seed))
 
 
 @app.command()
 def stability(
     ctx: typer.Context,
     run: RunArg,
-    seeds: str = _opt(StabilityConfig, "seeds", "--seeds", help="Comma list of other seeds."),
-    heads: str = _opt(StabilityConfig, "heads", "--heads"),
+    seeds: str = opt(StabilityConfig, "seeds", "--seeds", help="Comma list of other seeds."),
+    heads: str = opt(StabilityConfig, "heads", "--heads"),
     backend: str = _cluster_opt("backend", "--backend", help=BACKEND_HELP),
     workers: int = _cluster_opt("workers", "--workers", help="Dask workers."),
     scheduler: Optional[str] = _cluster_opt("scheduler", "--scheduler", help="Address of an "
                                             "existing dask scheduler."),
-    stable_at: float = _opt(StabilityConfig, "stable_at", "--stable-at"),
+    stable_at: float = opt(StabilityConfig, "stable_at", "--stable-at"),
     config: ConfigOpt = None,
 ) -> None:
     """Cluster stability: recluster heads with other seeds; ARI per head, Jaccard per cluster."""
     from apmae_gpu import cluster_studies
 
-    pcfg = _pipeline_config(config)
-    study = _settings(ctx, StabilityConfig, locals(), pcfg)
-    clusters = _settings(ctx, ClusterConfig, _without(locals(), "heads"), pcfg)
+    pcfg = pipeline_config(config)
+    study = section_from(ctx, StabilityConfig, locals(), pcfg)
+    clusters = section_from(ctx, ClusterConfig, without(locals(), "heads"), pcfg)
     with _writing(run):
         cluster_studies.stability(run, study, clusters)
 

@@ -444,6 +444,18 @@ def open_corpus(spec: str, content_column: str = "content") -> Corpus:
                      ".parquet or hf:<dataset>)")
 
 
+def resolve_corpus(spec: str) -> str:
+    """A corpus spec with ``jdk`` (the JDK's own sources, the embedded default) resolved to
+    its src.zip."""
+    if spec != "jdk":
+        return spec
+    path = default_jdk_src()
+    if path is None:
+        raise ApmaeError("corpus `jdk` needs the JDK sources: `apt-get install openjdk-17-source` "
+                         "(Debian/Ubuntu), or give a directory/zip of .java files")
+    return path
+
+
 def default_jdk_src() -> str | None:
     """The JDK's src.zip installed by Debian's openjdk-17-source, if present."""
     for candidate in ("/usr/lib/jvm/openjdk-17/lib/src.zip", "/usr/lib/jvm/openjdk-17/src.zip",

@@ -59,17 +59,15 @@ import pandas as pd
 import torch
 
 from apmae_gpu import TASKS, llm
-from apmae_gpu.config import InterveneConfig
+from apmae_gpu.config import InterveneConfig, section
 from apmae_gpu.figures import pyplot, save_figure
-from apmae_gpu.intervention_groups import (EXTRA_GROUPS, GROUPS, RANKINGS, ZERO_TOL, head_groups,
-                                          sampled_mask, task_rng)
+from apmae_gpu.intervention_groups import ZERO_TOL, head_groups, sampled_mask, task_rng
 from apmae_gpu.intervention_stats import aggregate, echo_summary, summarize
 from apmae_gpu.runs import (ApmaeError, load_frame, progress, read_manifest, resolve_device,
                             update_manifest, write_json, write_parquet)
 
 log = logging.getLogger("apmae_gpu.intervention")
 
-DEFAULT_K = (1, 2, 5, 10, 20, 50, 100, 200, 400, 600, 800)
 
 
 # --------------------------------------------------------------------------- hooks
@@ -433,17 +431,17 @@ class _Target:
     config: dict                    # what a task's resumable work is keyed by
 
 
-def intervene(run: str | os.PathLike, task: str | None = None, k: list[int] | None = None,
-              per_group: int = 50, model: str | None = None, device: str = "auto",
-              batch_size: int = 8, seed: int = 0, groups: list[str] | None = None,
-              multi_token: bool = False, rank_by: str = "shap_parts", dtype: str = "auto"
-              ) -> pd.DataFrame:
+def intervene(run: str | os.PathLike, settings: InterveneConfig | None = None, *,
+              model: str | None = None, device: str = "auto", seed: int = 0,
+              **overrides) -> pd.DataFrame:
     """Ablate SHAP-selected heads on held-out inferences of each task (``task`` None: every
     classified task, as the paper); write ``RUN/intervene/results.parquet`` (with ``task ==
     "all"`` rows aggregating the tasks when there are several) and ``net_change.png``.
-    Returns the results frame."""
-    cfg = _settings(task=task, k=k, per_group=per_group, batch_size=batch_size, groups=groups,
-                    multi_token=multi_token, rank_by=rank_by, dtype=dtype)
+
+    ``settings``: the ``intervene`` section (:class:`~apmae_gpu.config.InterveneConfig`;
+    default the paper's), with keyword ``overrides`` of its fields over it; ``model``: the
+    target LLM (default: the one the manifest records).  Returns the results frame."""
+    cfg = _settings(settings, overrides)
     run = Path(run)
     inputs = _read_inputs(run, cfg)
     target = _load_target(run, model, device, seed, cfg, inputs.importance)
@@ -480,27 +478,12 @@ def intervene(run: str | os.PathLike, task: str | None = None, k: list[int] | No
     return results
 
 
-def _settings(*, task: str | None, k: list[int] | None, per_group: int, batch_size: int,
-              groups: list[str] | None, multi_token: bool, rank_by: str, dtype: str
-              ) -> InterveneConfig:
-    """intervene()'s arguments as its config section (``k`` sorted without repeats, the
-    default groups filled in); bad values are one-line errors."""
-    ks = sorted(set(k or DEFAULT_K))
-    groups = list(groups or GROUPS)
-    bad = [g for g in groups if g not in GROUPS + EXTRA_GROUPS]
-    if bad:
-        raise ApmaeError(f"unknown group(s) {', '.join(bad)}; known: "
-                         f"{', '.join(GROUPS + EXTRA_GROUPS)}")
-    if any(x < 1 for x in ks):
-        raise ApmaeError(f"--k {','.join(map(str, ks))}: head counts must be at least 1")
-    if per_group < 1 or batch_size < 1:
-        raise ApmaeError("--per-group and --batch-size must be at least 1")
-    if rank_by not in RANKINGS:
-        raise ApmaeError(f"--rank-by {rank_by}: expected one of {', '.join(RANKINGS)}")
-    llm.check_dtype(dtype)
-    return InterveneConfig(task=task, k=ks, per_group=per_group, batch_size=batch_size,
-                           groups=groups, multi_token=multi_token, rank_by=rank_by,
-                           dtype=dtype or "auto")
+def _settings(settings: InterveneConfig | None, overrides: dict) -> InterveneConfig:
+    """The intervene section with intervene()'s keyword overrides over it, ``k`` sorted
+    without repeats; bad values are one-line errors."""
+    llm.check_dtype(overrides.get("dtype", "auto"))
+    cfg = section(InterveneConfig, settings, overrides)
+    return cfg.model_copy(update={"k": sorted(set(cfg.k))})
 
 
 def _read_inputs(run: Path, cfg: InterveneConfig) -> _Inputs:

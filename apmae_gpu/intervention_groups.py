@@ -11,8 +11,6 @@ import pandas as pd
 
 from apmae_gpu.runs import ApmaeError
 
-GROUPS = ("positive", "negative", "zero", "random")
-EXTRA_GROUPS = ("importance",)
 ZERO_TOL = 1e-5
 
 

@@ -11,7 +11,7 @@ from rich.console import Console
 from rich.table import Table
 from scipy.stats import binomtest
 
-from apmae_gpu.intervention_groups import EXTRA_GROUPS, GROUPS
+from apmae_gpu.config import EXTRA_GROUPS, GROUPS
 
 
 def mcnemar_exact(b: int, c: int) -> float:

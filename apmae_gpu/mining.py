@@ -63,7 +63,8 @@ import tree_sitter as ts
 import tree_sitter_java as tsj
 
 from apmae_gpu import TASKS, llm, task_rank
-from apmae_gpu.corpus import TooLarge, Unreadable, open_corpus
+from apmae_gpu.config import MineConfig, section
+from apmae_gpu.corpus import TooLarge, Unreadable, open_corpus, resolve_corpus
 from apmae_gpu.runs import ApmaeError, check_mine_out, progress, update_manifest, write_parquet
 
 log = logging.getLogger("apmae_gpu.mining")
@@ -455,23 +456,30 @@ class _Quotas:
                 if self.counts[split][t] < q}
 
 
-def mine(corpus: str, model: str, out: Path, tasks: str = "all", per_task: int = 100,
-         window: int = 256, seed: int = 0, per_file: int = 1, dedup: bool = True,
-         max_files: int | None = None, max_file_bytes: int = 1_000_000,
-         content_column: str = "content", trust_remote_code: bool = False,
-         per_task_overrides: dict[str, int] | None = None, train_per_task: int = 0,
-         train_corpus: str | None = None, type_identifiers: bool = False) -> pd.DataFrame:
+def mine(out: Path, settings: MineConfig | None = None, *, model: str, seed: int = 0,
+         trust_remote_code: bool = False, **overrides) -> pd.DataFrame:
     """Mine ``per_task`` analysis prompts per task (``per_task_overrides`` for some tasks) and
     ``train_per_task`` random-masking prompts for AP-MAE from other files (or from
     ``train_corpus``) into ``out/tasks.parquet`` (+ manifest section).  ``max_files`` bounds
-    the files read from each corpus."""
+    the files read from each corpus.
+
+    ``settings``: the ``mine`` section (:class:`~apmae_gpu.config.MineConfig`; default the
+    paper's), with keyword ``overrides`` of its fields over it; ``model`` gives the
+    tokenizer."""
+    cfg = section(MineConfig, settings, overrides)
     check_mine_out(out)   # before any work: a file, read-only, or a run with captures
+    corpus = resolve_corpus(cfg.corpus)
+    train_corpus = resolve_corpus(cfg.train_corpus) if cfg.train_corpus else None
+    tasks, per_task, window, per_file = cfg.tasks, cfg.per_task, cfg.window, cfg.per_file
+    dedup, max_files, max_file_bytes = cfg.dedup, cfg.max_files, cfg.max_file_bytes
+    content_column, type_identifiers = cfg.content_column, cfg.type_identifiers
+    train_per_task = cfg.train_per_task
     chosen = parse_tasks(tasks)
-    overrides = dict(per_task_overrides or {})
-    unknown = sorted(set(overrides) - set(TASKS))
+    quota_of = dict(cfg.per_task_overrides)
+    unknown = sorted(set(quota_of) - set(TASKS))
     if unknown:
         raise ApmaeError(f"per-task override for unknown task {', '.join(unknown)}")
-    quota = {t: int(overrides.get(t, per_task)) for t in chosen}
+    quota = {t: int(quota_of.get(t, per_task)) for t in chosen}
     quotas = _Quotas(quota, int(train_per_task) if "random_masking" in chosen else 0)
     src = open_corpus(corpus, content_column)
     passes = [(src, "both")]
@@ -532,7 +540,7 @@ def mine(corpus: str, model: str, out: Path, tasks: str = "all", per_task: int =
     if short or short_train:
         log.warning("corpus exhausted before these tasks were full (missing rows): %s",
                     {**short, **{f"train:{t}": n for t, n in short_train.items()}})
-    section = {
+    record = {
         "corpus": src.describe(), "model": llm.resolve(model).describe(),
         "train_corpus": passes[-1][0].describe() if train_corpus else None,
         "tokenizer_vocab": len(tokenizer), "fim": builder.fim is not None,
@@ -545,7 +553,7 @@ def mine(corpus: str, model: str, out: Path, tasks: str = "all", per_task: int =
         "window_rules": df["window_rule"].value_counts().to_dict(),
         "seconds": round(seconds, 2), "tasks_per_second": round(len(df) / max(seconds, 1e-9), 1),
     }
-    update_manifest(out, "mine", section)
+    update_manifest(out, "mine", record)
     log.info("mined %d tasks (%d for AP-MAE training) from %d files in %.1fs (%.1f tasks/s) -> %s",
              len(df), int((df["split"] == "train").sum()), n_files, seconds,
              len(df) / max(seconds, 1e-9), out / "tasks.parquet")

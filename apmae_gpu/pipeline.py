@@ -20,6 +20,13 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from apmae_gpu import (capture, classification, clustering, encoding, evaluation, intervention,
+                       mining, report, training)
 from apmae_gpu.config import STAGES, PipelineConfig, load_config
 from apmae_gpu.runs import (ApmaeError, check_out_dir, read_manifest, update_manifest,
                             write_json, writer_lock)
@@ -84,40 +91,40 @@ def _complete(run: Path, stage: str) -> bool:
 
 # --------------------------------------------------------------------------- stages
 # Each runner passes its stage the config section; a stage on several processes is the
-# stage's command under torchrun, reading the same section from the config used
-# (RUN/CONFIG_USED, written at the start of every pipeline run).
+# stage's command under torchrun, reading the same section from the config used (the
+# settings as resolved, base files merged: RUN/CONFIG_USED).
 CONFIG_USED = "pipeline_config.json"
 
 
 def _mine(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
-    from apmae_gpu.mining import mine
-
     if fresh and (run / "maps.zarr").exists():
         raise ApmaeError(f"the mine settings changed but {run} already holds captured maps; "
                          "use a new --out")
-    mine(run, cfg.mine, model=cfg.model, seed=cfg.seed, trust_remote_code=cfg.trust_remote_code)
+    mining.mine(run, cfg.mine, model=cfg.model, seed=cfg.seed,
+                trust_remote_code=cfg.trust_remote_code)
 
 
 def _capture(split: str):
     def run_split(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
-        from apmae_gpu.capture import capture
-
         c = cfg.capture
-        encode_with = (run / "apmae" / "final") if split == "analysis" and c.encode_analysis else None
+        one_pass = split == "analysis" and c.encode_analysis
+        encode_with = run / "apmae" / "final" if one_pass else None
         if c.nproc > 1:
-            argv = ["capture", str(run), "--config", str(run / CONFIG_USED), "--model",
-                    cfg.model, "--split", split]
+            argv = ["capture", str(run), "--model", cfg.model, "--split", split]
             argv += ["--encode-with", str(encode_with)] if encode_with is not None else []
-            return _torchrun(c.nproc, argv, f"capture of the {split} split")
-        capture(run, c, split=split, model=cfg.model, device=cfg.device, seed=cfg.seed,
-                trust_remote_code=cfg.trust_remote_code, encode_with=encode_with)
+            return _torchrun(cfg, run, c.nproc, argv, f"capture of the {split} split")
+        capture.capture(run, cfg.model, c, split=split, device=cfg.device, seed=cfg.seed,
+                        trust_remote_code=cfg.trust_remote_code, encode_with=encode_with)
     return run_split
 
 
-def _torchrun(nproc: int, argv: list[str], what: str) -> None:
-    """Run ``apmae ARGV`` on ``nproc`` processes of one machine (torch's launcher)."""
+def _torchrun(cfg: PipelineConfig, run: Path, nproc: int, argv: list[str], what: str) -> None:
+    """Run ``apmae ARGV --config RUN/CONFIG_USED`` on ``nproc`` processes of one machine
+    (torch's launcher): the command reads its settings from the config used, written here."""
+    write_json(run / CONFIG_USED, cfg.model_dump(mode="json"))
     argv = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-            f"--nproc_per_node={nproc}", "-m", "apmae_gpu.cli", *argv]
+            f"--nproc_per_node={nproc}", "-m", "apmae_gpu.cli", *argv,
+            "--config", str(run / CONFIG_USED)]
     log.info("launching %s", " ".join(argv))
     if subprocess.call(argv) != 0:
         raise ApmaeError(f"distributed {what} failed (see its output above)")
@@ -130,52 +137,39 @@ def _train(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
         shutil.rmtree(out)
     resume = (out / "checkpoints").exists() and any((out / "checkpoints").iterdir())
     if cfg.train.nproc > 1:
-        argv = ["train", str(run), "--config", str(run / CONFIG_USED)] + ["--resume"] * resume
-        return _torchrun(cfg.train.nproc, argv, "AP-MAE training")
-    from apmae_gpu.training import train
-
-    train(run, cfg.train, resume=resume, device=cfg.device, seed=cfg.seed)
+        argv = ["train", str(run)] + ["--resume"] * resume
+        return _torchrun(cfg, run, cfg.train.nproc, argv, "AP-MAE training")
+    training.train(run, cfg.train, resume=resume, device=cfg.device, seed=cfg.seed)
 
 
 def _evaluate(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
-    from apmae_gpu.evaluation import evaluate
-
     e = cfg.evaluate
-    evaluate([run / "apmae" / "final", *map(Path, e.checkpoints)], [run, *map(Path, e.data)], e,
-             out=run / "evaluate", device=cfg.device, seed=cfg.seed)
+    evaluation.evaluate([run / "apmae" / "final", *map(Path, e.checkpoints)],
+                        [run, *map(Path, e.data)], e, out=run / "evaluate", device=cfg.device,
+                        seed=cfg.seed)
 
 
 def _encode(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
-    from apmae_gpu.encoding import encode
-
     if cfg.encode.nproc > 1:
-        argv = ["encode", str(run), "--config", str(run / CONFIG_USED)] + ["--restart"] * fresh
-        return _torchrun(cfg.encode.nproc, argv, "encoding")
-    encode(run, cfg.encode, device=cfg.device, restart=fresh)
+        argv = ["encode", str(run)] + ["--restart"] * fresh
+        return _torchrun(cfg, run, cfg.encode.nproc, argv, "encoding")
+    encoding.encode(run, cfg.encode, device=cfg.device, restart=fresh)
 
 
 def _cluster(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
-    from apmae_gpu.clustering import cluster
-
-    cluster(run, cfg.cluster, seed=cfg.seed, restart=fresh)
+    clustering.cluster(run, cfg.cluster, seed=cfg.seed, restart=fresh)
 
 
 def _classify(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
-    from apmae_gpu.classification import classify
-
-    classify(run, cfg.classify, seed=cfg.seed)
+    classification.classify(run, cfg.classify, seed=cfg.seed)
 
 
 def _intervene(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
-    from apmae_gpu.intervention import intervene
-
-    intervene(run, cfg.intervene, model=cfg.model, device=cfg.device, seed=cfg.seed)
+    intervention.intervene(run, cfg.intervene, model=cfg.model, device=cfg.device, seed=cfg.seed)
 
 
 def _report(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
-    from apmae_gpu.report import report
-
-    report(run, cfg.report)
+    report.report(run, cfg.report)
 
 
 RUNNERS = {"mine": _mine, "capture_train": _capture("train"),
@@ -187,8 +181,6 @@ RUNNERS = {"mine": _mine, "capture_train": _capture("train"),
 # --------------------------------------------------------------------------- summary
 def headlines(run: Path) -> dict:
     """The numbers a reader wants first, read back from the stages' outputs."""
-    import pandas as pd
-
     out: dict = {}
     man = read_manifest(run)
     if "mine" in man:
@@ -250,16 +242,10 @@ def run_pipeline(config: str | Path, out: str | Path | None = None) -> dict:
     check_out_dir(run)
     run.mkdir(parents=True, exist_ok=True)
     with writer_lock(run, f"apmae pipeline --config {config}"):
-        # the settings as resolved (base files merged): what torchrun'd stages read
-        write_json(run / CONFIG_USED, cfg.model_dump(mode="json"))
         return _run_stages(cfg, run, config)
 
 
 def _run_stages(cfg: PipelineConfig, run: Path, config) -> dict:
-    from rich.console import Console
-    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
-    from rich.table import Table
-
     keys = stage_keys(cfg)
     state_path = run / STATE
     try:

@@ -32,7 +32,8 @@ def main() -> None:
     table = []
     for n in args.per_task:
         with tempfile.TemporaryDirectory() as tmp, timer() as t:
-            df = mine(args.corpus, args.model, Path(tmp) / "run", per_task=n, seed=0)
+            df = mine(Path(tmp) / "run", corpus=args.corpus, model=args.model, per_task=n, seed=0,
+                      train_per_task=0)
             man = json.loads((Path(tmp) / "run" / "manifest.json").read_text())["mine"]
         table.append({"per_task": n, "tasks": len(df), "files_read": man["files_read"],
                       "seconds": round(t["seconds"], 2),

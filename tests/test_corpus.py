@@ -74,10 +74,10 @@ def test_parquet_order_is_seeded(sources):
 
 def test_mining_from_zip_equals_mining_from_directory(sources, tmp_path):
     base, _ = sources
-    a = mine(str(base / "tree"), "smollm2", tmp_path / "a", per_task=4, seed=5,
-             tasks="identifiers,closing_brackets,random_masking")
-    b = mine(str(base / "src.zip"), "smollm2", tmp_path / "b", per_task=4, seed=5,
-             tasks="identifiers,closing_brackets,random_masking")
+    a = mine(tmp_path / "a", corpus=str(base / "tree"), model="smollm2", per_task=4, seed=5,
+             tasks="identifiers,closing_brackets,random_masking", train_per_task=0)
+    b = mine(tmp_path / "b", corpus=str(base / "src.zip"), model="smollm2", per_task=4, seed=5,
+             tasks="identifiers,closing_brackets,random_masking", train_per_task=0)
     pd.testing.assert_frame_equal(a, b)
 
 

@@ -185,7 +185,7 @@ def test_capture_and_encode_in_one_pass(run, tiny_checkpoint):
 def test_encode_errors(run, tiny_checkpoint, tmp_path):
     with pytest.raises(ApmaeError, match="not an AP-MAE checkpoint"):
         encoding.encode(run, device="cpu")
-    with pytest.raises(ApmaeError, match="--pool"):
+    with pytest.raises(ApmaeError, match="encode: pool: input should be 'cls' or 'mean'"):
         encoding.encode(run, checkpoint=tiny_checkpoint, pool="max", device="cpu")
     with pytest.raises(ApmaeError, match="no maps.zarr"):
         encoding.encode(tmp_path / "empty", checkpoint=tiny_checkpoint, device="cpu")

@@ -164,8 +164,8 @@ def test_end_of_line_hole_is_semicolon_and_line_break(tmp_path):
     tok = AutoTokenizer.from_pretrained(tok_dir)
     merged = tok.convert_tokens_to_ids(";Ċ")
     assert merged != tok.unk_token_id and merged is not None   # the tokenizer merges `;\n`
-    df = mine(str(tmp_path / "java"), str(tok_dir), tmp_path / "run", tasks="end_of_line",
-              per_task=6, per_file=2, window=64, seed=0)
+    df = mine(tmp_path / "run", corpus=str(tmp_path / "java"), model=str(tok_dir),
+              tasks="end_of_line", per_task=6, per_file=2, window=64, seed=0, train_per_task=0)
     assert len(df) == 6 and df.fim.all()
     suf = tok.convert_tokens_to_ids("<fim_suffix>")
     for row in df.itertuples():
@@ -182,11 +182,13 @@ def test_end_of_line_hole_is_semicolon_and_line_break(tmp_path):
 
 def test_identifiers_are_identifier_nodes_unless_asked(tmp_path):
     write_java_tree(tmp_path / "java", n_files=6)
-    plain = mine(str(tmp_path / "java"), "smollm2", tmp_path / "a", tasks="identifiers",
-                 per_task=40, per_file=20, window=64, seed=1)
+    plain = mine(tmp_path / "a", corpus=str(tmp_path / "java"), model="smollm2",
+                 tasks="identifiers", per_task=40, per_file=20, window=64, seed=1,
+                 train_per_task=0)
     assert set(plain.kind) == {"identifier"}
-    both = mine(str(tmp_path / "java"), "smollm2", tmp_path / "b", tasks="identifiers",
-                per_task=40, per_file=20, window=64, seed=1, type_identifiers=True)
+    both = mine(tmp_path / "b", corpus=str(tmp_path / "java"), model="smollm2",
+                tasks="identifiers", per_task=40, per_file=20, window=64, seed=1,
+                type_identifiers=True, train_per_task=0)
     assert "type_identifier" in set(both.kind)
     assert json.loads((tmp_path / "b" / "manifest.json").read_text())["mine"]["type_identifiers"]
 
@@ -240,8 +242,8 @@ def split_run(tmp_path_factory):
     base = tmp_path_factory.mktemp("splits")
     write_java_tree(base / "java", n_files=12)
     run = base / "run"
-    mine(str(base / "java"), "random:tiny-llama", run, per_task=3, train_per_task=5, window=64,
-         seed=0)
+    mine(run, corpus=str(base / "java"), model="random:tiny-llama", per_task=3, train_per_task=5,
+         window=64, seed=0)
     return run
 
 
@@ -295,7 +297,7 @@ def test_train_corpus_and_the_heaps_duplicate_flags(tmp_path):
     # Training rows from their own corpus; the analysis rows from the other.
     other = write_java_tree(tmp_path / "train_java", n_files=3)
     run = tmp_path / "run"
-    df = mine(f"hf:{tmp_path / 'heap.parquet'}", "random:tiny-llama", run, per_task=2,
+    df = mine(run, corpus=f"hf:{tmp_path / 'heap.parquet'}", model="random:tiny-llama", per_task=2,
               train_per_task=3, window=64, train_corpus=str(tmp_path / "train_java"))
     assert set(df[df.split == "train"].source) <= set(other)
     assert set(df[(df.split == "analysis") & (df.task != "noise")].source) <= {names[0], *names[3:]}

@@ -34,14 +34,16 @@ def corpus(tmp_path_factory):
 def mined_left(corpus, tmp_path_factory):
     root, _ = corpus
     out = tmp_path_factory.mktemp("run_left")
-    return mine(str(root), "smollm2", out, per_task=8, per_file=2, seed=3), out
+    return mine(out, corpus=str(root), model="smollm2", per_task=8, per_file=2, seed=3,
+                train_per_task=0), out
 
 
 @pytest.fixture(scope="module")
 def mined_fim(corpus, tmp_path_factory, fim_tokenizer_dir):
     root, _ = corpus
     out = tmp_path_factory.mktemp("run_fim")
-    return mine(str(root), str(fim_tokenizer_dir), out, per_task=8, per_file=2, seed=3), out
+    return mine(out, corpus=str(root), model=str(fim_tokenizer_dir), per_task=8, per_file=2,
+                seed=3, train_per_task=0), out
 
 
 def _enclosing_types(tree, start, end):
@@ -156,9 +158,11 @@ def test_fim_prompts_have_the_fim_layout(mined_fim, corpus, fim_tokenizer_dir):
 def test_seed_reproduces_and_changes(corpus, tmp_path, mined_left):
     root, _ = corpus
     df, _ = mined_left
-    again = mine(str(root), "smollm2", tmp_path / "a", per_task=8, per_file=2, seed=3)
+    again = mine(tmp_path / "a", corpus=str(root), model="smollm2", per_task=8, per_file=2, seed=3,
+                 train_per_task=0)
     pd.testing.assert_frame_equal(df, again)
-    other = mine(str(root), "smollm2", tmp_path / "b", per_task=8, per_file=2, seed=4)
+    other = mine(tmp_path / "b", corpus=str(root), model="smollm2", per_task=8, per_file=2, seed=4,
+                 train_per_task=0)
     assert not df[["task", "source", "start_byte"]].equals(other[["task", "source", "start_byte"]])
 
 
@@ -216,8 +220,8 @@ def test_bad_files_are_skipped_and_counted(tmp_path, corpus):
     (bad / "latin1.java").write_bytes("class Café { String s = \"é\"; }".encode("latin-1"))
     (bad / "huge.java").write_bytes(b"class H { int x; }\n" * 60_000)
     (bad / "broken.java").write_bytes(b"class { int x = ; ) ) } }" * 40)
-    df = mine(str(bad), "smollm2", tmp_path / "run", per_task=100, per_file=2, seed=3,
-              max_file_bytes=500_000)
+    df = mine(tmp_path / "run", corpus=str(bad), model="smollm2", per_task=100, per_file=2, seed=3,
+              max_file_bytes=500_000, train_per_task=0)
     skipped = json.loads((tmp_path / "run" / "manifest.json").read_text())["mine"]["skipped"]
     for reason in ("empty", "binary", "non_utf8", "huge", "unparsable"):
         assert skipped.get(reason) == 1, (reason, skipped)
@@ -229,8 +233,9 @@ def test_non_ascii_files_keep_byte_offsets(tmp_path):
     src = java_source("Uni", n_methods=6).replace("text with", "téxt wïth ünïcödé ✓")
     (tmp_path / "src").mkdir()
     (tmp_path / "src" / "Uni.java").write_text(src, encoding="utf-8")
-    df = mine(str(tmp_path / "src"), "smollm2", tmp_path / "run", tasks="string_literals,identifiers",
-              per_task=6, per_file=6, seed=1)
+    df = mine(tmp_path / "run", corpus=str(tmp_path / "src"), model="smollm2",
+              tasks="string_literals,identifiers", per_task=6, per_file=6, seed=1,
+              train_per_task=0)
     data = src.encode("utf-8")
     for row in df.itertuples():
         assert data[row.start_byte:row.end_byte].decode("utf-8") == row.target

@@ -140,29 +140,48 @@ def test_encode_on_two_ranks_equals_one_process(synthetic_run_dir, tiny_checkpoi
 
 
 def test_pipeline_launches_capture_and_encode_with_torchrun(monkeypatch, tmp_path):
-    from apmae_gpu import pipeline
+    """Under torchrun the stage's command reads its section from the config used: what each
+    rank's stage function receives is exactly the pipeline's section."""
+    from apmae_gpu import capture as capture_mod
+    from apmae_gpu import cli, encoding, pipeline
     from apmae_gpu.config import load_config
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
     keys = pipeline.stage_keys(cfg)
     cfg.capture.nproc = cfg.encode.nproc = 2
+    cfg.seed, cfg.capture.batch_size, cfg.capture.analysis.max_attempts = 5, 3, 7
+    assert pipeline.stage_keys(cfg) != keys      # (the seed and settings changed)
+    cfg.seed, cfg.capture.batch_size, cfg.capture.analysis.max_attempts = 0, 8, 30
     assert pipeline.stage_keys(cfg) == keys      # the process count never changes a result
-    calls = []
-    monkeypatch.setattr(pipeline.subprocess, "call", lambda argv: calls.append(argv) or 0)
-    pipeline.RUNNERS["capture_train"](cfg, tmp_path, False)
-    pipeline.RUNNERS["encode"](cfg, tmp_path, True)
+    cfg.seed, cfg.capture.batch_size = 5, 3
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone",
                 "--nproc_per_node=2", "-m", "apmae_gpu.cli"]
-    assert calls[0][:9] == [*launcher, "capture", str(tmp_path)]
-    assert calls[0][calls[0].index("--split") + 1] == "train"
-    assert calls[1][:9] == [*launcher, "encode", str(tmp_path)] and calls[1][-1] == "--restart"
+    calls, seen = [], []
+    monkeypatch.setattr(capture_mod, "capture", lambda run, model, settings, **kw: seen.append(
+        (model, settings, kw)))
+    monkeypatch.setattr(encoding, "encode", lambda run, settings, **kw: seen.append(
+        (None, settings, kw)))
+
+    def launch(argv):   # one rank's command line, run here as the launcher would
+        calls.append(argv)
+        cli.main(argv[len(launcher):])
+        return 0
+
+    monkeypatch.setattr(pipeline.subprocess, "call", launch)
+    pipeline.RUNNERS["capture_train"](cfg, tmp_path, False)
+    pipeline.RUNNERS["encode"](cfg, tmp_path, True)
     cfg.capture.encode_analysis = True   # capture and encode in one pass: also on every rank
     pipeline.RUNNERS["capture_analysis"](cfg, tmp_path, False)
-    assert calls[2][:9] == [*launcher, "capture", str(tmp_path)]
-    flags = dict(zip(calls[2][9::2], calls[2][10::2]))
-    assert flags["--split"] == "analysis" and flags["--pool"] == cfg.capture.pool
-    assert flags["--encode-with"] == str(tmp_path / "apmae" / "final")
-    assert flags["--dtype"] == cfg.capture.dtype
+    assert [c[:9] for c in calls] == [[*launcher, "capture", str(tmp_path)],
+                                      [*launcher, "encode", str(tmp_path)],
+                                      [*launcher, "capture", str(tmp_path)]]
+    (m0, train, kw0), (_, enc, kw1), (m2, analysis, kw2) = seen
+    assert m0 == m2 == cfg.model and kw0["split"] == "train" and kw2["split"] == "analysis"
+    assert train.model_dump() == {**cfg.capture.model_dump(), "encode_analysis": False}
+    assert analysis == cfg.capture and analysis.analysis.max_attempts == 30
+    assert kw0["seed"] == kw2["seed"] == 5 and kw0["device"] == cfg.device
+    assert kw2["encode_with"] == tmp_path / "apmae" / "final" and kw0["encode_with"] is None
+    assert enc == cfg.encode and kw1["restart"] is True
     monkeypatch.setattr(pipeline.subprocess, "call", lambda argv: 1)
     with pytest.raises(pipeline.ApmaeError, match="distributed encoding failed"):
         pipeline.RUNNERS["encode"](cfg, tmp_path, False)
