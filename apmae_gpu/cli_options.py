@@ -17,7 +17,8 @@ from typing import Annotated, Optional
 import typer
 from pydantic import BaseModel, ValidationError
 
-from apmae_gpu.config import SECTION_OF, CaptureSplitConfig, M, PipelineConfig, load_config
+from apmae_gpu.config import (SECTION_OF, CaptureSplitConfig, M, PipelineConfig, load_config,
+                              message)
 from apmae_gpu.runs import ApmaeError
 
 
@@ -98,7 +99,7 @@ def section_from(ctx: typer.Context, model: type[M], values: dict, cfg: Pipeline
         key = loc[1] if split and loc[:1] == [split] and len(loc) > 1 else loc[0]
         got = err.get("input")
         shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
-        raise ApmaeError(f"{flags.get(key, key)}: {err['msg'].lower()}{shown}") from None
+        raise ApmaeError(f"{flags.get(key, key)}: {message(err)}{shown}") from None
 
 
 SPLIT_FIELDS = ("per_task", "heads", "max_attempts")

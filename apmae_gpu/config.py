@@ -333,7 +333,13 @@ def _one_line(exc: ValidationError, where: str) -> str:
         return f"{where}: unknown key {loc!r}"
     given = err.get("input")
     shown = repr(given) if not isinstance(given, (dict, list)) else type(given).__name__
-    return f"{where}: {loc}: {err['msg'].lower()} (got {shown})"
+    return f"{where}: {loc}: {message(err)} (got {shown})"
+
+
+def message(err: dict) -> str:
+    """A pydantic error's message as the rest of a sentence (its first letter lowered only,
+    so that choices keep their case)."""
+    return err["msg"][:1].lower() + err["msg"][1:]
 
 
 def load_config(path: str | Path, overrides: dict[str, Any] | None = None) -> PipelineConfig:
@@ -357,6 +363,10 @@ def section(model: type[M], base: M | None = None, settings: dict[str, Any] | No
     keyword ``settings`` over it, validated.  Every stage function takes its section this way,
     so a setting's default and bounds live only in its model; an unknown name or a value out
     of bounds is a one-line :class:`ApmaeError`."""
+    if base is not None and not isinstance(base, model):
+        raise TypeError(f"{SECTION_OF.get(model, model.__name__)} settings: expected an "
+                        f"instance of {model.__name__}, got {type(base).__name__} (pass the "
+                        f"other arguments by keyword)")
     data = base.model_dump() if base is not None else {}
     data.update(settings or {})
     try:

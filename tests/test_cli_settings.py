@@ -156,3 +156,17 @@ def test_open_bounds_and_choices_are_checked_by_the_model(tmp_path, capsys):
         cli.main(["intervene", str(tmp_path), "--k", "1,0"])
     assert capsys.readouterr().err.strip() == ("error: --k: input should be greater than or "
                                               "equal to 1 (got '0')")
+
+
+def test_stage_functions_take_their_section_or_keywords(tmp_path):
+    from apmae_gpu import clustering, encoding
+    from apmae_gpu.runs import ApmaeError
+
+    with pytest.raises(ApmaeError, match="^cluster: unknown key 'neighbours'$"):
+        clustering.cluster(tmp_path, neighbours=5)
+    with pytest.raises(ApmaeError, match=r"^cluster: neighbors: input should be greater than or "
+                                         r"equal to 2 \(got 1\)$"):
+        clustering.cluster(tmp_path, ClusterConfig(), neighbors=1)
+    with pytest.raises(TypeError, match=r"encode settings: expected an instance of EncodeConfig, "
+                                        r"got PosixPath \(pass the other arguments by keyword\)"):
+        encoding.encode(tmp_path, tmp_path / "checkpoint")

@@ -103,7 +103,8 @@ def test_bad_input_is_a_clear_error(run, tmp_path):
     with pytest.raises(ApmaeError, match="no AP-MAE checkpoint"):
         evaluation.evaluate([tmp_path / "nothing"], [run], device="cpu")
     ok = _checkpoint(tmp_path / "ok")
-    with pytest.raises(ApmaeError, match="--split must be one of"):
+    with pytest.raises(ApmaeError, match="evaluate: split: input should be 'validation', "
+                                         "'analysis' or 'all' \\(got 'test'\\)"):
         evaluation.evaluate([ok], [run], split="test", device="cpu")
     empty = tmp_path / "empty"
     MapStore.create_or_open(empty, window=64, scaler="log", fill_value=-18.42, floor=1e-8)

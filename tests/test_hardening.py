@@ -382,7 +382,7 @@ def test_encode_restart_keeps_the_old_embeddings_until_the_new_ones_are_complete
         run_copy, tiny_checkpoint, tmp_path, capsys):
     from apmae_gpu import encoding
 
-    encoding.encode(run_copy, tiny_checkpoint, device="cpu", block=16)
+    encoding.encode(run_copy, checkpoint=tiny_checkpoint, device="cpu", block=16)
     before = encoding.read_head(run_copy / "embeddings.zarr", 0, 1)
     other = save_tiny_apmae(tmp_path / "other", image_size=64, patch_size=8)
     store = MapStore(run_copy)
@@ -398,7 +398,7 @@ def test_encode_restart_keeps_the_old_embeddings_until_the_new_ones_are_complete
     assert np.array_equal(before[1], after[1], equal_nan=True)
     assert encoding.open_embeddings(run_copy).attrs["checkpoint"] == str(tiny_checkpoint)
     chunk.write_bytes(kept)
-    encoding.encode(run_copy, other, device="cpu", restart=True)
+    encoding.encode(run_copy, checkpoint=other, device="cpu", restart=True)
     group = encoding.open_embeddings(run_copy)
     assert group.attrs["checkpoint"] == str(other) and group.attrs["complete"]
     assert sorted(p.name for p in run_copy.iterdir() if "embeddings" in p.name) == [

@@ -427,9 +427,9 @@ def test_intervene_bad_input(tmp_path, capsys):
         I.intervene(run, groups=["positive", "biggest"], device="cpu")
     with pytest.raises(SystemExit) as exc:
         main(["intervene", str(run), "--k", "1,two"])
-    assert exc.value.code == 2 and capsys.readouterr().err == (
+    assert exc.value.code == 2 and capsys.readouterr().err.splitlines()[-1] == (
         "error: --k: input should be a valid integer, unable to parse string as an integer "
-        "(got 'two')\n")
+        "(got 'two')")
     (run / "classify" / "head_importance.parquet").unlink()
     with pytest.raises(ApmaeError, match="run `apmae classify` first"):
         I.intervene(run, device="cpu")

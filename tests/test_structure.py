@@ -74,3 +74,34 @@ def test_hard_dependencies_are_imported_at_the_top():
                     if root not in LAZY_OK:
                         offenders.append(f"{path.name}:{fn.name} imports {name}")
     assert offenders == []
+
+
+def test_compare_runs_finds_a_changed_value_and_ignores_paths_and_timings(tmp_path, capsys):
+    import numpy as np
+    import pandas as pd
+    import zarr
+
+    spec = importlib.util.spec_from_file_location("compare_runs",
+                                                  ROOT / "bench" / "compare_runs.py")
+    cmp = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(cmp)
+    runs = []
+    for name in ("a", "b"):
+        run = tmp_path / name
+        (run / "cluster").mkdir(parents=True)
+        pd.DataFrame({"dataset": [str(run), name], "mse": [0.5, 0.25],
+                      "seconds": [1.0 if name == "a" else 9.0, 2.0]}).to_parquet(
+            run / "cluster" / "heads.parquet")
+        zarr.create_array(str(run / "maps.zarr"), shape=(3, 2), dtype="f2", chunks=(2, 2))[:] = \
+            np.arange(6, dtype="f2").reshape(3, 2)
+        runs.append(run)
+    assert cmp.main([str(runs[0]), str(runs[1])]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "0 difference(s)"
+    zarr.open_array(str(runs[1] / "maps.zarr"), mode="r+")[2, 1] = -0.0   # 5 -> -0
+    frame = pd.read_parquet(runs[1] / "cluster" / "heads.parquet")
+    frame.loc[1, "mse"] = 0.2500001
+    frame.to_parquet(runs[1] / "cluster" / "heads.parquet")
+    assert cmp.main([str(runs[0]), str(runs[1])]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert out[0].startswith("DIFF  cluster/heads.parquet") and out[1] == "DIFF  maps.zarr/"
+    assert out[-1] == "2 difference(s)"
