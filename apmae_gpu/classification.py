@@ -425,7 +425,7 @@ def classify(run: str | os.PathLike, settings: ClassifyConfig | None = None, *, 
     run = Path(run)
     cfg = section(ClassifyConfig, settings, overrides)
     folds, gpu, tasks, shap_on = cfg.folds, cfg.gpu, cfg.tasks, cfg.shap_on
-    settings = CatBoostSettings.from_config(cfg, thread_count)
+    catboost = CatBoostSettings.from_config(cfg, thread_count)
     task_type = resolve_task_type(gpu)
     if task_type == "GPU":
         free_torch_cuda_cache()   # CatBoost allocates GPU memory outside torch's cache
@@ -462,7 +462,7 @@ def classify(run: str | os.PathLike, settings: ClassifyConfig | None = None, *, 
         y = with_maps["correct"].to_numpy()[sel].astype(int)
         try:
             rec = classify_task(task, X_all[sel], y, ids[sel], n_layers, n_heads, folds,
-                                settings, task_type, seed, shap_on, out / "tasks" / task)
+                                catboost, task_type, seed, shap_on, out / "tasks" / task)
         except ApmaeError as exc:
             log.error("%s: skipped: %s", task, exc)
             skipped[task] = str(exc)
@@ -502,7 +502,7 @@ def classify(run: str | os.PathLike, settings: ClassifyConfig | None = None, *, 
     seconds = round(time.perf_counter() - t_start, 2)
     update_manifest(run, "classify", {
         "status": "done", "task_type": task_type, "folds": folds, "seed": seed,
-        "catboost": asdict(settings),
+        "catboost": asdict(catboost),
         "shap": f"catboost ShapValues, {'out-of-fold' if shap_on == 'oof' else 'full-data model'}",
         "features": f"{n_layers} layers x {n_heads} heads, cluster ids as categories "
                     f"(-1 noise, {MISSING} missing)",

@@ -33,17 +33,20 @@ from __future__ import annotations
 
 import logging
 import time
+import typing
 import warnings
 
 import numpy as np
 import torch
 
+from apmae_gpu.config import ClusterConfig
 from apmae_gpu.runs import ApmaeError
 
 log = logging.getLogger("apmae_gpu.clustering")
 
-BACKENDS = ("auto", "cuml", "cpu")
-KNN_METHODS = ("auto", "nndescent", "torch")
+# the choices of the cluster section's `backend` and `knn` (apmae_gpu.config.ClusterConfig)
+BACKENDS = typing.get_args(ClusterConfig.model_fields["backend"].annotation)
+KNN_METHODS = typing.get_args(ClusterConfig.model_fields["knn"].annotation)
 # Metrics the torch exact-kNN path computes itself; others fall back to umap-learn's search.
 TORCH_KNN_METRICS = ("cosine", "euclidean", "manhattan", "l1", "l2")
 # Below this many points a head is reported as all noise (UMAP's spectral layout and
@@ -183,6 +186,9 @@ def _to_numpy(a) -> np.ndarray:
 
 
 # --------------------------------------------------------------------------- estimator
+_PAPER = ClusterConfig()   # the paper's clustering settings
+
+
 class HeadClusterer:
     """UMAP to ``umap_dims`` dimensions, then HDBSCAN, on one head's embeddings.
 
@@ -201,9 +207,12 @@ class HeadClusterer:
 
     backend = "base"
 
-    def __init__(self, *, umap_dims=8, n_neighbors=20, min_dist=0.05, metric="cosine",
-                 min_samples=20, min_cluster_size=25, allow_single_cluster=True, random_state=0,
-                 knn="auto", device="auto", n_jobs=1, n_epochs=None):
+    # defaults: the cluster section's (apmae_gpu.config.ClusterConfig), under umap's names
+    def __init__(self, *, umap_dims=_PAPER.umap_dims, n_neighbors=_PAPER.neighbors,
+                 min_dist=_PAPER.min_dist, metric=_PAPER.metric, min_samples=_PAPER.min_samples,
+                 min_cluster_size=_PAPER.min_cluster_size, allow_single_cluster=True,
+                 random_state=0, knn=_PAPER.knn, device="auto", n_jobs=1,
+                 n_epochs=_PAPER.umap_epochs):
         self.umap_dims = umap_dims
         self.n_neighbors = n_neighbors
         self.min_dist = min_dist
