@@ -26,8 +26,8 @@ from apmae_gpu.cli_options import (ConfigOpt, bounds, opt, pipeline_config, sect
                                    without)
 from apmae_gpu.config import (EXTRA_GROUPS, GROUPS, CaptureConfig, CaptureSplitConfig,
                               ClassifyConfig, ClusterConfig, EncodeConfig, EvaluateConfig,
-                              InterveneConfig, MineConfig, ReportConfig, StabilityConfig,
-                              TrainConfig, TrustConfig)
+                              InterveneConfig, MineConfig, PipelineConfig, ReportConfig,
+                              StabilityConfig, TrainConfig, TrustConfig)
 from apmae_gpu.runs import ApmaeError, crash_log, setup_logging, writer_lock
 
 app = typer.Typer(
@@ -44,8 +44,16 @@ app = typer.Typer(
 log = logging.getLogger("apmae_gpu")
 
 RunArg = Annotated[Path, typer.Argument(help="The run directory.", show_default=False)]
-DeviceOpt = Annotated[str, typer.Option("--device", help="auto, cpu, cuda or cuda:N.")]
-SeedOpt = Annotated[int, typer.Option("--seed", help="Random seed.")]
+
+
+def device_opt():
+    """--device: a run-wide setting, its default the pipeline config's."""
+    return opt(PipelineConfig, "device", "--device", help="auto, cpu, cuda or cuda:N.")
+
+
+def seed_opt():
+    """--seed: a run-wide setting, its default the pipeline config's."""
+    return opt(PipelineConfig, "seed", "--seed", help="Random seed.")
 DTYPE_HELP = ("The target LLM's weights: auto (bfloat16 on CUDA, float32 elsewhere), float32 "
               "(the reference's choice for StarCoder2), bfloat16 or float16.")
 
@@ -119,7 +127,7 @@ def mine(
                                   help="Also mask type identifiers in the identifiers task "
                                        "(the reference takes identifier nodes only)."),
     window: int = opt(MineConfig, "window", "--window", help="Prompt length in tokens."),
-    seed: SeedOpt = 0,
+    seed: int = seed_opt(),
     per_file: int = opt(MineConfig, "per_file", "--per-file", help="At most this many rows "
                          "per task from one file (spreads tasks over files)."),
     dedup: bool = opt(MineConfig, "dedup", "--dedup/--no-dedup", help="Skip exact duplicate "
@@ -170,8 +178,8 @@ def capture(
     scaler: str = opt(CaptureConfig, "scaler", "--scaler", help="log, log_normalize or none."),
     batch_size: int = opt(CaptureConfig, "batch_size", "--batch-size",
                            help="Prompts per forward pass."),
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
+    device: str = device_opt(),
+    seed: int = seed_opt(),
     max_attempts: Annotated[Optional[int], typer.Option(
         "--max-attempts", **bounds(CaptureSplitConfig.model_fields["max_attempts"]),
         help="Stop prompting a task after this many attempts.")] = None,
@@ -242,8 +250,8 @@ def train(
                                                 "RUN/apmae).")] = None,
     raw: bool = opt(TrainConfig, "raw", "--raw", help="Ablation: train on raw probabilities "
                      "instead of log-scaled maps."),
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
+    device: str = device_opt(),
+    seed: int = seed_opt(),
     compile: bool = opt(TrainConfig, "compile", "--compile", help="torch.compile the model."),
     val_fraction: float = opt(TrainConfig, "val_fraction", "--val-fraction",
                                help="Share of inferences held out for validation."),
@@ -297,8 +305,8 @@ def evaluate(
     max_maps: int = opt(EvaluateConfig, "max_maps", "--max-maps", help="Evaluate at most this "
                          "many maps per dataset."),
     batch_size: int = opt(EvaluateConfig, "batch_size", "--batch-size", help="Maps per batch."),
-    device: DeviceOpt = "auto",
-    seed: SeedOpt = 0,
+    device: str = device_opt(),
+    seed: int = seed_opt(),
     figure_maps: int = opt(EvaluateConfig, "figure_maps", "--figure-maps", help="Maps per "
                             "reconstruction figure (0: no figure)."),
     config: ConfigOpt = None,
@@ -325,7 +333,7 @@ def encode(
                                                        "(default RUN/apmae/final).")] = None,
     batch_size: int = opt(EncodeConfig, "batch_size", "--batch-size", help="Maps per batch."),
     pool: str = opt(EncodeConfig, "pool", "--pool", help="cls or mean (of patch tokens)."),
-    device: DeviceOpt = "auto",
+    device: str = device_opt(),
     block: Optional[int] = opt(EncodeConfig, "block", "--block", help="Inferences per chunk "
                                 "and per commit (default: by memory, <= 1024)."),
     restart: Annotated[bool, typer.Option("--restart", help="Discard RUN/embeddings.zarr and "
@@ -367,7 +375,7 @@ def cluster(
                                          help="HDBSCAN min_cluster_size."),
     scheduler: Optional[str] = _cluster_opt("scheduler", "--scheduler", help="Address of an "
                                             "existing dask scheduler."),
-    seed: SeedOpt = 0,
+    seed: int = seed_opt(),
     heads: Optional[str] = _cluster_opt("heads", "--heads", help="all (default), N (a seeded "
                                         "sample) or L:H,L:H."),
     retries: int = _cluster_opt("retries", "--retries", help="Retries of a failing head (with "
@@ -406,7 +414,7 @@ def classify(
     folds: int = opt(ClassifyConfig, "folds", "--folds", help="Cross-validation folds."),
     gpu: str = opt(ClassifyConfig, "gpu", "--gpu", help="auto, yes or no: CatBoost task_type "
                     "GPU."),
-    seed: SeedOpt = 0,
+    seed: int = seed_opt(),
     iterations: int = opt(ClassifyConfig, "iterations", "--iterations", help="CatBoost trees "
                            "(at most, with early stopping)."),
     depth: int = opt(ClassifyConfig, "depth", "--depth", help="CatBoost tree depth."),
@@ -455,10 +463,10 @@ def intervene(
                           "correct and N originally incorrect held-out inferences."),
     model: Annotated[Optional[str], typer.Option("--model", help="The target LLM (default: the "
                                                  "one recorded in the manifest).")] = None,
-    device: DeviceOpt = "auto",
+    device: str = device_opt(),
     batch_size: int = opt(InterveneConfig, "batch_size", "--batch-size",
                            help="Prompts per forward pass."),
-    seed: SeedOpt = 0,
+    seed: int = seed_opt(),
     groups: str = opt(InterveneConfig, "groups", "--groups", help="Comma list of head groups: "
                        + ", ".join(GROUPS + EXTRA_GROUPS) + "."),
     multi_token: bool = opt(InterveneConfig, "multi_token", "--multi-token", help="Judge "
@@ -543,7 +551,7 @@ def trust(
     workers: int = _cluster_opt("workers", "--workers", help="Dask workers."),
     scheduler: Optional[str] = _cluster_opt("scheduler", "--scheduler", help="Address of an "
                                             "existing dask scheduler."),
-    seed: SeedOpt = 0,
+    seed: int = seed_opt(),
     config: ConfigOpt = None,
 ) -> None:
     """Trustworthiness of UMAP per number of dimensions, to choose --umap-dims."""

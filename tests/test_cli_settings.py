@@ -170,3 +170,14 @@ def test_stage_functions_take_their_section_or_keywords(tmp_path):
     with pytest.raises(TypeError, match=r"encode settings: expected an instance of EncodeConfig, "
                                         r"got PosixPath \(pass the other arguments by keyword\)"):
         encoding.encode(tmp_path, tmp_path / "checkpoint")
+
+
+def test_run_wide_options_default_to_the_pipeline_configs():
+    top = PipelineConfig()
+    for command in COMMANDS:
+        params = _params(command)
+        if "seed" in params:
+            assert params["seed"].default == top.seed, command
+        if "device" in params:
+            assert params["device"].default == top.device, command
+    assert "seed" in _params("cluster") and "device" in _params("capture")
