@@ -38,6 +38,7 @@ import pandas as pd
 from scipy import stats
 
 from apmae_gpu import TASKS
+from apmae_gpu.intervention_stats import holm
 
 COLUMNS = ["claim", "statement", "paper", "estimate", "ci_low", "ci_high", "p_value", "n",
            "test", "verdict", "detail"]
@@ -68,18 +69,6 @@ def verdict(estimate: float, ci_low: float, ci_high: float, p_value: float, pape
     if (ci_high < paper_value) if direction > 0 else (ci_low > paper_value):
         return "not reproduced"
     return "inconclusive"
-
-
-def holm(p) -> np.ndarray:
-    """Holm-Bonferroni adjusted p-values (NaN stays NaN)."""
-    p = np.asarray(p, dtype=float)
-    out = np.full_like(p, np.nan)
-    ok = np.flatnonzero(np.isfinite(p))
-    if ok.size:
-        order = ok[np.argsort(p[ok], kind="stable")]
-        adj = np.maximum.accumulate((ok.size - np.arange(ok.size)) * p[order])
-        out[order] = np.minimum(adj, 1.0)
-    return out
 
 
 # --------------------------------------------------------------------------- power
