@@ -139,8 +139,8 @@ def mine(
     content_column: str = opt(MineConfig, "content_column", "--content-column",
                                help="Column holding the source text in JSONL/Parquet/HF "
                                     "corpora."),
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code", help="Allow a hub "
-                                                    "tokenizer's own code to run.")] = False,
+    trust_remote_code: bool = opt(PipelineConfig, "trust_remote_code", "--trust-remote-code",
+                                  help="Allow a hub tokenizer's own code to run."),
     config: ConfigOpt = None,
 ) -> None:
     """Mine Java completion tasks with tree-sitter into RUN/tasks.parquet."""
@@ -191,7 +191,8 @@ def capture(
                                      help="e.g. auto: spread a model larger than one GPU."),
     chunk_maps: int = opt(CaptureConfig, "chunk_maps", "--chunk-maps",
                            help="Maps per Zarr chunk."),
-    trust_remote_code: Annotated[bool, typer.Option("--trust-remote-code")] = False,
+    trust_remote_code: bool = opt(PipelineConfig, "trust_remote_code", "--trust-remote-code",
+                                  help="Allow a hub model's own code to run."),
     encode_with: Annotated[Optional[Path], typer.Option("--encode-with", help="AP-MAE checkpoint: "
                                                         "encode the analysis maps in the same "
                                                         "pass and keep only their embeddings "

@@ -29,6 +29,7 @@ import re
 import shutil
 import socket
 import tempfile
+import typing
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ import torch
 from huggingface_hub import try_to_load_from_cache
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+from apmae_gpu.config import Dtype
 from apmae_gpu.runs import ApmaeError, quiet_hf_progress
 
 log = logging.getLogger("apmae_gpu.llm")
@@ -252,7 +254,7 @@ def default_dtype(device: str):
     return torch.bfloat16 if str(device).startswith("cuda") else torch.float32
 
 
-DTYPES = ("auto", "float32", "bfloat16", "float16")
+DTYPES = typing.get_args(Dtype)   # the config's choices for capture.dtype / intervene.dtype
 
 
 def check_dtype(name: str | None) -> None:

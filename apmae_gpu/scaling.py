@@ -28,12 +28,14 @@ comparison use it.
 from __future__ import annotations
 
 import math
+import typing
 
 import torch
 
+from apmae_gpu.config import CaptureConfig
 from apmae_gpu.runs import ApmaeError
 
-SCALERS = ("log", "log_normalize", "none")
+SCALERS = typing.get_args(CaptureConfig.model_fields["scaler"].annotation)   # the config's
 FLOOR = 2.0 ** -149            # the smallest positive float32: no softmax output is below it
 LOG_FILL = -104.0              # p = 0 and the upper triangle in a ``log`` store
 LEGACY_FLOOR = 1e-8            # the floor of ``log`` stores written before FLOOR

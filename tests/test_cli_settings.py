@@ -180,4 +180,6 @@ def test_run_wide_options_default_to_the_pipeline_configs():
             assert params["seed"].default == top.seed, command
         if "device" in params:
             assert params["device"].default == top.device, command
+        if "trust_remote_code" in params:
+            assert params["trust_remote_code"].default is top.trust_remote_code, command
     assert "seed" in _params("cluster") and "device" in _params("capture")
