@@ -183,3 +183,23 @@ def test_run_wide_options_default_to_the_pipeline_configs():
         if "trust_remote_code" in params:
             assert params["trust_remote_code"].default is top.trust_remote_code, command
     assert "seed" in _params("cluster") and "device" in _params("capture")
+
+
+def test_choices_the_stages_map_are_the_configs():
+    import typing
+
+    from apmae_gpu.intervention_groups import RANKINGS
+
+    assert typing.get_args(InterveneConfig.model_fields["rank_by"].annotation) == tuple(RANKINGS)
+
+
+def test_corpus_jdk_is_resolved_by_the_stage(monkeypatch):
+    from apmae_gpu import corpus
+    from apmae_gpu.runs import ApmaeError
+
+    assert corpus.resolve_corpus("some/dir") == "some/dir"
+    monkeypatch.setattr(corpus, "default_jdk_src", lambda: "/x/src.zip")
+    assert corpus.resolve_corpus("jdk") == "/x/src.zip"
+    monkeypatch.setattr(corpus, "default_jdk_src", lambda: None)
+    with pytest.raises(ApmaeError, match="corpus `jdk` needs the JDK sources"):
+        corpus.resolve_corpus("jdk")
