@@ -648,11 +648,10 @@ def _finish(ctx: CaptureRun, cfg: CaptureConfig, target: _Target, state: _State,
              stats["attempts"], stats["kept"], stats["maps"], seconds, rate,
              stats["maps"] / max(seconds, 1e-9))
     if ctx.dist is not None:
-        ranks.barrier(ctx.device)
+        ranks.finish(ctx.device)        # every shard is committed; the merge needs no group
         if ctx.rank == 0:
             rank_merge.merge_capture(ctx.run)
             splits = read_manifest(ctx.run)["capture"]["splits"]
-        ranks.finish(ctx.device)
         return splits[split]
     short = {t: s["status"] for t, s in summary.items() if s["status"] != "quota met"}
     if short and not ctx.sharded:

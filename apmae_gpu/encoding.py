@@ -483,7 +483,7 @@ def _encode_ranked(run, checkpoint, store, model, index, target, n_layers, n_hea
         bar.close()
         log.info("rank %d encoded %d maps of %d blocks in %.1f s", rank, blocks.n_maps,
                  len(mine), time.perf_counter() - t0)
-    ranks.barrier(device)
+    ranks.finish(device)                # every shard is committed; the merge needs no group
     if rank == 0:
         writer, fingerprint = open_writer(run, checkpoint, model, n_layers, n_heads, pool, blk,
                                           False)
@@ -496,7 +496,6 @@ def _encode_ranked(run, checkpoint, store, model, index, target, n_layers, n_hea
             "dtype": "bfloat16" if device.startswith("cuda") else "float32",
             "inferences": int(target.size), "layers": n_layers, "heads": n_heads, "dim": dim,
             "block": writer.block, "seconds": round(time.perf_counter() - t0, 2)})
-    ranks.finish(device)
     return main
 
 

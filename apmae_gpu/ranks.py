@@ -39,6 +39,7 @@ import os
 import shutil
 import time
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 
 import numpy as np
@@ -68,30 +69,68 @@ def dist_env() -> tuple[int, int, int] | None:
     return int(os.environ["RANK"]), world, int(os.environ.get("LOCAL_RANK", "0"))
 
 
-def init_group(device: str) -> None:
-    """Join torchrun's process group (gloo on CPU, nccl on CUDA) if not joined yet."""
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+# A rank that waits longer than this in a collective (a barrier, DDP's all-reduce) fails with
+# an error naming the timeout, instead of NCCL's silent 10-minute default.  The ranks never
+# wait across the merge (rank 0 merges after every rank has left the group), so the timeout
+# only has to cover the uneven end of the ranks' own work.
+TIMEOUT_ENV = "APMAE_DIST_TIMEOUT_S"
+DEFAULT_TIMEOUT_S = 1800
+# "1": every local rank on cuda:0 with gloo (NCCL refuses two ranks on one GPU); for checking
+# torchrun on a one-GPU machine, not for speed.
+ONE_GPU_ENV = "APMAE_RANKS_ON_ONE_GPU"
+
+
+def group_timeout() -> timedelta:
+    """The process group's collective timeout (``APMAE_DIST_TIMEOUT_S``, default 30 min)."""
+    raw = os.environ.get(TIMEOUT_ENV, str(DEFAULT_TIMEOUT_S))
+    try:
+        seconds = float(raw)
+    except ValueError:
+        seconds = -1.0
+    if not seconds > 0:
+        raise ApmaeError(f"{TIMEOUT_ENV}={raw}: expected a positive number of seconds")
+    return timedelta(seconds=seconds)
+
+
+def ranks_on_one_gpu() -> bool:
+    return os.environ.get(ONE_GPU_ENV, "0") == "1"
+
+
+def backend(device: str) -> str:
+    """nccl for ranks on their own GPUs; gloo on CPU and with ``APMAE_RANKS_ON_ONE_GPU=1``."""
+    return "nccl" if device.startswith("cuda") and not ranks_on_one_gpu() else "gloo"
+
+
+def init_group(device: str) -> bool:
+    """Join torchrun's process group (see :func:`backend`) with an explicit timeout, if not
+    joined yet; returns whether this call joined it."""
+    if dist.is_initialized():
+        return False
+    dist.init_process_group(backend=backend(device), timeout=group_timeout())
+    return True
 
 
 def barrier(device: str) -> None:
-    if device.startswith("cuda"):
+    if backend(device) == "nccl":
         dist.barrier(device_ids=[torch.cuda.current_device()])
     else:
         dist.barrier()
 
 
 def finish(device: str) -> None:
-    """Wait for every rank, then leave the process group."""
+    """Wait for every rank (each has committed its own work), then leave the process group:
+    what follows (rank 0's merge) runs outside it, so no rank waits on a long merge."""
     barrier(device)
     dist.destroy_process_group()
 
 
 def rank_device(device: str, local_rank: int) -> str:
-    """Each rank on its own GPU (``cuda`` -> ``cuda:LOCAL_RANK``)."""
+    """Each rank on its own GPU (``cuda`` -> ``cuda:LOCAL_RANK``), or every rank on
+    ``cuda:0`` with ``APMAE_RANKS_ON_ONE_GPU=1``."""
     if device == "cuda":
-        torch.cuda.set_device(local_rank)
-        return f"cuda:{local_rank}"
+        index = 0 if ranks_on_one_gpu() else local_rank
+        torch.cuda.set_device(index)
+        return f"cuda:{index}"
     return device
 
 

@@ -45,6 +45,7 @@ import numpy as np
 import torch
 import yaml
 
+from apmae_gpu import ranks
 from apmae_gpu.baselines import baseline_mse
 from apmae_gpu.checkpoints import (
     ARGS,
@@ -287,7 +288,7 @@ def _train(cfg: TrainConfig, ctx: RunContext) -> dict:
     net: torch.nn.Module = model
     if dist.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[dist.local_rank] if cuda else None)
+            model, device_ids=[torch.device(dist.device).index] if cuda else None)
     if cfg.compile:
         net = torch.compile(net)
     if cuda:
@@ -317,7 +318,7 @@ def _train(cfg: TrainConfig, ctx: RunContext) -> dict:
                  "n/a" if outcome.val_loss is None else f"{outcome.val_loss:.4g}",
                  "" if base is None else f" (mean-of-visible-patches baseline {base:.4g})")
     if dist.world > 1:
-        torch.distributed.barrier()
+        ranks.barrier(dist.device)
         if dist.own_group:
             torch.distributed.destroy_process_group()
     return summary
@@ -328,14 +329,11 @@ def _init_distributed(device: str) -> _Dist:
     """Join torchrun's process group (when there is one) and pick this rank's device; only
     rank 0 reports progress."""
     rank, world, local_rank = _dist_env()
-    own_group = world > 1 and not torch.distributed.is_initialized()
-    if own_group:
-        torch.distributed.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
     if world > 1 and torch.cuda.is_available():
-        device = f"cuda:{local_rank}"
-        torch.cuda.set_device(local_rank)
+        device = ranks.rank_device("cuda", local_rank)
     else:
         device = resolve_device(device)
+    own_group = world > 1 and ranks.init_group(device)
     if rank != 0:  # one process per rank under torchrun: only rank 0 reports progress
         log.setLevel(logging.WARNING)
     return _Dist(rank, world, local_rank, own_group, device)

@@ -3,6 +3,7 @@ one-process run bit for bit, also after one rank is killed mid-way and the comma
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
@@ -71,6 +72,74 @@ def test_two_ranks_store_exactly_what_one_process_stores(reference, tmp_path):
     inf = MapStore(run).inferences()
     kept = inf[inf.has_maps & (inf.split == "analysis") & (inf.task == "identifiers")]
     assert kept.correct.sum() == 3 and (~kept.correct.astype(bool)).sum() == 3
+
+
+# Runs the CLI under torchrun with a slow rank-0 merge, logging each rank's group settings,
+# the merge and each rank's exit (and whether it was still in the group) as JSON lines.
+SLOW_MERGE_DRIVER = """
+import atexit, json, os, sys, time
+import torch.distributed as dist
+from apmae_gpu import cli, rank_merge
+LOG, RANK = sys.argv.pop(1), int(os.environ["RANK"])
+def note(event, **kw):
+    with open(LOG, "a") as f:
+        f.write(json.dumps({"rank": RANK, "event": event, "t": time.time(), **kw}) + "\\n")
+real_init, real_merge = dist.init_process_group, rank_merge.merge_capture
+def init(*a, **k):
+    note("init", timeout=k["timeout"].total_seconds(), backend=k["backend"])
+    return real_init(*a, **k)
+def merge(run):
+    note("merge start")
+    time.sleep(float(os.environ["SLOW_MERGE_S"]))
+    out = real_merge(run)
+    note("merge end")
+    return out
+dist.init_process_group, rank_merge.merge_capture = init, merge
+atexit.register(lambda: note("exit", in_group=dist.is_initialized()))
+cli.main()
+"""
+
+
+def test_ranks_leave_the_group_before_a_merge_longer_than_the_timeout(reference, tmp_path):
+    """The group has an explicit (here 6 s) timeout; rank 0 merges for longer than that after
+    every rank has left the group, so rank 1 exits during the merge and nothing times out."""
+    run = synthetic_tasks(tmp_path / "run", "random:tiny-llama", n_per_task=14, window=32)
+    driver, log = tmp_path / "driver.py", tmp_path / "events.jsonl"
+    driver.write_text(SLOW_MERGE_DRIVER)
+    env = dict(os.environ, PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1", APMAE_DIST_TIMEOUT_S="6",
+               SLOW_MERGE_S="9")
+    proc = subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                             "--nproc_per_node=2", str(driver), str(log), "capture", str(run),
+                             "--split", "train", *ARGS], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, start_new_session=True)
+    _ok(proc)
+    events = [json.loads(line) for line in log.read_text().splitlines()]
+    at = {(e["rank"], e["event"]): e for e in events}
+    assert [(e["timeout"], e["backend"]) for e in events if e["event"] == "init"] == \
+        [(6.0, "gloo")] * 2
+    assert (1, "merge start") not in at
+    assert at[(0, "merge end")]["t"] - at[(0, "merge start")]["t"] >= 9 > 6
+    assert at[(1, "exit")]["t"] < at[(0, "merge end")]["t"]      # rank 1 left during the merge
+    assert not at[(0, "exit")]["in_group"] and not at[(1, "exit")]["in_group"]
+    _ok(_cli(["capture", str(run), *ARGS], nproc=2))
+    _assert_same(reference, run)
+
+
+def test_the_group_timeout_is_explicit_and_validated(monkeypatch):
+    from apmae_gpu import ranks
+
+    monkeypatch.delenv(ranks.TIMEOUT_ENV, raising=False)
+    assert ranks.group_timeout().total_seconds() == ranks.DEFAULT_TIMEOUT_S == 1800
+    monkeypatch.setenv(ranks.TIMEOUT_ENV, "7200")
+    assert ranks.group_timeout().total_seconds() == 7200
+    for bad in ("0", "-3", "soon"):
+        monkeypatch.setenv(ranks.TIMEOUT_ENV, bad)
+        with pytest.raises(ApmaeError, match=f"APMAE_DIST_TIMEOUT_S={bad}: expected a positive"):
+            ranks.group_timeout()
+    monkeypatch.delenv(ranks.ONE_GPU_ENV, raising=False)
+    assert (ranks.backend("cuda:3"), ranks.backend("cpu")) == ("nccl", "gloo")
+    monkeypatch.setenv(ranks.ONE_GPU_ENV, "1")       # two ranks on one GPU: gloo, cuda:0
+    assert ranks.backend("cuda:0") == "gloo"
 
 
 def _rank_pid(launcher_pid: int, rank: int) -> int | None:
