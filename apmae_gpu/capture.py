@@ -403,6 +403,9 @@ def _context(cfg: CaptureConfig, run: Path, model: str, split: str, device: str,
     if dist is not None and shard_kn is not None:
         raise ApmaeError("--shard is for processes launched one by one; under torchrun every "
                          "rank takes its share by itself")
+    if dist is not None and cfg.device_map is not None:
+        raise ApmaeError(f"--device-map {cfg.device_map} spreads one model over every GPU: run "
+                         "it in one process, not under torchrun (each rank has its own GPU)")
     if not run.is_dir():
         raise ApmaeError(f"run directory {run} does not exist (run `apmae mine` first)")
     tasks_path = run / "tasks.parquet"

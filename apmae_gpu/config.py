@@ -18,7 +18,8 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (BaseModel, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 
 from apmae_gpu.runs import ApmaeError
 
@@ -141,6 +142,16 @@ class CaptureConfig(_Strict):
                        "not depend on it")
     train: CaptureSplitConfig = CaptureSplitConfig(per_task=400_000, heads="layerwise:0.25")
     analysis: CaptureSplitConfig = CaptureSplitConfig(per_task=5000, heads="all")
+
+    @model_validator(mode="after")
+    def _one_process_per_device_map(self):
+        # device_map spreads one model over every visible GPU; under torchrun each rank would
+        # load its own copy across all of them (and put its buffers on cuda:0)
+        if self.device_map is not None and self.nproc > 1:
+            raise ValueError(f"device_map {self.device_map!r} spreads one model over every GPU: "
+                             f"set nproc: 1 (got nproc: {self.nproc}), or drop device_map so "
+                             "that each rank holds the model on its own GPU")
+        return self
 
 
 class TrainConfig(_Strict):

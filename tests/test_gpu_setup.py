@@ -113,3 +113,30 @@ def test_gpu_check_dry_run_parses_every_step():
                                                 "summary"]
     assert sum(int(s.split(", ")[1].rstrip("s")) for s in steps) <= 8 * 60
     assert "random:starcoder2-3b" in out.stdout and "--peak-tflops 989" in out.stdout
+
+
+# --------------------------------------------------------------------------- device_map vs ranks
+@pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
+def test_no_shipped_config_spreads_a_model_over_every_gpu_on_several_ranks(path):
+    from apmae_gpu.config import load_config
+
+    cfg = load_config(path)
+    assert cfg.capture.device_map is None or cfg.capture.nproc == 1, path.name
+    if cfg.capture.device_map is not None:      # the same file with ranks is refused
+        with pytest.raises(ApmaeError, match=rf"{path.name}: capture: .*device_map "
+                                             r"'auto' spreads one model .*got nproc: 8"):
+            load_config(path, {"capture": {"nproc": 8}})
+    with pytest.raises(ApmaeError, match="set nproc: 1 .got nproc: 2"):
+        load_config(path, {"capture": {"nproc": 2, "device_map": "balanced"}})
+
+
+def test_capture_under_torchrun_refuses_a_device_map(tmp_path, monkeypatch):
+    from apmae_gpu.capture import capture
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "1")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    with pytest.raises(ApmaeError, match="^--device-map auto spreads one model over every GPU: "
+                                         "run it in one process, not under torchrun"):
+        capture(tmp_path, "random:tiny-llama", device_map="auto", device="cpu")
+    assert list(tmp_path.iterdir()) == []
