@@ -143,31 +143,34 @@ def _config_diff(a: dict, b: dict) -> list[str]:
 
 
 # --------------------------------------------------------------------------- train
-def _tf32_settings() -> list[tuple[object, str]]:
-    """(object, attribute) pairs that decide TF32: torch's ``fp32_precision`` API where it
-    exists, else the older ``allow_tf32`` flags."""
-    b = torch.backends
-    if hasattr(b.cuda.matmul, "fp32_precision") and hasattr(b.cudnn, "conv"):
-        return [(b.cuda.matmul, "fp32_precision"), (b.cudnn.conv, "fp32_precision")]
-    return [(b.cuda.matmul, "allow_tf32"), (b.cudnn, "allow_tf32")]
+def tf32_state() -> tuple[str, bool]:
+    """(float32 matmul precision, cuDNN TF32) through the legacy getters, which Inductor
+    (``torch.compile``) still reads."""
+    return torch.get_float32_matmul_precision(), bool(torch.backends.cudnn.allow_tf32)
+
+
+def _set_tf32(state: tuple[str, bool]) -> None:
+    # Only the legacy setters: torch keeps them readable through both its legacy and its
+    # ``fp32_precision`` API, while setting ``fp32_precision`` makes every legacy getter raise
+    # "mix of the legacy and new APIs" (Inductor's among them).
+    torch.set_float32_matmul_precision(state[0])
+    torch.backends.cudnn.allow_tf32 = state[1]
 
 
 def enable_tf32() -> None:
     """TF32 for float32 matmuls and convolutions (training only: see :func:`tf32_scope`)."""
-    for obj, attr in _tf32_settings():
-        setattr(obj, attr, "tf32" if attr == "fp32_precision" else True)
+    _set_tf32(("high", True))
 
 
 @contextlib.contextmanager
 def tf32_scope():
     """Restore the TF32 settings on exit, so later stages in the same process (capture,
     encoding, kNN) compute in full float32."""
-    saved = [(obj, attr, getattr(obj, attr)) for obj, attr in _tf32_settings()]
+    saved = tf32_state()
     try:
         yield
     finally:
-        for obj, attr, value in saved:
-            setattr(obj, attr, value)
+        _set_tf32(saved)
 
 
 

@@ -38,21 +38,38 @@ def test_cuml_settings_are_refused_before_any_work(synthetic_run_dir, tmp_path, 
 
 
 # --------------------------------------------------------------------------- TF32
-def test_tf32_is_scoped_to_training(monkeypatch):
-    settings = training._tf32_settings()
-    before = [getattr(obj, attr) for obj, attr in settings]
+def _tf32_both_apis() -> tuple:
+    """TF32 state through torch's legacy getters and its ``fp32_precision`` API (the mix
+    raises where one was set through the other)."""
+    b = torch.backends
+    legacy = (torch.get_float32_matmul_precision(), b.cuda.matmul.allow_tf32, b.cudnn.allow_tf32)
+    new = (b.cuda.matmul.fp32_precision, b.cudnn.conv.fp32_precision)
+    return legacy, new
+
+
+def test_tf32_is_scoped_to_training_and_readable_through_both_apis(monkeypatch):
+    before = _tf32_both_apis()
     with training.tf32_scope():
         training.enable_tf32()
-        assert [getattr(obj, attr) for obj, attr in settings] != before or all(
-            v in ("tf32", True) for v in before)
-    assert [getattr(obj, attr) for obj, attr in settings] == before
+        assert _tf32_both_apis() == (("high", True, True), ("tf32", "tf32"))
+    after = _tf32_both_apis()
+    assert after[0] == before[0] and after[1][1] == before[1][1]
+    assert after[1][0] in ("none", "ieee") and before[1][0] in ("none", "ieee")
     # train() itself restores them, also when it fails
     monkeypatch.setattr(training, "_train", lambda *a, **k: training.enable_tf32() or 1 / 0)
     with pytest.raises(ZeroDivisionError):
         training.train("RUN")
-    assert [getattr(obj, attr) for obj, attr in settings] == before
-    if hasattr(torch.backends.cuda.matmul, "fp32_precision"):
-        assert settings[0][1] == "fp32_precision"     # torch's current API where present
+    assert _tf32_both_apis()[0] == before[0]
+    # the new API alone would break the legacy getters: the reason for the legacy setters
+    saved = torch.backends.cuda.matmul.fp32_precision
+    torch.backends.cuda.matmul.fp32_precision = "tf32"
+    try:
+        with pytest.raises(RuntimeError, match="mix of the legacy and new APIs"):
+            torch.backends.cuda.matmul.allow_tf32
+    finally:
+        torch.backends.cuda.matmul.fp32_precision = saved
+        torch.set_float32_matmul_precision(before[0][0])
+    assert _tf32_both_apis()[0] == before[0]
 
 
 # --------------------------------------------------------------------------- autocast
