@@ -27,13 +27,13 @@ import torch
 import zarr
 from zarr.codecs import BloscCodec, ZstdCodec
 
-from apmae_gpu import llm
-from apmae_gpu.capture import forward_with_maps, scale_maps
-from apmae_gpu.runs import resolve_device
-from apmae_gpu.store import INFERENCE_SCHEMA, MapStore
+# bench/ and the repository on the path: the scripts run without installing the package
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-
+from apmae_gpu import llm  # noqa: E402
+from apmae_gpu.capture import forward_with_maps, scale_maps  # noqa: E402
+from apmae_gpu.runs import resolve_device  # noqa: E402
+from apmae_gpu.store import INFERENCE_SCHEMA, MapStore  # noqa: E402
 from common import peak_rss_mib, save, sync  # noqa: E402
 
 

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -23,13 +22,14 @@ from pathlib import Path
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# bench/ and the repository on the path: the scripts run without installing the package
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-from common import save  # noqa: E402
+from common import child_env, save  # noqa: E402
 
 
 def launch(run: Path, args, nproc: int, threads: int | None) -> dict:
-    env = dict(os.environ)
+    env = child_env()
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     cli = [sys.executable, "-m", "apmae_gpu.cli", "capture", str(run), "--model", args.model,

@@ -21,14 +21,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from apmae_gpu.classification import CatBoostSettings, cross_validate, fit_catboost, head_importance
-from apmae_gpu.runs import describe_machine, versions
+# bench/ and the repository on the path: the scripts run without installing the package
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+
+from apmae_gpu.classification import CatBoostSettings, cross_validate, fit_catboost, head_importance  # noqa: E402
+from apmae_gpu.runs import describe_machine, versions  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 

@@ -37,7 +37,11 @@ from pathlib import Path
 
 import numpy as np
 
-from apmae_gpu.runs import describe_machine, versions
+# bench/ and the repository on the path: the scripts run without installing the package
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+
+from apmae_gpu.runs import describe_machine, versions  # noqa: E402
+from common import child_env  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 UMAP_KW = dict(n_neighbors=20, n_components=8, min_dist=0.05, metric="cosine")
@@ -76,7 +80,8 @@ t0 = time.perf_counter(); CpuClusterer(random_state=1).fit(X); warm = time.perf_
 print(json.dumps(dict(import_s=t_import, first_fit_s=cold, warm_fit_s=warm,
                       hdbscan_s=est.timings_["hdbscan"])))
 """
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                         env=child_env())
     r = json.loads(out.stdout.strip().splitlines()[-1])
     return [dict(section="jit", n=points, dim=dim, **{k: round(v, 3) for k, v in r.items()},
                  jit_s=round(r["first_fit_s"] - r["warm_fit_s"], 2), load=load_avg())]
@@ -258,7 +263,7 @@ def bench_demo(points: int, dim: int, workers_list: list[int],
             subprocess.run([sys.executable, "-m", "apmae_gpu.cli", "cluster", str(run),
                             "--backend", "cpu", "--workers", str(workers), "--restart",
                             "--no-figures", *(["--umap-epochs", str(epochs)] if epochs else [])],
-                           check=True, capture_output=True, text=True)
+                           check=True, capture_output=True, text=True, env=child_env())
             wall = time.perf_counter() - t0
             import pandas as pd
 

@@ -14,14 +14,18 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
-from apmae_gpu import intervention as I
-from apmae_gpu.llm import family, load_model
-from apmae_gpu.runs import describe_machine, resolve_device, versions
+# bench/ and the repository on the path: the scripts run without installing the package
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+
+from apmae_gpu import intervention as I  # noqa: E402
+from apmae_gpu.llm import family, load_model  # noqa: E402
+from apmae_gpu.runs import describe_machine, resolve_device, versions  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 

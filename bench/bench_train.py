@@ -35,7 +35,8 @@ import torch.nn.functional as F
 from einops import rearrange, repeat
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+# bench/ and the repository on the path: the scripts run without installing the package
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 from common import save, sync
 
 from apmae_gpu.model import APMAEModel, parameter_counts, preset_config, train_flops_per_map

@@ -3,15 +3,29 @@
 from __future__ import annotations
 
 import json
+import os
 import platform
 import resource
 import time
+import sys
 from contextlib import contextmanager
 from pathlib import Path
 
-from apmae_gpu.runs import describe_machine, versions
+# bench/ and the repository on the path: the scripts run without installing the package
+sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
+
+from apmae_gpu.runs import describe_machine, versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
+REPO = Path(__file__).resolve().parents[1]
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child ``python -m apmae_gpu...``: the repository first on its
+    path, so that it runs like the bench itself without an installed package."""
+    env = dict(os.environ, **extra)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+    return env
 
 
 def machine_tag() -> str:

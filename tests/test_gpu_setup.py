@@ -157,3 +157,47 @@ def test_capture_under_torchrun_refuses_a_device_map(tmp_path, monkeypatch):
                                          "run it in one process, not under torchrun"):
         capture(tmp_path, "random:tiny-llama", device_map="auto", device="cpu")
     assert list(tmp_path.iterdir()) == []
+
+
+# --------------------------------------------------------------------------- bench scripts
+CLEAN_RUN = """
+import contextlib, io, json, os, runpy, sys
+site, scripts, base, done = sys.argv[1], sys.argv[2:], list(sys.path), {}
+for script in scripts:
+    for name in [m for m in sys.modules if m.split(".")[0] in ("apmae_gpu", "common")]:
+        del sys.modules[name]       # each script finds the package by itself
+    sys.path[:] = [os.path.dirname(script)] + [p for p in base if p] + [site]
+    sys.argv, out = [script, "--help"], io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            runpy.run_path(script, run_name="__main__")
+        code = None
+    except SystemExit as exc:
+        code = exc.code
+    except Exception as exc:
+        code = repr(exc)
+    done[os.path.basename(script)] = [code, "usage:" in out.getvalue()]
+print(json.dumps(done))
+"""
+
+
+def test_every_bench_script_answers_help_without_an_installed_package(tmp_path):
+    """``python bench/X.py --help`` as on a machine where the package is not installed: no
+    PYTHONPATH, another directory, site-packages without its ``.pth`` files (the editable
+    install is one), the script's own directory first on the path as Python puts it (one
+    process for speed; the package is unloaded before each script)."""
+    import json
+    import site
+    import sys
+
+    env = {k: v for k, v in __import__("os").environ.items() if not k.startswith("PYTHON")}
+    sites = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    scripts = sorted(p for p in (ROOT / "bench").glob("*.py") if p.name != "common.py")
+    out = subprocess.run([sys.executable, "-S", "-c", CLEAN_RUN, sites[0], *map(str, scripts)],
+                         cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert json.loads(out.stdout.splitlines()[-1]) == {p.name: [0, True] for p in scripts}
+    probe = subprocess.run([sys.executable, "-S", "-c", f"import sys; sys.path.append("
+                            f"{sites[0]!r}); import apmae_gpu"], cwd=tmp_path, env=env,
+                           capture_output=True, text=True, timeout=60)
+    assert "No module named 'apmae_gpu'" in probe.stderr        # the package really is absent
