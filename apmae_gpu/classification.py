@@ -201,11 +201,24 @@ def choose_folds(y: np.ndarray, folds: int) -> tuple[int, str | None]:
 
 
 # --------------------------------------------------------------------------- models
-def resolve_task_type(gpu: str) -> str:
-    """``--gpu auto|yes|no`` -> CatBoost ``task_type`` (``GPU`` or ``CPU``)."""
+# CatBoost's GPU training pays off from tens of thousands of rows (its docs); a task has
+# 10,000 at the paper's scale, so ``--gpu auto`` stays on the CPU below this.
+CATBOOST_GPU_MIN_ROWS = 50_000
+# CatBoost takes 95% of its GPU's memory by default; other stages (or workers) share it.
+CATBOOST_GPU_RAM_PART = 0.5
+
+
+def resolve_task_type(gpu: str, rows: int | None = None, deterministic: bool = False) -> str:
+    """``--gpu auto|yes|no`` -> CatBoost ``task_type`` (``GPU`` or ``CPU``): ``auto`` takes
+    the GPU only for at least :data:`CATBOOST_GPU_MIN_ROWS` rows (``rows``: the largest
+    task's) and never with ``deterministic`` (CatBoost's GPU training is not)."""
     if gpu not in ("auto", "yes", "no"):
         raise ApmaeError(f"--gpu {gpu}: expected auto, yes or no")
-    if gpu == "no":
+    if gpu == "yes" and deterministic:
+        raise ApmaeError("--gpu yes with --deterministic: CatBoost's GPU training is not "
+                         "deterministic; use --gpu auto or no")
+    small = gpu == "auto" and rows is not None and rows < CATBOOST_GPU_MIN_ROWS
+    if gpu == "no" or deterministic or small:
         return "CPU"
     n = 0
     if torch.cuda.is_available():  # ask CatBoost only where a GPU may exist (it is loud)
@@ -232,8 +245,9 @@ def _catboost(settings: CatBoostSettings, task_type: str, seed: int, early_stop:
             kwargs[name] = getattr(settings, name)
     if task_type == "CPU":
         kwargs["thread_count"] = settings.thread_count
-    else:
-        kwargs["devices"] = "0"
+    else:   # this process's GPU (torchrun / dask-cuda set it), not always device 0
+        kwargs.update(devices=str(torch.cuda.current_device()),
+                      gpu_ram_part=CATBOOST_GPU_RAM_PART)
     if early_stop and settings.early_stopping_rounds > 0:
         kwargs.update(early_stopping_rounds=settings.early_stopping_rounds, use_best_model=True)
     return CatBoostClassifier(**kwargs)
@@ -426,9 +440,6 @@ def classify(run: str | os.PathLike, settings: ClassifyConfig | None = None, *, 
     cfg = section(ClassifyConfig, settings, overrides)
     folds, gpu, tasks, shap_on = cfg.folds, cfg.gpu, cfg.tasks, cfg.shap_on
     catboost = CatBoostSettings.from_config(cfg, thread_count)
-    task_type = resolve_task_type(gpu)
-    if task_type == "GPU":
-        free_torch_cuda_cache()   # CatBoost allocates GPU memory outside torch's cache
     t_start = time.perf_counter()
     inf = analysis_inferences(run)
     if inf.empty:
@@ -444,6 +455,10 @@ def classify(run: str | os.PathLike, settings: ClassifyConfig | None = None, *, 
                              f"(have: {', '.join(present) or 'none'})")
         present = [t for t in present if t in tasks]
     with_maps = labelled[labelled["has_maps"].astype(bool)].sort_values("inference_id")
+    rows = int(with_maps["task"].value_counts().max()) if len(with_maps) else 0
+    task_type = resolve_task_type(gpu, rows, cfg.deterministic)
+    if task_type == "GPU":
+        free_torch_cuda_cache()   # CatBoost allocates GPU memory outside torch's cache
     ids = with_maps["inference_id"].to_numpy(np.int64)
     X_all, n_layers, n_heads = cluster_matrix(run / "clusters.parquet", ids)
     no_rows = (X_all == MISSING).all(axis=1)

@@ -254,6 +254,7 @@ def train(
     device: str = device_opt(),
     seed: int = seed_opt(),
     compile: bool = opt(TrainConfig, "compile", "--compile", help="torch.compile the model."),
+    deterministic: bool = opt(TrainConfig, "deterministic", "--deterministic/--no-deterministic"),
     val_fraction: float = opt(TrainConfig, "val_fraction", "--val-fraction",
                                help="Share of inferences held out for validation."),
     model_config: Annotated[Optional[Path], typer.Option("--model-config", help="JSON/YAML file "
@@ -396,6 +397,7 @@ def cluster(
     umap_epochs: Optional[int] = _cluster_opt("umap_epochs", "--umap-epochs", help="UMAP epochs "
                                               "(default umap-learn's: 500 below 10k points, "
                                               "200 above)."),
+    deterministic: bool = _cluster_opt("deterministic", "--deterministic/--no-deterministic"),
     config: ConfigOpt = None,
 ) -> None:
     """UMAP + HDBSCAN per head into RUN/clusters.parquet, heads spread over dask workers."""
@@ -441,6 +443,7 @@ def classify(
     boosting_type: Optional[str] = opt(
         ClassifyConfig, "boosting_type", "--boosting-type", help="Plain or Ordered (default: "
         "CatBoost's choice, Ordered on small CPU data sets; Plain is cheaper per tree)."),
+    deterministic: bool = opt(ClassifyConfig, "deterministic", "--deterministic/--no-deterministic"),
     config: ConfigOpt = None,
 ) -> None:
     """CatBoost per task on per-head cluster ids; SHAP head importance."""

@@ -137,14 +137,17 @@ def cuml_available() -> tuple[bool, str]:
 CUML_UMAP_METRICS = ("l1", "cityblock", "taxicab", "manhattan", "euclidean", "l2",
                      "sqeuclidean", "canberra", "minkowski", "chebyshev", "linf", "cosine",
                      "correlation", "hellinger", "hamming", "jaccard")
+# ... of which these take sparse input only (cuML raises on the dense embeddings)
+CUML_SPARSE_ONLY_METRICS = ("jaccard",)
 CUML_MAX_MIN_SAMPLES = 1023
 
 
 def check_cuml_settings(metric: str, min_samples: int) -> None:
     """One-line errors, before any work, for settings cuML refuses (every head would fail)."""
-    if metric not in CUML_UMAP_METRICS:
+    if metric not in CUML_UMAP_METRICS or metric in CUML_SPARSE_ONLY_METRICS:
+        dense = [m for m in CUML_UMAP_METRICS if m not in CUML_SPARSE_ONLY_METRICS]
         raise ApmaeError(f"--metric {metric}: cuML's UMAP supports "
-                         f"{', '.join(CUML_UMAP_METRICS)} (or use --backend cpu)")
+                         f"{', '.join(dense)} on dense embeddings (or use --backend cpu)")
     if min_samples > CUML_MAX_MIN_SAMPLES:
         raise ApmaeError(f"--min-samples {min_samples}: cuML's HDBSCAN allows at most "
                          f"{CUML_MAX_MIN_SAMPLES} (or use --backend cpu)")
@@ -212,7 +215,7 @@ class HeadClusterer:
                  min_dist=_PAPER.min_dist, metric=_PAPER.metric, min_samples=_PAPER.min_samples,
                  min_cluster_size=_PAPER.min_cluster_size, allow_single_cluster=True,
                  random_state=0, knn=_PAPER.knn, device="auto", n_jobs=1,
-                 n_epochs=_PAPER.umap_epochs):
+                 n_epochs=_PAPER.umap_epochs, deterministic=False):
         self.umap_dims = umap_dims
         self.n_neighbors = n_neighbors
         self.min_dist = min_dist
@@ -225,12 +228,13 @@ class HeadClusterer:
         self.device = device
         self.n_jobs = n_jobs
         self.n_epochs = n_epochs
+        self.deterministic = deterministic
 
     def get_params(self) -> dict:
         return {k: getattr(self, k) for k in ("umap_dims", "n_neighbors", "min_dist", "metric",
                                               "min_samples", "min_cluster_size",
                                               "allow_single_cluster", "random_state", "knn",
-                                              "device", "n_jobs", "n_epochs")}
+                                              "device", "n_jobs", "n_epochs", "deterministic")}
 
     # ------------------------------------------------------------------ validation
     def _validate(self, X) -> np.ndarray:
@@ -406,6 +410,13 @@ class CumlClusterer(HeadClusterer):
             raise ApmaeError(f"cuml backend: {why}")
         return super()._validate(X)
 
+    def umap_seed(self) -> int | None:
+        """cuML's UMAP is seeded only with ``deterministic``: by its docs a seed makes it
+        slower and take more memory."""
+        if not self.deterministic or self.random_state is None:
+            return None
+        return int(self.random_state)
+
     def _reduce(self, X: np.ndarray, eff: dict):
         import cupy
         from cuml.manifold import UMAP
@@ -416,8 +427,7 @@ class CumlClusterer(HeadClusterer):
         umap_gpu = UMAP(n_neighbors=eff["n_neighbors"], n_components=eff["umap_dims"],
                         min_dist=float(self.min_dist), metric=self.metric,
                         n_epochs=None if self.n_epochs is None else int(self.n_epochs),
-                        build_algo="brute_force_knn",
-                        random_state=None if self.random_state is None else int(self.random_state))
+                        build_algo="brute_force_knn", random_state=self.umap_seed())
         self._emb_gpu = umap_gpu.fit_transform(self._X_gpu)
         del self._X_gpu
         return _to_numpy(self._emb_gpu)

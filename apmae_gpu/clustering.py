@@ -108,6 +108,7 @@ class ClusterParams:
     jitter: float = JITTER
     knn: str
     n_epochs: int | None
+    deterministic: bool = False     # cuML's UMAP seeded (always on the cpu backend)
 
     @classmethod
     def from_config(cls, cfg: ClusterConfig, seed: int, jitter: float = JITTER) -> ClusterParams:
@@ -115,7 +116,8 @@ class ClusterParams:
         return cls(umap_dims=cfg.umap_dims, n_neighbors=cfg.neighbors, min_dist=cfg.min_dist,
                    metric=cfg.metric, min_samples=cfg.min_samples,
                    min_cluster_size=cfg.min_cluster_size, seed=seed, jitter=jitter,
-                   knn=cfg.knn, n_epochs=cfg.umap_epochs).validate()
+                   knn=cfg.knn, n_epochs=cfg.umap_epochs,
+                   deterministic=cfg.deterministic).validate()
 
     def validate(self) -> ClusterParams:
         from sklearn.metrics.pairwise import _VALID_METRICS
@@ -130,7 +132,7 @@ class ClusterParams:
                     min_dist=self.min_dist, metric=self.metric, min_samples=self.min_samples,
                     min_cluster_size=self.min_cluster_size,
                     allow_single_cluster=self.allow_single_cluster, random_state=random_state,
-                    knn=self.knn, n_epochs=self.n_epochs)
+                    knn=self.knn, n_epochs=self.n_epochs, deterministic=self.deterministic)
 
 
 def gpu_ready(backend, params: ClusterParams) -> None:
@@ -277,7 +279,10 @@ def select_heads(spec: str | None, n_layers: int, n_heads: int,
 
 
 def _params_hash(params: ClusterParams, group) -> str:
-    key = json.dumps({**dataclasses.asdict(params),
+    fields = dataclasses.asdict(params)
+    if not fields["deterministic"]:     # the hash of runs clustered before the setting existed
+        del fields["deterministic"]
+    key = json.dumps({**fields,
                       "embeddings": group.attrs.get("checkpoint_sha256", ""),
                       "pool": group.attrs.get("pool", ""),
                       "n": int(group.attrs.get("n_committed", 0))}, sort_keys=True)

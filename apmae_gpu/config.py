@@ -166,6 +166,9 @@ class TrainConfig(_Strict):
     save_every: Optional[int] = Field(None, ge=1)
     eval_every: Optional[int] = Field(None, ge=1)
     nproc: int = Field(1, ge=1, description="processes (GPUs) for torchrun")
+    deterministic: bool = Field(False, description="on CUDA: torch's deterministic algorithms "
+                                "and CUBLAS_WORKSPACE_CONFIG, so a resumed run repeats the "
+                                "uninterrupted one bit for bit (slower)")
     model_config_overrides: Optional[dict[str, Any]] = Field(
         None, description="AP-MAE config keys that differ from the preset (e.g. image_size)")
 
@@ -223,6 +226,9 @@ class ClusterConfig(_Strict):
     figures: bool = True
     umap_epochs: Optional[int] = Field(None, ge=1)
     heads: Optional[str] = None
+    deterministic: bool = Field(False, description="cuml backend: seed cuML's UMAP with each "
+                                "head's seed (reproducible, but slower and more memory by cuML's "
+                                "docs); the cpu backend is always seeded")
 
 
 class ClassifyConfig(_Strict):
@@ -240,6 +246,9 @@ class ClassifyConfig(_Strict):
     one_hot_max_size: Optional[int] = Field(None, ge=1)
     max_ctr_complexity: Optional[int] = Field(None, ge=1)
     boosting_type: Optional[Literal["Plain", "Ordered"]] = None   # None: CatBoost's choice
+    deterministic: bool = Field(False, description="CatBoost on the CPU even where a GPU is "
+                                "usable (CatBoost's GPU training is not deterministic); with "
+                                "gpu: yes it is refused")
 
 
 class InterveneConfig(_Strict):

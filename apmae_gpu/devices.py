@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import os
 
 import torch
 
@@ -15,3 +16,33 @@ def autocast(device) -> contextlib.AbstractContextManager:
     if torch.device(device).type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16)
     return contextlib.nullcontext()
+
+
+# cuBLAS needs a fixed workspace for deterministic results (torch's reproducibility notes);
+# it reads the variable when its handle is created, so set it before the process starts to
+# be certain (``deterministic_scope`` sets it when unset, before training's first CUDA op).
+CUBLAS_WORKSPACE = ":4096:8"
+
+
+@contextlib.contextmanager
+def deterministic_scope(on: bool):
+    """torch's deterministic algorithms (errors where an op has none), cuDNN without
+    autotuning and the cuBLAS workspace within the block; the previous state comes back on
+    exit.  A no-op when ``on`` is false."""
+    if not on:
+        yield
+        return
+    cudnn = torch.backends.cudnn
+    saved = (torch.are_deterministic_algorithms_enabled(),
+             torch.is_deterministic_algorithms_warn_only_enabled(), cudnn.benchmark,
+             cudnn.deterministic, os.environ.get("CUBLAS_WORKSPACE_CONFIG"))
+    os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", CUBLAS_WORKSPACE)
+    torch.use_deterministic_algorithms(True)
+    cudnn.benchmark, cudnn.deterministic = False, True
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(saved[0], warn_only=saved[1])
+        cudnn.benchmark, cudnn.deterministic = saved[2], saved[3]
+        if saved[4] is None:
+            os.environ.pop("CUBLAS_WORKSPACE_CONFIG", None)

@@ -56,6 +56,7 @@ from apmae_gpu.checkpoints import (
     save_final,
 )
 from apmae_gpu.config import TrainConfig, bounded_freeform, load_yaml, read_text_file, section
+from apmae_gpu.devices import deterministic_scope
 from apmae_gpu.loader import MapLoader
 from apmae_gpu.model import APMAEModel, config_fields, describe, parameter_counts, preset_config
 from apmae_gpu.runs import (
@@ -256,7 +257,7 @@ def train(run, settings: TrainConfig | None = None, *, resume: bool = False, out
     if ctx.threads:
         torch.set_num_threads(ctx.threads)
     try:
-        with tf32_scope():
+        with tf32_scope(), deterministic_scope(cfg.deterministic):
             return _train(cfg, ctx)
     finally:
         torch.set_num_threads(cpu_threads)
@@ -463,4 +464,5 @@ def _summary(cfg: TrainConfig, s: Session, plan: _Plan, outcome: Outcome,
             "maps_per_s": trained * plan.global_batch / seconds if seconds else None,
             "seconds": seconds, "device": s.device, "world_size": s.world,
             "precision": plan.args["precision"], "compile": cfg.compile,
+            "deterministic": cfg.deterministic,
             "resumed_from": resumed_from, "machine": describe_machine()}

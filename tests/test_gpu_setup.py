@@ -201,3 +201,104 @@ def test_every_bench_script_answers_help_without_an_installed_package(tmp_path):
                             f"{sites[0]!r}); import apmae_gpu"], cwd=tmp_path, env=env,
                            capture_output=True, text=True, timeout=60)
     assert "No module named 'apmae_gpu'" in probe.stderr        # the package really is absent
+
+
+# --------------------------------------------------------------------------- GPU defaults
+def test_cuml_umap_is_seeded_only_when_asked_and_jaccard_is_refused():
+    plain = cb.CumlClusterer(random_state=7)
+    assert plain.umap_seed() is None                    # cuML: a seed is slower, more memory
+    assert cb.CumlClusterer(random_state=7, deterministic=True).umap_seed() == 7
+    assert cb.CumlClusterer(random_state=None, deterministic=True).umap_seed() is None
+    assert plain.get_params()["deterministic"] is False
+    with pytest.raises(ApmaeError, match="--metric jaccard: cuML's UMAP supports l1, .* on "
+                                         "dense embeddings"):
+        cb.check_cuml_settings("jaccard", 20)
+    assert "jaccard" in cb.CUML_UMAP_METRICS and "jaccard" not in str(
+        pytest.raises(ApmaeError, cb.check_cuml_settings, "braycurtis", 20).value)
+
+
+def test_cluster_params_hash_is_unchanged_unless_deterministic():
+    import zarr
+
+    from apmae_gpu.config import ClusterConfig
+
+    group = zarr.group()
+    plain = clustering.ClusterParams.from_config(ClusterConfig(), seed=0)
+    det = clustering.ClusterParams.from_config(ClusterConfig(deterministic=True), seed=0)
+    assert plain.estimator_kwargs(3)["deterministic"] is False
+    assert det.estimator_kwargs(3)["deterministic"] is True
+    fields = {k: v for k, v in __import__("dataclasses").asdict(plain).items()
+              if k != "deterministic"}
+    import hashlib
+    import json
+
+    old = hashlib.sha256(json.dumps({**fields, "embeddings": "", "pool": "", "n": 0},
+                                    sort_keys=True).encode()).hexdigest()[:16]
+    assert clustering._params_hash(plain, group) == old      # runs clustered before it resume
+    assert clustering._params_hash(det, group) != old
+
+
+def test_catboost_gpu_only_for_large_tasks_on_this_processs_device(monkeypatch):
+    from apmae_gpu import classification as C
+
+    catboost_utils = pytest.importorskip("catboost.utils")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(catboost_utils, "get_gpu_device_count", lambda: 2)
+    big, small = C.CATBOOST_GPU_MIN_ROWS, C.CATBOOST_GPU_MIN_ROWS - 1
+    assert [C.resolve_task_type("auto", n) for n in (small, big, None)] == ["CPU", "GPU", "GPU"]
+    assert C.resolve_task_type("yes", small) == "GPU"                    # asked for
+    assert C.resolve_task_type("auto", big, deterministic=True) == "CPU"
+    with pytest.raises(ApmaeError, match="--gpu yes with --deterministic: CatBoost's GPU "
+                                         "training is not deterministic"):
+        C.resolve_task_type("yes", big, deterministic=True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 1)
+    params = C._catboost(C.CatBoostSettings(), "GPU", 0, False).get_params()
+    assert (params["devices"], params["gpu_ram_part"]) == ("1", C.CATBOOST_GPU_RAM_PART)
+    assert "devices" not in C._catboost(C.CatBoostSettings(), "CPU", 0, False).get_params()
+
+
+def test_gpu_extra_caps_numpy_below_2_5():
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    gpu = {Requirement(r).name: Requirement(r) for r in meta["optional-dependencies"]["gpu"]}
+    assert Version("2.4.3") in gpu["numpy"].specifier
+    assert Version("2.5.0") not in gpu["numpy"].specifier
+
+
+# --------------------------------------------------------------------------- determinism
+def test_deterministic_training_sets_torch_and_cublas_for_the_call_only(monkeypatch):
+    monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
+    seen = []
+    monkeypatch.setattr(training, "_train", lambda cfg, ctx: seen.append((
+        torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.benchmark,
+        __import__("os").environ.get("CUBLAS_WORKSPACE_CONFIG"))) or {})
+    training.train("RUN", deterministic=True)
+    training.train("RUN")
+    assert seen == [(True, False, ":4096:8"), (False, torch.backends.cudnn.benchmark, None)]
+    assert not torch.are_deterministic_algorithms_enabled()
+    assert "CUBLAS_WORKSPACE_CONFIG" not in __import__("os").environ
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":16:8")       # the user's own is kept
+    training.train("RUN", deterministic=True)
+    assert seen[-1][2] == ":16:8"
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_deterministic_training_resumes_to_the_uninterrupted_weights(run, tmp_path):
+    """Every op of the training step has a deterministic implementation (torch raises
+    otherwise), and a resumed deterministic run ends on the uninterrupted one's weights."""
+    from safetensors.torch import load_file
+
+    from tests.tiny_models import MICRO
+
+    args = dict(preset="tiny", batch_size=8, device="cpu", lr=1e-3, model_config=dict(MICRO),
+                eval_every=50, save_every=3, log_every=None, deterministic=True)
+    import shutil
+
+    training.train(run, steps=6, out=tmp_path / "straight", **args)
+    shutil.copytree(tmp_path / "straight", tmp_path / "resumed")     # as if killed at step 4
+    for gone in ("final", "checkpoints/step-0000006"):
+        shutil.rmtree(tmp_path / "resumed" / gone)
+    summary = training.train(run, steps=6, out=tmp_path / "resumed", resume=True, **args)
+    assert summary["deterministic"] is True and summary["resumed_from"]
+    a, b = (load_file(next((tmp_path / d / "final").glob("*.safetensors")))
+            for d in ("straight", "resumed"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
