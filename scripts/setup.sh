@@ -12,8 +12,28 @@
 #    yourself (or point mine.corpus at any Java tree) and a Chromium for the report test.
 # Environment: PYTHON (default python3), VENV (default .venv), APMAE_SKIP_APT=1 to skip apt,
 # APMAE_EXTRAS (default "test"; e.g. "test,gpu" on a RAPIDS-capable machine).
+# `scripts/setup.sh --check-driver` only checks the NVIDIA driver (below) and exits.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+
+# CUDA 13 (torch's CUDA 13 wheels, RAPIDS 26.10) needs an NVIDIA driver >= 580; on an older
+# driver a CUDA torch installs but sees no GPU.  One line and exit 1 on such a host.
+MIN_DRIVER=580
+check_driver() {
+  command -v nvidia-smi >/dev/null 2>&1 || return 0
+  local version
+  version=$(nvidia-smi --query-gpu=driver_version --format=csv,noheader 2>/dev/null | head -n 1) || return 0
+  [ -n "$version" ] || return 0
+  if [ "${version%%.*}" -lt "$MIN_DRIVER" ] 2>/dev/null; then
+    echo "setup: NVIDIA driver $version is older than $MIN_DRIVER, which CUDA 13 (torch's CUDA 13 build, RAPIDS 26.10) needs: update the driver, or install a CPU torch first (it is kept)" >&2
+    return 1
+  fi
+  echo "setup: NVIDIA driver $version (CUDA 13 needs >= $MIN_DRIVER): ok"
+}
+if [ "${1:-}" = "--check-driver" ]; then
+  check_driver
+  exit $?
+fi
 PY=${PYTHON:-python3}
 VENV=${VENV:-.venv}
 EXTRAS=${APMAE_EXTRAS:-test}
@@ -26,8 +46,9 @@ PIP=("$VENV/bin/python" -m pip)
 
 if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
   if command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi -L >/dev/null 2>&1; then
+    check_driver || exit 1
     echo "setup: NVIDIA GPU found: installing a CUDA build of torch"
-    "${PIP[@]}" install -q "torch>=2.4"
+    "${PIP[@]}" install -q "torch>=2.13"
   else
     local_cpu=""
     for d in ${PIP_FIND_LINKS:-} /opt/wheels; do

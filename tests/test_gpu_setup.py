@@ -302,3 +302,25 @@ def test_deterministic_training_resumes_to_the_uninterrupted_weights(run, tmp_pa
     a, b = (load_file(next((tmp_path / d / "final").glob("*.safetensors")))
             for d in ("straight", "resumed"))
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+# --------------------------------------------------------------------------- host driver
+@pytest.mark.parametrize("driver,rc", [("550.54.15", 1), ("580.65.06", 0), ("", 0)])
+def test_setup_checks_the_nvidia_driver_with_one_line(tmp_path, driver, rc):
+    fake = tmp_path / "bin" / "nvidia-smi"
+    fake.parent.mkdir()
+    fake.write_text(f"#!/bin/sh\n[ -n '{driver}' ] && echo '{driver}'\nexit 0\n")
+    fake.chmod(0o755)
+    env = {"PATH": f"{fake.parent}:/usr/bin:/bin", "VENV": str(tmp_path / "venv")}
+    out = subprocess.run(["bash", str(ROOT / "scripts" / "setup.sh"), "--check-driver"],
+                         env=env, capture_output=True, text=True, timeout=60)
+    assert out.returncode == rc, out.stderr
+    assert not (tmp_path / "venv").exists()
+    if rc:
+        assert out.stderr.count("\n") == 1 and out.stderr.startswith(
+            f"setup: NVIDIA driver {driver} is older than 580, which CUDA 13")
+    elif driver:
+        assert out.stdout == f"setup: NVIDIA driver {driver} (CUDA 13 needs >= 580): ok\n"
+    # the full setup stops at the same line before it installs a CUDA torch
+    text = (ROOT / "scripts" / "setup.sh").read_text()
+    assert text.index("check_driver || exit 1") < text.index('install -q "torch>=2.13"')
