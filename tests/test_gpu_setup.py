@@ -3,12 +3,14 @@ requirements, and no hard-coded package index anywhere in the repository."""
 
 from __future__ import annotations
 
+import json
 import re
 import shutil
 import subprocess
 import tomllib
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from packaging.requirements import Requirement
@@ -117,19 +119,25 @@ def test_no_package_index_is_named_anywhere():
     assert hits == []
 
 
-def test_gpu_check_dry_run_parses_every_step():
+def test_gpu_check_dry_run_lists_every_step_and_what_it_needs(tmp_path):
     import os
     import sys
 
-    env = dict(os.environ, PYTHON=sys.executable, PYTHONPATH=str(ROOT))
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PYTHON")}
+    env["PYTHON"] = sys.executable                      # no PYTHONPATH: the steps find the package
     out = subprocess.run([str(ROOT / "bench" / "gpu_check.sh"), "--dry-run"], env=env,
-                         capture_output=True, text=True, timeout=300)
+                         cwd=tmp_path, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr[-2000:]
     steps = [line.split("]")[0][1:] for line in out.stdout.splitlines() if line.startswith("[")]
-    assert [s.split(",")[0] for s in steps] == ["parity", "capture", "train", "encode", "knn",
-                                                "summary"]
+    assert [s.split(",")[0] for s in steps] == [
+        "env", "parity", "capture", "capture-encode", "train", "train-speed", "encode",
+        "intervene", "torchrun", "cuml", "dask-cuda", "catboost-gpu", "summary"]
     assert sum(int(s.split(", ")[1].rstrip("s")) for s in steps) <= 8 * 60
+    needs = [line for line in out.stdout.splitlines() if line.startswith("[")]
+    assert all("] needs: " in line for line in needs)
+    assert sum("(else not checked)" in line for line in needs) == 3
     assert "random:starcoder2-3b" in out.stdout and "--peak-tflops 989" in out.stdout
+    assert "dry run ok (13 steps, at most 480s)" in out.stdout
 
 
 # --------------------------------------------------------------------------- device_map vs ranks
@@ -324,3 +332,67 @@ def test_setup_checks_the_nvidia_driver_with_one_line(tmp_path, driver, rc):
     # the full setup stops at the same line before it installs a CUDA torch
     text = (ROOT / "scripts" / "setup.sh").read_text()
     assert text.index("check_driver || exit 1") < text.index('install -q "torch>=2.13"')
+
+
+# --------------------------------------------------------------------------- the device check on CPU
+@pytest.fixture
+def gpu_check(monkeypatch, tmp_path):
+    """bench/gpu_check.py, its results written under tmp_path."""
+    import sys
+
+    monkeypatch.syspath_prepend(str(ROOT / "bench"))
+    import common
+    import gpu_check as module
+
+    monkeypatch.setattr(common, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(module, "RESULTS", tmp_path / "results")
+    monkeypatch.setattr(common, "machine_tag", lambda: "testbox")
+    monkeypatch.setattr(module, "machine_tag", lambda: "testbox")
+    yield module
+    sys.modules.pop("gpu_check", None)
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_capture_parity_with_peaked_attention_runs_on_cpu_and_catches_errors(gpu_check):
+    """float32 and bf16 capture, all heads and layerwise:0.25, against eager attention of the
+    same q/k-scaled weights: within tolerance (positive), while a neighbour head's maps and a
+    softmax temperature off by 50% are not (negative controls)."""
+    rows = gpu_check.parity_rows("random:tiny-starcoder2", "cpu", 2, 64, 256.0,
+                                 ["float32", "bfloat16"], ["all", "layerwise:0.25"])
+    assert [(r["dtype"], r["heads"]) for r in rows] == [
+        ("float32", "all"), ("float32", "layerwise:0.25"), ("bfloat16", "all"),
+        ("bfloat16", "layerwise:0.25")]
+    assert [r["rows"] for r in rows] == [2 * 2 * 4 * 64, 2 * 2 * 1 * 64] * 2   # B x L x K x T
+    assert all(r["qk_projections_scaled"] == 4 for r in rows)           # q and k of 2 layers
+    for r in rows:
+        assert r["ok"], r
+        assert r["control_heads_rolled_caught"] and r["control_temperature_caught"], r
+    assert rows[0]["kl_max"] < 1e-3 and rows[0]["max_abs"] < 4e-3
+    import torch
+
+    p = torch.tensor([[[1.0, 0.0], [0.25, 0.75]]])                     # one 2x2 map
+    m = gpu_check.row_metrics(torch.tensor([[[1.0, 0.0], [0.5, 0.5]]]), p)
+    kl = 0.25 * np.log(0.25 / 0.5) + 0.75 * np.log(0.75 / 0.5)
+    assert m["rows"] == 2 and m["kl_max"] == pytest.approx(kl) and m["max_abs"] == 0.25
+
+
+def test_gpu_check_reports_missing_gpu_steps_as_not_checked(gpu_check, tmp_path, monkeypatch):
+    """Without a GPU every step records *not checked* (exit 3), never passed; the summary
+    counts them and copies the records to $OUT."""
+    import argparse
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setenv("OUT", str(tmp_path / "out"))
+    args = argparse.Namespace(device="cuda", statuses=None)
+    for step in ("env", "cuml", "dask-cuda", "catboost-gpu", "train", "parity"):
+        with pytest.raises(SystemExit) as exc:
+            gpu_check.SECTIONS[step](args)
+        assert exc.value.code == 3, step
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.summary(args)
+    assert exc.value.code == 0
+    record = json.loads((tmp_path / "results" / "gpu_check-testbox.json").read_text())
+    assert record["figures"] == {"passed": 0, "failed": 0, "not checked": len(gpu_check.STEPS)}
+    assert {r["status"] for r in record["table"]} == {"not checked"}
+    assert (tmp_path / "out" / "gpu_check-testbox.md").exists()
+    assert (tmp_path / "out" / "gpu_check_cuml-testbox.json").exists()
