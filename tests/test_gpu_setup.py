@@ -396,3 +396,57 @@ def test_gpu_check_reports_missing_gpu_steps_as_not_checked(gpu_check, tmp_path,
     assert {r["status"] for r in record["table"]} == {"not checked"}
     assert (tmp_path / "out" / "gpu_check-testbox.md").exists()
     assert (tmp_path / "out" / "gpu_check_cuml-testbox.json").exists()
+
+
+# --------------------------------------------------------------------------- resolution
+def _pip_indexes() -> list[str]:
+    """pip's configured index options (``pip config list`` and PIP_* variables), as uv
+    options: http(s) indexes only (a local file index is this machine's, not the users')."""
+    import os
+    import sys
+
+    listed = subprocess.run([sys.executable, "-m", "pip", "config", "list"], capture_output=True,
+                            text=True, timeout=60).stdout.splitlines()
+    values = {}
+    for line in listed:
+        key, _, value = line.partition("=")
+        values[key.split(".")[-1]] = value.strip("'\"")
+    for key in ("index-url", "extra-index-url"):
+        env = os.environ.get("PIP_" + key.upper().replace("-", "_"))
+        if env:
+            values[key] = env
+    out = []
+    for key in ("index-url", "extra-index-url"):
+        for url in values.get(key, "").split():
+            if url.startswith(("http://", "https://")):
+                out += [f"--{key}", url]
+    return out
+
+
+@pytest.mark.resolve
+def test_gpu_and_test_extras_resolve_for_linux_python_312(tmp_path):
+    """The package's requirements with its ``gpu`` and ``test`` extras resolve for CPython
+    3.12 on manylinux x86_64, without a pre-release.  uv resolves from wheel metadata (range
+    requests), so nothing multi-GB (torch, the CUDA libraries) is downloaded, as pip's own
+    ``install --dry-run --report`` does from an index without PEP 658 metadata."""
+    import sys
+
+    uv = shutil.which("uv", path=str(Path(sys.executable).parent)) or shutil.which("uv")
+    if uv is None:
+        pytest.skip("uv is not installed (it is in the test extra)")
+    meta = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    extras = meta["optional-dependencies"]
+    (tmp_path / "requirements.in").write_text("\n".join(
+        meta["dependencies"] + extras["gpu"] + extras["test"]) + "\n")
+    out = subprocess.run([uv, "pip", "compile", str(tmp_path / "requirements.in"),
+                          "--python-version", "3.12", "--python-platform", "x86_64-manylinux_2_28",
+                          "--only-binary", ":all:", "--no-header", "--no-annotate", "--no-config",
+                          "--quiet", *_pip_indexes()], capture_output=True, text=True, timeout=300)
+    if out.returncode != 0 and "No solution found" not in out.stderr:
+        pytest.skip(f"the index cannot be reached: {out.stderr.strip().splitlines()[-1:]}")
+    assert out.returncode == 0, out.stderr[-3000:]
+    pins = dict(line.split("==", 1) for line in out.stdout.splitlines() if "==" in line)
+    assert {"torch", "cuml-cu13", "cudf-cu13", "dask-cuda", "numba", "numpy"} <= set(pins)
+    pre = {name: v for name, v in pins.items() if Version(v.split(";")[0].strip()).is_prerelease}
+    assert pre == {}, f"pre-releases resolved: {pre}"
+    assert Version(pins["numpy"]) < Version("2.5") and Version(pins["torch"]) >= Version("2.13")
