@@ -28,7 +28,7 @@ STEPS=(
   "train|35|torch (CUDA), zarr, pyarrow, pandas|bench/gpu_check.py train --steps 40"
   "train-speed|55|torch (CUDA)|bench/bench_train.py --device cuda --steps 20 --warmup 5 --batch-size 256 --peak-tflops ${PEAK} --skip-learn --loader-batches 10"
   "encode|30|torch (CUDA)|bench/gpu_check.py encode --maps 20000 --batch-size 256"
-  "intervene|40|torch (CUDA), transformers, 16 CPU cores|bench/gpu_check.py intervene --model random:starcoder2-3b --prompts 8 --window 128"
+  "intervene|40|torch (CUDA), transformers, 16 CPU cores|bench/gpu_check.py intervene --model random:starcoder2-3b --prompts 4 --window 64"
   "torchrun|50|torch (CUDA, gloo), transformers, typer|bench/gpu_check.py torchrun"
   "cuml|35|cuml, cupy (else not checked)|bench/gpu_check.py cuml"
   "dask-cuda|35|cuml, dask-cuda, distributed (else not checked)|bench/gpu_check.py dask-cuda"
