@@ -132,37 +132,55 @@ def _png(img: np.ndarray) -> str:
     plt = pyplot()
     cmap = plt.get_cmap("magma").with_extremes(bad=(0.92, 0.92, 0.92, 1.0))
     buf = io.BytesIO()
-    plt.imsave(buf, cmap(np.ma.masked_invalid(img)), format="png")
+    plt.imsave(buf, cmap(np.ma.masked_invalid(img))[..., :3], format="png")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
-def typical_map(maps: np.ndarray, scaler: str, floor: float, px: int) -> np.ndarray:
-    """Mean of stored maps ``[k, W, W]`` in the log-min-max space (the reference's AP-MAE
-    input, in [0, 1]), block-averaged to at most ``px`` a side; NaN above the diagonal."""
+def _block_mean(y: torch.Tensor, px: int) -> torch.Tensor:
+    """``y`` [..., W, W] block-averaged to at most ``px`` a side (W cut to a multiple)."""
+    w = y.shape[-1]
+    f = int(np.ceil(w / px))
+    if f == 1:
+        return y
+    n = (w // f) * f
+    y = y[..., :n, :n]
+    return y.reshape(*y.shape[:-2], n // f, f, n // f, f).mean(dim=(-3, -1))
+
+
+def log_minmax_maps(maps: np.ndarray, scaler: str, floor: float) -> torch.Tensor:
+    """Stored maps ``[k, W, W]`` in the log-min-max space (the reference's AP-MAE input,
+    in [0, 1]; 0 above the diagonal)."""
     x = torch.from_numpy(maps.astype(np.float32))
     w = x.shape[-1]
     lower = torch.ones(w, w, dtype=torch.bool).tril()
     if scaler == "log_normalize":
-        y = x.masked_fill(~lower, 0.0)
-    else:
-        logs, keep = stored_logs(x, scaler, floor, valid=lower)
-        y = log_minmax(logs, keep, dims=(-2, -1))
-    mean = y.mean(0).numpy().astype(np.float64)
-    f = int(np.ceil(w / px))
-    if f > 1:
-        n = (w // f) * f
-        mean = mean[:n, :n].reshape(n // f, f, n // f, f).mean(axis=(1, 3))
-        lower_np = np.tril(np.ones((n // f, n // f), bool))
-    else:
-        lower_np = lower.numpy()
-    return np.where(lower_np, mean, np.nan)
+        return x.masked_fill(~lower, 0.0)
+    logs, keep = stored_logs(x, scaler, floor, valid=lower)
+    return log_minmax(logs, keep, dims=(-2, -1))
+
+
+def _upper_nan(img: np.ndarray) -> np.ndarray:
+    return np.where(np.tril(np.ones(img.shape, bool)), img, np.nan)
+
+
+def typical_map(maps: np.ndarray, scaler: str, floor: float, px: int) -> np.ndarray:
+    """Mean of stored maps ``[k, W, W]`` in the log-min-max space, block-averaged to at most
+    ``px`` a side; NaN above the diagonal."""
+    y = _block_mean(log_minmax_maps(maps, scaler, floor), px).mean(0)
+    return _upper_nan(y.numpy().astype(np.float64))
 
 
 class MapSource:
-    """The maps of the sampled inferences (one read of the index), or why there are none."""
+    """Typical maps from the sampled inferences' maps: one read of the index, then one pass
+    over the sampled inferences (their maps are contiguous in the store), each map added to
+    the sum of every cluster it was picked for; or why there are none."""
+
+    BATCH = 8   # inferences per read
 
     def __init__(self, run: Path, ids: np.ndarray):
         self.missing = None
+        self.wanted: dict[tuple[int, int, int], list] = {}   # (layer, head, id) -> slots
+        self.slots: list[dict] = []
         idx = pd.DataFrame()
         if (run / MAPS).exists() and (run / INDEX).exists():
             self.store = MapStore(run)
@@ -175,18 +193,41 @@ class MapSource:
                             "--encode-with); the explorer shows clusters without their "
                             "typical map")
             return
-        self.map_id = idx.set_index(["layer", "head", "inference_id"])["map_id"]
+        self.index = idx.sort_values("map_id", kind="stable")
 
-    def typical(self, layer: int, head: int, ids, px: int) -> str | None:
+    def want(self, layer: int, head: int, ids, card: dict) -> None:
+        """Average the maps of (``ids``, layer, head) into ``card["map"]`` at :meth:`fill`."""
         if self.missing is not None:
-            return None
-        keys = pd.MultiIndex.from_arrays([np.full(len(ids), layer), np.full(len(ids), head),
-                                          np.asarray(ids)])
-        mid = self.map_id.reindex(keys).dropna().to_numpy(np.int64)
-        if len(mid) == 0:
-            return None
+            card["map"] = None
+            return
+        self.slots.append(card)
+        for i in ids:
+            self.wanted.setdefault((int(layer), int(head), int(i)), []).append(
+                len(self.slots) - 1)
+
+    def fill(self, px: int) -> None:
+        if self.missing is not None or not self.slots:
+            return
         info = self.store.info
-        return _png(typical_map(self.store.read(mid), info.scaler, info.floor, px))
+        sums, counts = None, np.zeros(len(self.slots), np.int64)
+        for _, g in self.index.groupby(self.index["inference_id"].rank(method="dense")
+                                       .sub(1).floordiv(self.BATCH), sort=True):
+            keys = list(zip(g["layer"], g["head"], g["inference_id"]))
+            pick = [k in self.wanted for k in keys]
+            if not any(pick):
+                continue
+            g = g[pick]
+            y = _block_mean(log_minmax_maps(self.store.read(g["map_id"].to_numpy(np.int64)),
+                                            info.scaler, info.floor), px).numpy()
+            if sums is None:
+                sums = np.zeros((len(self.slots), *y.shape[1:]), np.float64)
+            for row, key in enumerate(k for k, p in zip(keys, pick) if p):
+                for slot in self.wanted[key]:
+                    sums[slot] += y[row]
+                    counts[slot] += 1
+        for slot, card in enumerate(self.slots):
+            card["map"] = (_png(_upper_nan(sums[slot] / counts[slot])) if counts[slot]
+                           else None)
 
 
 # --------------------------------------------------------------------------- heads
@@ -223,8 +264,8 @@ def _clusters(summary: pd.DataFrame, locs: pd.DataFrame, part: pd.DataFrame, xy:
             "task_mix": {t: int(mix[t]) for t in TASKS if t in mix.index},
             "sampled": int(len(members)),
             "examples": [int(r) for r in part["row"].to_numpy()[members[:cfg.explorer_examples]]],
-            "map": maps.typical(layer, head, ids, cfg.explorer_map_px),
-            "map_members": int(len(ids))})
+            "map": None, "map_members": int(len(ids))})
+        maps.want(layer, head, ids, out[-1])
     return out
 
 
@@ -302,6 +343,7 @@ def explorer_data(run: Path, cfg: ReportConfig, seed: int = 0) -> dict:
         data["heads"][head_key(*key)] = head_detail(
             run, rec, by_head.get(key, summary.iloc[:0]), locs_by.get(key, locs.iloc[:0]),
             rows, maps, cfg)
+    maps.fill(cfg.explorer_map_px)
     failed = heads[heads["status"] != "ok"]
     if len(failed):
         data["missing"].append(f"{len(failed)} head(s) not clustered (cluster/heads.parquet): "

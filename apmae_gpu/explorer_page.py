@@ -44,18 +44,22 @@ def _inline_json(obj) -> str:
     return json.dumps(obj, separators=(",", ":")).replace("</", "<\\/")
 
 
+def render_page(data: dict) -> str:
+    """The explorer's HTML over ``data`` (:func:`apmae_gpu.explorer.explorer_data`), with
+    Plotly and the data inline; sets ``data["plotly"]`` to Plotly's version."""
+    js, data["plotly"] = plotly_js()
+    head, rest = (PAGE.replace("%TITLE%", html.escape(f"AP-MAE explorer: {data['run']}"))
+                  .replace("%VERSION%", __version__).split("%PLOTLY_JS%"))
+    middle, tail = rest.split("%DATA%")
+    return "".join((head, js, middle, _inline_json(data), tail))
+
+
 def write_explorer(run: Path, out_dir: Path, cfg: ReportConfig) -> dict:
     """Write ``explorer.json`` and ``explorer.html`` into ``out_dir``; returns what the
     manifest records (paths, sizes, heads, points, seconds)."""
     t0 = time.perf_counter()
     data = explorer_data(run, cfg)
-    js, version = plotly_js()
-    data["plotly"] = version
-    payload = _inline_json(data)
-    head, rest = (PAGE.replace("%TITLE%", html.escape(f"AP-MAE explorer: {data['run']}"))
-                  .replace("%VERSION%", __version__).split("%PLOTLY_JS%"))
-    middle, tail = rest.split("%DATA%")
-    page = "".join((head, js, middle, payload, tail))
+    page = render_page(data)
     out_dir.mkdir(parents=True, exist_ok=True)
     for name, text in ((EXPLORER_JSON, json.dumps(data, separators=(",", ":"))),
                        (EXPLORER, page)):
