@@ -29,6 +29,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import PIL.Image
 import pyarrow.parquet as pq
 import torch
 
@@ -44,6 +45,7 @@ log = logging.getLogger("apmae_gpu.report")
 
 FORMAT = 1
 LEFT_CHARS, RIGHT_CHARS = 600, 240   # text kept either side of the hole
+LEVELS = 64                          # colours of a typical map's PNG
 
 
 def head_key(layer: int, head: int) -> str:
@@ -129,10 +131,17 @@ def sample_inferences(run: Path, ids: np.ndarray, cap: int, seed: int = 0) -> pd
 
 # --------------------------------------------------------------------------- typical maps
 def _png(img: np.ndarray) -> str:
+    """``img`` (values in [0, 1], NaN: not a value) as a palette PNG data URI: magma in
+    ``LEVELS`` steps, NaN light grey (a small palette: a fraction of an RGB PNG's bytes)."""
     plt = pyplot()
-    cmap = plt.get_cmap("magma").with_extremes(bad=(0.92, 0.92, 0.92, 1.0))
+    pal = (plt.get_cmap("magma")(np.linspace(0, 1, LEVELS))[:, :3] * 255).round()
+    pal = np.vstack([pal, [[235, 235, 235]]]).astype(np.uint8)
+    q = np.where(np.isfinite(img), np.clip(np.nan_to_num(img), 0, 1) * (LEVELS - 1), LEVELS)
+    q = q.round()
+    im = PIL.Image.fromarray(q.astype(np.uint8), mode="P")
+    im.putpalette(pal.ravel().tolist())
     buf = io.BytesIO()
-    plt.imsave(buf, cmap(np.ma.masked_invalid(img))[..., :3], format="png")
+    im.save(buf, format="PNG", optimize=True)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
