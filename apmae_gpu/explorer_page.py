@@ -265,7 +265,12 @@ $("search").onkeydown = ev => {
   if (!m) { $("searchmsg").textContent = "type a head as L12H3"; return; }
   openHead("L" + Number(m[1]) + "H" + Number(m[2]));
 };
-for (const id of ["colorby", "task", "correct", "minsize"]) $(id).onchange = () => { if (cur) { drawScatter(); drawCards(); } };
+for (const id of ["colorby", "task", "correct", "minsize"]) $(id).onchange = () => {
+  if (!cur) return;
+  drawScatter(); drawCards();
+  const card = D.heads[cur].clusters.find(x => x.cluster === selCluster);
+  if (card) showExamples("cluster " + selCluster + " of " + cur, card.examples);
+};
 drawGrid();
 if ($("grid").on) $("grid").on("plotly_click", ev => openHead("L" + ev.points[0].y + "H" + ev.points[0].x));
 document.body.dataset.ready = "1";

@@ -67,7 +67,8 @@ def browser_times(page_path: Path, shots: Path | None = None) -> dict:
         page.wait_for_selector("#examples .example", timeout=60_000)
         head = time.perf_counter() - t0
         if shots:
-            page.set_viewport_size({"width": 1280, "height": 1020})
+            page.set_viewport_size({"width": 1280, "height": 1040})
+            page.evaluate("window.scrollTo(0, 0)")
             page.screenshot(path=str(shots / "explorer_view.png"))
             for w in (1400, 760):
                 page.set_viewport_size({"width": w, "height": 900})

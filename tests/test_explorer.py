@@ -196,6 +196,14 @@ def test_explorer_in_chromium(e2e_run, data, tmp_path):
             assert hole.startswith("⟦hole")
             if inf["target"][row] is not None:
                 assert json.dumps(inf["target"][row]) in hole
+            # The correctness filter keeps the cluster's correct examples only.
+            page.select_option("#correct", "1")
+            shown = page.locator("#examples .example")
+            want = [r for r in data["heads"][key]["clusters"][0]["examples"]
+                    if inf["correct"][r] is True]
+            assert shown.count() == len(want)
+            assert page.locator("#examples .example .bad").count() == 0
+            page.select_option("#correct", "")
             # The head search box opens a head too; a bad one says so in one line.
             page.fill("#search", "L0H0")
             page.press("#search", "Enter")
