@@ -11,8 +11,8 @@ Sections (results in bench/results/explorer-<machine>.{json,md}):
            heads cluster by pattern), clustered by the real stage with the demo's settings
            (``configs/demo.yaml``); then ``write_explorer`` (seconds, bytes) and the page in
            headless Chromium (Playwright): load until ready, open a head, click a cluster.
-``paper``  the size bound at paper scale: explorer data at its caps (``--heads`` heads,
-           ``explorer_points`` points each, ``explorer_clusters`` clusters each with a
+``paper``  the size bound at paper scale: explorer data at its caps (``--bounds``: layers
+           x heads x points; points each, ``explorer_clusters`` clusters each with a
            64-px typical map and examples, prompts of 840 characters) rendered by
            ``render_page``, then the same browser timing.  Real runs are at most this big.
 """
@@ -68,10 +68,12 @@ def browser_times(page_path: Path, shots: Path | None = None) -> dict:
         head = time.perf_counter() - t0
         if shots:
             page.set_viewport_size({"width": 1280, "height": 1040})
+            page.wait_for_timeout(1000)   # Plotly relayouts after a resize
             page.evaluate("window.scrollTo(0, 0)")
             page.screenshot(path=str(shots / "explorer_view.png"))
             for w in (1400, 760):
                 page.set_viewport_size({"width": w, "height": 900})
+                page.wait_for_timeout(1000)
                 page.screenshot(path=str(shots / f"explorer_{w}.png"), full_page=True)
         b.close()
     return {"load_s": round(load, 2), "open_head_and_cluster_s": round(head, 2), "head": key}
@@ -165,13 +167,13 @@ def paper_data(heads: int, cfg: ReportConfig, layers: int) -> dict:
             "inferences": inf, "heads": hd, "missing": []}
 
 
-def bench_paper(heads: int, layers: int) -> dict:
-    cfg = ReportConfig()
+def bench_paper(heads: int, layers: int, points: int) -> dict:
+    cfg = ReportConfig(explorer_points=points)
     with tempfile.TemporaryDirectory() as tmp:
         page = Path(tmp) / "explorer.html"
         t0 = time.perf_counter()
         page.write_text(render_page(paper_data(heads, cfg, layers)), encoding="utf-8")
-        row = {"section": f"paper bound ({layers} x {heads // layers} heads)", "heads": heads,
+        row = {"section": f"bound ({layers} x {heads // layers} heads)", "heads": heads,
                "points_per_head": cfg.explorer_points,
                "clusters_per_head": cfg.explorer_clusters,
                "page_MiB": round(page.stat().st_size / 2**20, 1), "json_MiB": None,
@@ -184,8 +186,9 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sections", default="demo,paper")
     ap.add_argument("--window", type=int, default=256)
-    ap.add_argument("--heads", type=int, default=720, help="paper bound: heads (SC2-3B: 720)")
-    ap.add_argument("--layers", type=int, default=30)
+    ap.add_argument("--bounds", default="30x24x2000,30x9x1430",
+                    help="paper bound: layers x heads x points, comma separated (SC2-3B: "
+                         "30x24, 2,000 points, the cap; the SmolLM2 study: 30x9, ~1,430)")
     ap.add_argument("--shots", type=Path, default=None, help="save demo screenshots here")
     a = ap.parse_args()
     rows = []
@@ -193,8 +196,10 @@ def main() -> None:
         rows.append(bench_demo(a.window, a.shots))
         print(rows[-1], flush=True)
     if "paper" in a.sections:
-        rows.append(bench_paper(a.heads, a.layers))
-        print(rows[-1], flush=True)
+        for bound in a.bounds.split(","):
+            layers, per_layer, points = map(int, bound.split("x"))
+            rows.append(bench_paper(layers * per_layer, layers, points))
+            print(rows[-1], flush=True)
     save("explorer", {"rows": rows}, rows, notes=[
         "shared 2-core VM, no GPU; times include Chromium parsing the inline plotly.min.js",
         f"demo: synthetic maps of window {a.window}; paper bound: every cap at its maximum"])

@@ -213,6 +213,7 @@ def test_explorer_in_chromium(e2e_run, data, tmp_path):
             assert page.inner_text("#searchmsg") == "L99H0: not a clustered head"
             for width in (1280, 720):
                 page.set_viewport_size({"width": width, "height": 900})
+                page.wait_for_timeout(300)   # Plotly relayouts after a resize
                 page.screenshot(path=str(tmp_path / f"explorer_{width}.png"), full_page=True)
                 assert (tmp_path / f"explorer_{width}.png").stat().st_size > 10_000
             assert errors == [] and remote == []
