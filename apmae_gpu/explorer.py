@@ -23,6 +23,7 @@ x ~1 KB; typical maps <= heads x ``explorer_clusters`` x ~3 KB at 64 px.
 from __future__ import annotations
 
 import base64
+import functools
 import io
 import logging
 from pathlib import Path
@@ -130,18 +131,20 @@ def sample_inferences(run: Path, ids: np.ndarray, cap: int, seed: int = 0) -> pd
 
 
 # --------------------------------------------------------------------------- typical maps
+@functools.lru_cache(maxsize=1)
+def _palette() -> list[int]:
+    pal = (pyplot().get_cmap("magma")(np.linspace(0, 1, LEVELS))[:, :3] * 255).round()
+    return np.vstack([pal, [[235, 235, 235]]]).astype(np.uint8).ravel().tolist()
+
+
 def _png(img: np.ndarray) -> str:
     """``img`` (values in [0, 1], NaN: not a value) as a palette PNG data URI: magma in
     ``LEVELS`` steps, NaN light grey (a small palette: a fraction of an RGB PNG's bytes)."""
-    plt = pyplot()
-    pal = (plt.get_cmap("magma")(np.linspace(0, 1, LEVELS))[:, :3] * 255).round()
-    pal = np.vstack([pal, [[235, 235, 235]]]).astype(np.uint8)
     q = np.where(np.isfinite(img), np.clip(np.nan_to_num(img), 0, 1) * (LEVELS - 1), LEVELS)
-    q = q.round()
-    im = PIL.Image.fromarray(q.astype(np.uint8), mode="P")
-    im.putpalette(pal.ravel().tolist())
+    im = PIL.Image.fromarray(q.round().astype(np.uint8), mode="P")
+    im.putpalette(_palette())
     buf = io.BytesIO()
-    im.save(buf, format="PNG", optimize=True)
+    im.save(buf, format="PNG")
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
 
 
@@ -258,21 +261,23 @@ def _clusters(summary: pd.DataFrame, locs: pd.DataFrame, part: pd.DataFrame, xy:
     """The head's largest kept clusters: numbers over every member, examples and the typical
     map from the sampled ones."""
     out = []
+    mixes = {k: g.groupby("task")["n"].sum() for k, g in locs.groupby("cluster")}
+    labels, inf_ids, rows = (part[c].to_numpy() for c in ("cluster", "inference_id", "row"))
     for c in summary.sort_values("size", ascending=False).head(cfg.explorer_clusters).itertuples():
         judged = int(c.n_correct) + int(c.n_incorrect)
-        mix = locs[locs["cluster"] == c.cluster].groupby("task")["n"].sum()
-        members = np.flatnonzero(part["cluster"].to_numpy() == c.cluster)
+        mix = mixes.get(c.cluster, pd.Series(dtype=int))
+        members = np.flatnonzero(labels == c.cluster)
         if len(members):
             d = np.linalg.norm(xy[members] - xy[members].mean(0), axis=1)
             members = members[np.argsort(d, kind="stable")]
-        ids = part["inference_id"].to_numpy()[members[:cfg.explorer_members]]
+        ids = inf_ids[members[:cfg.explorer_members]]
         out.append({
             "cluster": int(c.cluster), "size": int(c.size), "share": round(float(c.share), 4),
             "n_correct": int(c.n_correct), "n_incorrect": int(c.n_incorrect),
             "share_correct": round(c.n_correct / judged, 4) if judged else None,
             "task_mix": {t: int(mix[t]) for t in TASKS if t in mix.index},
             "sampled": int(len(members)),
-            "examples": [int(r) for r in part["row"].to_numpy()[members[:cfg.explorer_examples]]],
+            "examples": [int(r) for r in rows[members[:cfg.explorer_examples]]],
             "map": None, "map_members": int(len(ids))})
         maps.want(layer, head, ids, out[-1])
     return out

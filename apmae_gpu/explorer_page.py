@@ -182,7 +182,7 @@ function drawScatter() {
   const keys = [...groups.keys()].sort((a, b) => (a === "noise") - (b === "noise") || a.localeCompare(b, undefined, {numeric: true}));
   const traces = keys.map((k, j) => {
     const g = groups.get(k), faded = selCluster !== null && by === "cluster" && k !== "cluster " + selCluster;
-    return {type: "scattergl", mode: "markers", name: k, x: g.x, y: g.y, customdata: g.idx, text: g.text, hoverinfo: "text",
+    return {type: "scatter", mode: "markers", name: k, x: g.x, y: g.y, customdata: g.idx, text: g.text, hoverinfo: "text",
       marker: {size: 6, opacity: faded ? 0.2 : 0.85, color: k === "noise" || k === "no target" ? "#b8bec6" :
         k === "correct" ? "#1a7f37" : k === "incorrect" ? "#b42318" : PALETTE[j % PALETTE.length]}};
   });
