@@ -11,6 +11,10 @@ importance, and the intervention curves.  Numbers are HTML tables; figures are P
 as base64 data URIs, so the page is one file that can be mailed or archived.  A section whose
 inputs are missing says which stage has not run instead of disappearing.
 
+Beside it, ``RUN/report/explorer.html`` (linked at the top of the page) is the interactive
+per-head explorer, with its data in ``RUN/report/explorer.json`` (``apmae_gpu.explorer``,
+``apmae_gpu.explorer_page``).
+
 ``report(run, notebook=True)`` also executes ``notebooks/findings.ipynb`` on the run and keeps
 the executed copy as ``RUN/report/findings.ipynb``.
 """
