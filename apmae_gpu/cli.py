@@ -502,9 +502,15 @@ def report(
     notebook: bool = opt(ReportConfig, "notebook", "--notebook", help="Also execute notebooks/"
                           "findings.ipynb on the run (needs nbclient); keeps "
                           "RUN/report/findings.ipynb."),
+    explorer_points: int = opt(ReportConfig, "explorer_points", "--explorer-points"),
+    explorer_clusters: int = opt(ReportConfig, "explorer_clusters", "--explorer-clusters"),
+    explorer_members: int = opt(ReportConfig, "explorer_members", "--explorer-members"),
+    explorer_map_px: int = opt(ReportConfig, "explorer_map_px", "--explorer-map-px"),
+    explorer_examples: int = opt(ReportConfig, "explorer_examples", "--explorer-examples"),
     config: ConfigOpt = None,
 ) -> None:
-    """Write RUN/report/index.html: one self-contained page over the whole run."""
+    """Write RUN/report/index.html: one self-contained page over the whole run, and the
+    per-head explorer RUN/report/explorer.html (its data: RUN/report/explorer.json)."""
     from apmae_gpu import report as report_mod
 
     settings = section_from(ctx, ReportConfig, locals(), pipeline_config(config))

@@ -266,6 +266,17 @@ class InterveneConfig(_Strict):
 
 class ReportConfig(_Strict):
     notebook: bool = Field(False, description="also execute notebooks/findings.ipynb on the run")
+    explorer_points: int = Field(2000, ge=10, description="points per head in the explorer "
+                                 "(report/explorer.html): a seeded sample of the clustered "
+                                 "inferences, the same for every head")
+    explorer_clusters: int = Field(20, ge=1, description="clusters per head the explorer "
+                                   "details (largest first): numbers, typical map, examples")
+    explorer_members: int = Field(64, ge=1, description="sampled members of a cluster averaged "
+                                  "into its typical map")
+    explorer_map_px: int = Field(64, ge=8, le=256, description="typical map size in the "
+                                 "explorer (pixels a side; larger windows are block-averaged)")
+    explorer_examples: int = Field(6, ge=1, description="example prompts per cluster in the "
+                                   "explorer (sampled members closest to its centre)")
 
 
 class TrustConfig(_Strict):

@@ -11,6 +11,10 @@ importance, and the intervention curves.  Numbers are HTML tables; figures are P
 as base64 data URIs, so the page is one file that can be mailed or archived.  A section whose
 inputs are missing says which stage has not run instead of disappearing.
 
+Beside it, ``RUN/report/explorer.html`` (linked at the top of the page) is the interactive
+per-head explorer, with its data in ``RUN/report/explorer.json`` (``apmae_gpu.explorer``,
+``apmae_gpu.explorer_page``).
+
 ``report(run, notebook=True)`` also executes ``notebooks/findings.ipynb`` on the run and keeps
 the executed copy as ``RUN/report/findings.ipynb``.
 """
@@ -35,6 +39,7 @@ from markupsafe import escape
 
 from apmae_gpu import TASKS, __version__, config, task_rank
 from apmae_gpu.config import ReportConfig
+from apmae_gpu.explorer_page import EXPLORER, write_explorer
 from apmae_gpu.figures import png_bytes, pyplot
 from apmae_gpu.findings import findings, summary
 from apmae_gpu.runs import ApmaeError, atomic_path, read_manifest, update_manifest, write_parquet
@@ -515,6 +520,7 @@ body{font:15px/1.45 system-ui,-apple-system,"Segoe UI",sans-serif;color:#1d232b;
 header,main{max-width:1180px;margin:0 auto;padding:0 24px}
 header{padding-top:20px}h1{font-size:26px;margin:0 0 4px}header p{margin:0;color:#56606b}
 nav{margin:12px 0 4px;font-size:14px}nav a{margin-right:14px;color:#1f5fa8;text-decoration:none}
+.explore{margin:8px 0 0}.explore a{font-weight:600;color:#1f5fa8}
 section{background:#fff;border:1px solid #e3e6ea;border-radius:6px;padding:6px 20px 16px;margin:16px 0}
 h2{font-size:20px;margin:12px 0 4px}.intro{color:#56606b;margin-top:0}
 .missing{color:#8a4b00;background:#fff4e0;border-left:4px solid #e6a23c;padding:8px 12px}
@@ -527,6 +533,7 @@ figcaption{font-size:13px;color:#56606b}details{margin:8px 0}summary{cursor:poin
 footer{max-width:1180px;margin:0 auto 30px;padding:0 24px;color:#8a939c;font-size:12px}
 </style></head><body>
 <header><h1>AP-MAE report: {{ name }}</h1><p>{{ subtitle }}</p>
+{% if explorer %}<p class="explore"><a id="explorer-link" href="{{ explorer }}">Open the per-head explorer</a> (clusters, typical maps and prompts of every head; {{ explorer }})</p>{% endif %}
 <nav>{% for s in sections %}<a href="#{{ s.key }}">{{ s.title }}</a>{% endfor %}</nav></header>
 <main>{% for s in sections %}
 <section id="{{ s.key }}" class="report-section"><h2>{{ s.title }}</h2>
@@ -539,20 +546,22 @@ footer{max-width:1180px;margin:0 auto 30px;padding:0 24px;color:#8a939c;font-siz
 """
 
 
-def render(run: Path, sections: list[Section]) -> str:
+def render(run: Path, sections: list[Section], explorer: str | None = None) -> str:
     env = jinja2.Environment(autoescape=True, undefined=jinja2.StrictUndefined)
     cap = read_manifest(run).get("capture", {})
     model = (cap.get("model") or {}).get("spec", "") if isinstance(cap.get("model"), dict) else ""
     return env.from_string(PAGE).render(
         name=run.resolve().name, subtitle=" · ".join(x for x in (model, str(run.resolve())) if x),
-        sections=sections, version=__version__, when=time.strftime("%Y-%m-%d %H:%M"))
+        sections=sections, version=__version__, when=time.strftime("%Y-%m-%d %H:%M"),
+        explorer=explorer)
 
 
 def report(run: str | os.PathLike, settings: ReportConfig | None = None, **overrides) -> Path:
     """Write ``RUN/report/index.html`` (and, with the ``report`` section's ``notebook``, the
     executed findings notebook beside it); records a ``report`` section in the manifest.
     Returns the page."""
-    notebook = config.section(ReportConfig, settings, overrides).notebook
+    cfg = config.section(ReportConfig, settings, overrides)
+    notebook = cfg.notebook
     run = Path(run)
     if not run.is_dir():
         raise ApmaeError(f"{run} is not a directory")
@@ -569,7 +578,8 @@ def report(run: str | os.PathLike, settings: ReportConfig | None = None, **overr
             sections.append(Section(key, key, missing=f"could not be built: {exc}"))
     out = run / REPORT_DIR / INDEX
     out.parent.mkdir(parents=True, exist_ok=True)
-    html = render(run, sections)
+    explorer = _explorer(run, out.parent, cfg)
+    html = render(run, sections, EXPLORER if explorer else None)
     with atomic_path(out) as tmp:
         tmp.write_text(html, encoding="utf-8")
         tmp.chmod(0o644)   # a page to share (mkstemp creates 0600)
@@ -578,12 +588,23 @@ def report(run: str | os.PathLike, settings: ReportConfig | None = None, **overr
     update_manifest(run, "report", {
         "path": f"{REPORT_DIR}/{INDEX}", "bytes": out.stat().st_size,
         "figures": html.count("<img "), "sections": {s.key: s.status for s in sections},
-        "notebook": str(executed.relative_to(run)) if executed else None, "seconds": seconds})
+        "notebook": str(executed.relative_to(run)) if executed else None, "seconds": seconds,
+        "explorer": explorer})
     missing = [s.key for s in sections if s.missing]
     log.info("report: %s (%.1f MiB, %d figures, %.1f s)%s", out, out.stat().st_size / 2**20,
              html.count("<img "), seconds, f"; incomplete: {', '.join(missing)}" if missing else "")
     typer.echo(f"report: {out}")
     return out
+
+
+def _explorer(run: Path, out_dir: Path, cfg: ReportConfig) -> dict | None:
+    """Write the per-head explorer (``apmae_gpu.explorer_page``); None, logged, when it
+    cannot be built (the page itself never fails for it)."""
+    try:
+        return write_explorer(run, out_dir, cfg)
+    except (ApmaeError, OSError, KeyError, ValueError) as exc:
+        log.error("report explorer failed: %s", exc)
+        return None
 
 
 def execute_notebook(run: Path, out: Path, timeout: int = 600) -> Path:

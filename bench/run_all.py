@@ -59,6 +59,9 @@ BENCHES = [
     Bench("intervene", "bench_intervene.py", [],
           ["--models", "random:tiny-llama", "--repeats", "1", "--window", "128"],
           "held-out inferences/s with per-sample head ablation vs no hooks"),
+    Bench("explorer", "bench_explorer.py", ["--window", "64"],
+          ["--window", "64", "--bounds", "30x9x1430"],
+          "report/explorer.html: bytes and Chromium load time, demo-shaped and at the caps"),
 ]
 
 

