@@ -478,6 +478,10 @@ def intervene(
                         "positive / negative parts of the SHAP values), mean_shap (signed mean) "
                         "or extreme_shap."),
     dtype: str = opt(InterveneConfig, "dtype", "--dtype", help=DTYPE_HELP),
+    few_heads_k: int = opt(InterveneConfig, "few_heads_k", "--few-heads-k", help="Claim 6's "
+                            "pre-registered k (positive group); must be one of --k."),
+    many_heads_k: int = opt(InterveneConfig, "many_heads_k", "--many-heads-k", help="Claim 7's "
+                             "pre-registered k (negative group); must be one of --k."),
     config: ConfigOpt = None,
 ) -> None:
     """Zero the heads SHAP selects while generating, and count what flips."""

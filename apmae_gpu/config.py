@@ -242,6 +242,12 @@ class InterveneConfig(_Strict):
     multi_token: bool = False
     rank_by: Literal["shap_parts", "mean_shap", "extreme_shap"] = "shap_parts"
     dtype: Dtype = "auto"
+    # the one condition per claim the findings test, fixed before the run (no best-of): claim 6
+    # zeroes the positive group at few_heads_k (the paper's Fig. 7 rises at k = 1..20), claim 7
+    # the negative group at many_heads_k (set it from a pilot on analysis inferences: the
+    # largest k where random ablation costs under 10 points; docs/study.md)
+    few_heads_k: int = Field(20, ge=1, le=20, description="claim 6's pre-registered k")
+    many_heads_k: int = Field(100, ge=1, description="claim 7's pre-registered k")
 
 
 class ReportConfig(_Strict):

@@ -148,11 +148,15 @@ def findings_section(run: Path, man: dict) -> Section:
     """The paper's claims against this run (``apmae_gpu.findings``); also writes
     ``report/findings.parquet``."""
     s = Section("findings", "Findings against the paper",
-                "One row per claim of the paper: this run's estimate with its 95% interval, "
-                "the test and its p-value (Holm-adjusted where claims are tested together). "
-                "reproduced: the test rejects at 0.05 in the paper's direction; not "
-                "reproduced: the interval excludes the paper's effect; inconclusive: neither "
-                "(the detail gives the N a test would need for 80% power).")
+                "One row per claim of the paper: this run's estimate with the interval that "
+                "inverts its one-sided test, adjusted over the same family as the p-value "
+                "(Holm where claims are tested together). reproduced: significant in the "
+                "paper's direction and the interval reaches the paper's magnitude; weaker than "
+                "the paper: significant, but short of the paper's magnitude (or a setting not "
+                "comparable with the paper's); not reproduced: the interval excludes the "
+                "paper's magnitude without significance, or the effect is significant the "
+                "other way; inconclusive: otherwise (the detail gives the N needed for 80% "
+                "power).")
     tab = findings(run)
     write_parquet(tab, run / REPORT_DIR / "findings.parquet")
     s.blocks.append(para(summary(tab)))
