@@ -52,6 +52,8 @@ VERDICTS = ("reproduced", "weaker than the paper", "not reproduced", "inconclusi
 ALPHA, POWER = 0.05, 0.8
 MIN_GAIN = 0.05     # smallest accuracy gain the paper reports (55% against 50%)
 MIN_REL = 0.05      # smallest relative MSE difference counted as an effect (claims 1, 2)
+MIN_HEADS = 0.10    # claim 3: "heads show recurring patterns" = at least a tenth of the heads
+N_PERM = 199        # permutations per head (claim 3): p >= 0.005, enough for BH over heads
 
 
 # --------------------------------------------------------------------------- the rule
@@ -268,43 +270,78 @@ def _settings_note(run: Path, heads: pd.DataFrame) -> str:
             f"{params.get('min_cluster_size', '?')}")
 
 
+C_TASK = Claim("clustered_by_task", "heads show recurring patterns: a head's cluster ids carry "
+               "the task (the test behind claim 3: clusters of noise carry nothing)",
+               "task-specific patterns in many heads (Table 5; global clustering)", MIN_HEADS)
+T3 = ("per head: permutation chi-square of cluster ids (noise included) against the task, "
+      "{n_perm} permutations, Benjamini-Hochberg over heads; p: Simes' global test (the "
+      "smallest BH-adjusted p); 90% Clopper-Pearson interval of the share of heads at q < 0.05")
+
+
+def _association_row(run: Path, note: str) -> dict:
+    path = run / "cluster" / "locations.parquet"
+    if not path.exists():
+        return _not_run(C_TASK, "not run: no cluster/locations.parquet (apmae cluster)")
+    loc = pd.read_parquet(path)
+    loc = loc[loc["cluster"].notna()]
+    if loc["task"].nunique() < 2:
+        return _not_run(C_TASK, "one task clustered: no association with the task to test")
+    assoc = S.head_association(loc, "task", N_PERM)
+    k, n = int((assoc["q"] < ALPHA).sum()), len(assoc)
+    lo, hi = S.clopper_pearson(k, n, S.z_of(ALPHA))
+    return _row(C_TASK, k / n, lo, hi, float(assoc["q"].min()), n, T3.format(n_perm=N_PERM),
+                f"estimate: share of heads whose cluster ids carry the task ({k} of {n}); "
+                f"{note}", f"N~{math.ceil(9 / MIN_HEADS)} heads to bound the share below "
+                f"{MIN_HEADS:.0%} without any associated head", comparable=False)
+
+
+def _descriptive(c: Claim, v: np.ndarray, note: str, base: dict) -> dict:
+    """A share or count of clusters cannot fail on its own (noise gives clusters): described
+    with its 90% t-interval, its verdict is that of :data:`C_TASK`'s test."""
+    if v.size < 2:
+        return _not_run(c, f"{v.size} head(s) clustered: too few to describe")
+    m, lo, hi, _, _ = _t_test(v, c.null)
+    return _row(c, m, lo, hi, base["p_value"], v.size,
+                f"descriptive (mean over heads, 90% t-interval); p and verdict: "
+                f"{C_TASK.claim}'s test", f"mean over {v.size} heads; {note}",
+                verdict_=base["verdict"], family=C_TASK.claim)
+
+
 def cluster_claims(run: Path) -> list[dict]:
     path = run / "cluster" / "heads.parquet"
     if not path.exists():
         rows = [_not_run(C_SHARE, "not run: no cluster/heads.parquet (apmae cluster)"),
-                _not_run(C_PER_HEAD, "not run: no clustering")]
+                _not_run(C_PER_HEAD, "not run: no clustering"),
+                _not_run(C_TASK, "not run: no clustering")]
     else:
         heads = pd.read_parquet(path)
         ok = heads[heads["status"] == "ok"]
         note = _settings_note(run, heads)
-        rows = []
-        for c, col in ((C_SHARE, "share_clustered"), (C_PER_HEAD, "n_clusters")):
-            v = ok[col].to_numpy(float)
-            if v.size < 2:
-                rows.append(_not_run(c, f"{v.size} head(s) clustered: too few to test"))
-                continue
-            m, lo, hi, p, sd = _t_test(v, c.null)
-            rows.append(_row(c, m, lo, hi, p, v.size,
-                             f"one-sided one-sample t-test over heads against {c.null:g}; "
-                             "90% t-interval", f"mean over {v.size} heads; {note}",
-                             f"N~{n_one_sample(c.paper_value - c.null, sd, 2 * ALPHA)} heads "
-                             "for 80% power", comparable=False))
+        base = _association_row(run, note)
+        rows = [_descriptive(c, ok[col].to_numpy(float), note, base)
+                for c, col in ((C_SHARE, "share_clustered"), (C_PER_HEAD, "n_clusters"))]
+        rows.append(base)
+    rows.append(_stability_row(run, rows[-1]))
+    return rows
+
+
+def _stability_row(run: Path, base: dict) -> dict:
     stab = run / "cluster" / "stability_heads.parquet"
     if not stab.exists():
-        rows.append(_not_run(C_STABLE, "not run: no cluster/stability_heads.parquet "
-                                       "(apmae stability)"))
-        return rows
+        return _not_run(C_STABLE, "not run: no cluster/stability_heads.parquet (apmae stability)")
     s = pd.read_parquet(stab).groupby(["layer", "head"])["ari"].mean().to_numpy(float)
     if s.size < 2:
-        rows.append(_not_run(C_STABLE, f"{s.size} head(s) in the stability study: too few"))
-        return rows
+        return _not_run(C_STABLE, f"{s.size} head(s) in the stability study: too few")
     m, lo, hi, p, sd = _t_test(s, 0.5)
-    rows.append(_row(C_STABLE, m, lo, hi, p, s.size,
-                     "one-sided one-sample t-test over heads of the mean ARI against 0.5; "
-                     "90% t-interval",
-                     f"ARI of reclustering with other seeds, mean over seeds, {s.size} heads",
-                     f"N~{n_one_sample(0.1, sd, 2 * ALPHA)} heads to detect ARI 0.6 with 80% power"))
-    return rows
+    gate = base["verdict"] not in ("reproduced", "weaker than the paper")
+    why = (f"; {C_TASK.claim} is {base['verdict']}: stable clusters without structure measure "
+           "the clusterer's determinism, not patterns" if gate else "")
+    return _row(C_STABLE, m, lo, hi, p, s.size,
+                "one-sided one-sample t-test over heads of the mean ARI against 0.5; "
+                "90% t-interval",
+                f"ARI of reclustering with other seeds, mean over seeds, {s.size} heads{why}",
+                f"N~{n_one_sample(0.1, sd, 2 * ALPHA)} heads to detect ARI 0.6 with 80% power",
+                verdict_=base["verdict"] if gate else None)
 
 
 # --------------------------------------------------------------------------- classify (4, 5)
@@ -550,8 +587,8 @@ def findings(run) -> pd.DataFrame:
     """Every claim's row for the run ``run`` (columns :data:`COLUMNS`)."""
     run = Path(run)
     clusters = cluster_claims(run)
-    rows = (apmae_claims(run) + clusters[:2] + classify_claims(run) + intervene_claims(run)
-            + clusters[2:])
+    rows = (apmae_claims(run) + clusters[:3] + classify_claims(run) + intervene_claims(run)
+            + clusters[3:])
     return pd.DataFrame(rows, columns=COLUMNS)
 
 

@@ -28,6 +28,7 @@ import math
 from typing import Callable
 
 import numpy as np
+import pandas as pd
 from scipy import stats
 
 
@@ -202,3 +203,60 @@ def cv_permutation_p(fit_predict: Callable[[np.ndarray, np.ndarray, np.ndarray],
     null = [balanced_accuracy(*confusion(yp, fit_predict(X, yp, fold_of)))
             for yp in (rng.permutation(y) for _ in range(n_perm))]
     return observed, (1 + sum(v >= observed - 1e-12 for v in null)) / (1 + n_perm)
+
+
+# --------------------------------------------------------------------------- clusters
+def bh(p: np.ndarray) -> np.ndarray:
+    """Benjamini-Hochberg adjusted p-values; the smallest is Simes' global p-value."""
+    p = np.asarray(p, dtype=float)
+    m = p.size
+    if not m:
+        return p
+    order = np.argsort(p, kind="stable")
+    adj = np.minimum.accumulate((p[order] * m / np.arange(1, m + 1))[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(adj, 1.0)
+    return out
+
+
+def chi2_permutation_p(a: np.ndarray, b: np.ndarray, n_perm: int = 199,
+                       seed: int = 0) -> tuple[float, float]:
+    """Pearson's chi-square of the table ``a x b`` (two [n] int label arrays) and its
+    permutation p-value (``b`` permuted ``n_perm`` times; margins fixed, so the statistic is
+    ``sum(obs^2 / expected) - n``)."""
+    _, a = np.unique(a, return_inverse=True)
+    _, b = np.unique(b, return_inverse=True)
+    ka, kb, n = int(a.max()) + 1, int(b.max()) + 1, a.size
+    if ka < 2 or kb < 2:
+        return 0.0, 1.0
+    exp = np.outer(np.bincount(a, minlength=ka), np.bincount(b, minlength=kb)).ravel() / n
+    rng = np.random.default_rng(seed)
+    perm = np.vstack([b, rng.permuted(np.tile(b, (n_perm, 1)), axis=1)])
+    codes = (a[None, :] * kb + perm) + np.arange(n_perm + 1)[:, None] * (ka * kb)
+    obs = np.bincount(codes.ravel(), minlength=(n_perm + 1) * ka * kb).reshape(n_perm + 1, -1)
+    chi = (obs ** 2 / exp).sum(1) - n
+    return float(chi[0]), float((chi >= chi[0] - 1e-9).mean())
+
+
+def head_association(locations: pd.DataFrame, by: str = "task", n_perm: int = 199,
+                     seed: int = 0) -> pd.DataFrame:
+    """Per head of ``cluster/locations.parquet`` ((layer, head, cluster) x task x correct ->
+    n): the permutation p-value of cluster ids (noise included) against ``by``, and its
+    Benjamini-Hochberg adjustment over heads."""
+    rows = []
+    for (layer, head), g in locations.groupby(["layer", "head"], sort=True):
+        n = g["n"].to_numpy(int)
+        chi, p = chi2_permutation_p(np.repeat(g["cluster"].to_numpy(), n),
+                                    np.repeat(g[by].astype(str).to_numpy(), n), n_perm, seed)
+        rows.append(dict(layer=int(layer), head=int(head), n=int(n.sum()), chi2=chi, p=p))
+    out = pd.DataFrame(rows, columns=["layer", "head", "n", "chi2", "p"])
+    out["q"] = bh(out["p"].to_numpy())
+    return out
+
+
+def clopper_pearson(k: int, n: int, z: float = 1.959964) -> tuple[float, float]:
+    """Exact interval of a proportion ``k / n``, two-sided at ``2 * norm.sf(z)``."""
+    q = float(stats.norm.sf(z))
+    lo = float(stats.beta.ppf(q, k, n - k + 1)) if k else 0.0
+    hi = float(stats.beta.ppf(1 - q, k + 1, n - k)) if k < n else 1.0
+    return lo, hi

@@ -296,3 +296,69 @@ def test_aggregate_rows_are_not_pooled_twice(tmp_path):
     pd.concat([r, total]).to_parquet(path)
     again = F.findings(tmp_path).set_index("claim").loc["few_heads/all"]
     assert again["n"] == t["n"] and again["estimate"] == t["estimate"]
+
+
+# --------------------------------------------------------------------------- claims 3, 8
+def _clusters(tmp_path, n_heads: int, strength: float, seed: int = 0, ari: float = 0.85):
+    """Cluster ids per head over 4 tasks x 60 inferences: with probability ``strength`` an
+    inference's cluster is its task's, otherwise drawn at random (strength 0: no structure)."""
+    rng = np.random.default_rng(seed)
+    tasks = np.repeat(["identifiers", "end_of_line", "string_literals", "random_masking"], 60)
+    heads, locs = [], []
+    for h in range(n_heads):
+        cl = np.where(rng.random(tasks.size) < strength, np.unique(tasks, return_inverse=True)[1],
+                      rng.integers(-1, 4, tasks.size))
+        f = pd.DataFrame({"layer": h // 10, "head": h % 10, "cluster": cl, "task": tasks,
+                          "correct": "True"})
+        locs.append(f.groupby(["layer", "head", "cluster", "task", "correct"]).size()
+                    .rename("n").reset_index())
+        heads.append(dict(layer=h // 10, head=h % 10, status="ok", n_clusters=4,
+                          share_clustered=float((cl >= 0).mean())))
+    d = tmp_path / "cluster"
+    d.mkdir(parents=True)
+    pd.DataFrame(heads).to_parquet(d / "heads.parquet")
+    pd.concat(locs).to_parquet(d / "locations.parquet")
+    pd.DataFrame({"layer": [h // 10 for h in range(n_heads)], "head": [h % 10 for h in
+                  range(n_heads)], "seed": 1, "ari": rng.normal(ari, 0.02, n_heads)}).to_parquet(
+        d / "stability_heads.parquet")
+    return F.findings(tmp_path).set_index("claim")
+
+
+def test_clusters_without_structure_are_not_reproduced(tmp_path):
+    t = _clusters(tmp_path, 60, strength=0.0)
+    row = t.loc["clustered_by_task"]
+    assert row["verdict"] == "not reproduced", row.to_dict()
+    assert row["ci_high"] < F.MIN_HEADS
+    # the share of maps clustered is high (noise gives clusters), yet cannot pass
+    assert t.loc["clustered_share", "estimate"] > 0.7
+    assert t.loc["clustered_share", "verdict"] == "not reproduced"
+    assert t.loc["clusters_per_head", "verdict"] == "not reproduced"
+    # stable clusters of nothing: the ARI's own test would pass; the gate says why not
+    assert t.loc["stability", "verdict"] == "not reproduced"
+    assert "determinism" in t.loc["stability", "detail"]
+
+
+def test_clusters_with_structure_are_at_most_weaker_than_the_paper(tmp_path):
+    t = _clusters(tmp_path, 30, strength=0.3)
+    row = t.loc["clustered_by_task"]
+    assert row["verdict"] == "weaker than the paper" and row["estimate"] > 0.8
+    assert "permutation chi-square" in row["test"]
+    assert t.loc["clustered_share", "verdict"] == "weaker than the paper"
+    assert t.loc["stability", "verdict"] == "reproduced"
+    t = _clusters(tmp_path / "low", 30, strength=0.3, ari=0.3)
+    assert t.loc["stability", "verdict"] == "not reproduced"
+
+
+def test_chi2_permutation_p_against_exact_enumeration():
+    a = np.array([0, 0, 0, 1, 1, 1, 1])
+    b = np.array([0, 0, 1, 1, 1, 1, 0])
+    chi, p = S.chi2_permutation_p(a, b, n_perm=20000, seed=1)
+    import itertools
+    from scipy import stats
+    table = lambda bb: np.histogram2d(a, bb, bins=[2, 2])[0]
+    ref = stats.chi2_contingency(table(b), correction=False)[0]
+    assert chi == pytest.approx(ref)
+    alls = [np.isin(np.arange(7), c).astype(int) for c in itertools.combinations(range(7), 4)]
+    exact = np.mean([stats.chi2_contingency(table(x), correction=False)[0] >= ref - 1e-9
+                     for x in alls])
+    assert p == pytest.approx(exact, abs=0.015)       # Monte Carlo SE ~0.0035
