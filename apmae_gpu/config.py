@@ -229,6 +229,12 @@ class ClassifyConfig(_Strict):
     one_hot_max_size: Optional[int] = Field(None, ge=1)
     max_ctr_complexity: Optional[int] = Field(None, ge=1)
     boosting_type: Optional[Literal["Plain", "Ordered"]] = None   # None: CatBoost's choice
+    # stability selection of the head rankings (beyond the paper; apmae_gpu/head_stability.py):
+    # half-sample refits in complementary pairs; 0 turns it off (claims 6/7 then inconclusive)
+    stability_refits: int = Field(50, ge=0, description="half-sample CatBoost refits")
+    stability_top_k: int = Field(20, ge=1, description="top k of the stability selection")
+    min_ranking_spearman: float = Field(0.5, ge=-1, le=1, description="split-half Spearman a "
+                                        "task's head ranking needs for claims 6/7")
 
 
 class InterveneConfig(_Strict):

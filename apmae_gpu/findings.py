@@ -42,7 +42,7 @@ from scipy import stats
 
 from apmae_gpu import TASKS
 from apmae_gpu import findings_stats as S
-from apmae_gpu.config import InterveneConfig
+from apmae_gpu.config import ClassifyConfig, InterveneConfig
 from apmae_gpu.intervention_stats import holm
 from apmae_gpu.runs import read_manifest
 
@@ -537,15 +537,41 @@ def _ablation_row(c: Claim, r: pd.DataFrame, cond: tuple[str, int], m: int, p: f
 
 
 def _gate(run: Path) -> dict[str, str]:
-    """Tasks whose intervention can be read: claim 4 significant (Holm) -> "" ; else why not."""
+    """Tasks whose intervention can be read -> "": claim 4 significant (Holm) and a stable head
+    ranking (split-half Spearman >= ``classify.min_ranking_spearman``); else why not."""
     path = run / "classify" / "predictions.parquet"
     if not path.exists():
         return {}
     rows = {r["claim"].split("/", 1)[1]: r for r in classify_claims(run)
             if r["claim"].startswith("predictable/") and r["claim"] != "predictable/all"}
-    return {t: "" if r["verdict"] in ("reproduced", "weaker than the paper") else
-            f"claim 4 not established for {t} ({r['verdict']}): its SHAP ranking is not "
-            "evidence of anything" for t, r in rows.items()}
+    rho, least = _ranking_stability(run)
+    out = {}
+    for t, r in rows.items():
+        if r["verdict"] not in ("reproduced", "weaker than the paper"):
+            out[t] = (f"claim 4 not established for {t} ({r['verdict']}): its SHAP ranking is "
+                      "not evidence of anything")
+        elif not np.isfinite(rho.get(t, np.nan)):
+            out[t] = (f"the stability of {t}'s head ranking was not measured "
+                      "(classify.stability_refits)")
+        elif rho[t] < least:
+            out[t] = (f"{t}'s head ranking is unstable: split-half Spearman {rho[t]:.2f} < "
+                      f"{least:.2f} (classify.min_ranking_spearman)")
+        else:
+            out[t] = ""
+    return out
+
+
+def _ranking_stability(run: Path) -> tuple[dict[str, float], float]:
+    """Per task, the split-half Spearman of its head ranking, and the threshold of the run."""
+    least = float(read_manifest(run).get("classify", {}).get("stability", {}).get(
+        "min_ranking_spearman", ClassifyConfig().min_ranking_spearman))
+    path = run / "classify" / "head_importance.parquet"
+    if not path.exists():
+        return {}, least
+    imp = pd.read_parquet(path)
+    if "split_half_spearman" not in imp:
+        return {}, least
+    return imp.groupby("task")["split_half_spearman"].first().to_dict(), least
 
 
 def intervene_claims(run: Path) -> list[dict]:

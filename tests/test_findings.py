@@ -216,11 +216,24 @@ def test_interventions_read_only_where_claim_4_holds(tmp_path):
     both = pd.concat([pd.read_parquet(tmp_path / "classify" / "predictions.parquet"),
                       pd.read_parquet(tmp_path / "tmp" / "classify" / "predictions.parquet")])
     both.to_parquet(tmp_path / "classify" / "predictions.parquet")
+    imp = tmp_path / "classify" / "head_importance.parquet"
+    pd.DataFrame({"task": ["identifiers", "end_of_line"], "layer": 0, "head": 0,
+                  "split_half_spearman": [0.8, 0.8]}).to_parquet(imp)
     t = _intervention(tmp_path, 1000, better=0.2, worse=0.4)
     assert t.loc["few_heads/identifiers", "verdict"] == "reproduced"
     row = t.loc["few_heads/end_of_line"]
     assert row["verdict"] == "inconclusive" and "claim 4 not established" in row["detail"]
     assert "1 tasks" in t.loc["few_heads/all", "test"]
+    # an unstable ranking (split-half Spearman below classify.min_ranking_spearman = 0.5)
+    pd.DataFrame({"task": ["identifiers"], "layer": 0, "head": 0,
+                  "split_half_spearman": [0.3]}).to_parquet(imp)
+    t = F.findings(tmp_path).set_index("claim")
+    row = t.loc["few_heads/identifiers"]
+    assert row["verdict"] == "inconclusive" and "Spearman 0.30 < 0.50" in row["detail"]
+    assert t.loc["few_heads/all", "verdict"] == "inconclusive"
+    imp.unlink()
+    t = F.findings(tmp_path).set_index("claim")
+    assert "not measured" in t.loc["few_heads/identifiers", "detail"]
 
 
 # --------------------------------------------------------------------------- claim 1
