@@ -37,6 +37,7 @@ from apmae_gpu import TASKS, __version__, config, task_rank
 from apmae_gpu.config import ReportConfig
 from apmae_gpu.figures import png_bytes, pyplot
 from apmae_gpu.findings import findings, summary
+from apmae_gpu.findings_figure import compact, forest
 from apmae_gpu.runs import ApmaeError, atomic_path, read_manifest, update_manifest, write_parquet
 from apmae_gpu.store import MapStore
 
@@ -165,8 +166,14 @@ def findings_section(run: Path, man: dict) -> Section:
         s.blocks.append(para("Most claims are inconclusive here: this run has too few "
                              "inferences (or skipped stages) to tell; the detail column says "
                              "what is missing or how many would be needed."))
-    s.blocks.append(table(tab, "claims, estimates, tests and verdicts "
-                               "(report/findings.parquet)"))
+    s.blocks.insert(0, image(forest(tab), "every claim's estimate and interval on the paper's "
+                                          "scale (0: no effect, 1: the paper's magnitude), "
+                                          "coloured by verdict", max_width=900))
+    short, notes = compact(tab)
+    s.blocks.append(table(short, "claims, estimates, tests and verdicts "
+                                 "(report/findings.parquet has every column)"))
+    s.blocks.append("<ol class=\"notes\">" + "".join(
+        f"<li>{_esc(n.split(' ', 1)[1])}</li>" for n in notes) + "</ol>")
     return s
 
 

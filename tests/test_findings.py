@@ -375,3 +375,26 @@ def test_chi2_permutation_p_against_exact_enumeration():
     exact = np.mean([stats.chi2_contingency(table(x), correction=False)[0] >= ref - 1e-9
                      for x in alls])
     assert p == pytest.approx(exact, abs=0.015)       # Monte Carlo SE ~0.0035
+
+
+# --------------------------------------------------------------------------- the page
+def test_forest_scale_and_compact_table(tmp_path):
+    from apmae_gpu.findings_figure import compact, forest, scaled
+
+    _write_predictions(tmp_path, 400, 0.75, tasks=("identifiers", "end_of_line"))
+    t = F.findings(tmp_path)
+    s = scaled(t).set_index("claim")
+    row = t.set_index("claim").loc["predictable/identifiers"]
+    # 0 = the null (0.5), 1 = the paper's 0.55
+    assert s.loc["predictable/identifiers", "x"] == pytest.approx((row.estimate - 0.5) / 0.05)
+    assert s.loc["predictable/identifiers", "lo"] == pytest.approx((row.ci_low - 0.5) / 0.05)
+    assert "reconstruction" not in s.index           # no estimate: not plotted
+    fig = forest(t)
+    assert len(fig.axes[0].get_yticklabels()) == len(s)
+    short, notes = compact(t)
+    assert len(short) == len(t) and list(short["claim"]) == list(t["claim"])
+    # each test once: the two per-task rows share one footnote
+    assert len(notes) == t.loc[t["test"] != "", "test"].nunique()
+    per_task = short.set_index("claim").loc[["predictable/identifiers",
+                                             "predictable/end_of_line"], "test"]
+    assert per_task.nunique() == 1 and per_task.iloc[0].startswith("[")
