@@ -180,6 +180,24 @@ def power_ba(n: int, prevalence: float, ba: float, alpha: float, m: int = 1,
     return float((z > z_of(alpha, m)).mean())
 
 
+def power_cmh(n: int, priors: list[float], ba: float, alpha: float, sims: int = 4000,
+              seed: int = 0) -> float:
+    """Power of the one-sided Cochran-Mantel-Haenszel test (:func:`cmh_p`) over tasks of ``n``
+    inferences each, with shares ``priors`` correct, at balanced accuracy ``ba`` (simulated)."""
+    rng = np.random.default_rng(seed)
+    obs, exp, var = np.zeros(sims), np.zeros(sims), np.zeros(sims)
+    for prior in priors:
+        pos = int(round(n * prior))
+        neg = n - pos
+        tp, tn = rng.binomial(pos, ba, sims), rng.binomial(neg, ba, sims)
+        pp = tp + neg - tn
+        obs += tp
+        exp += pos * pp / n
+        var += pos * neg * pp * (n - pp) / (n * n * (n - 1))
+    z = (obs - exp) / np.sqrt(np.maximum(var, 1e-12))
+    return float((z > z_of(alpha)).mean())
+
+
 def n_needed(power: Callable[[int], float], target: float = 0.8, start: int = 10,
              cap: int = 1_000_000) -> int:
     """Smallest ``n`` on a 5%-step geometric grid with ``power(n) >= target`` (0 past ``cap``)."""

@@ -16,32 +16,12 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
-from scipy import stats
-
 from apmae_gpu import findings_stats as S
 
 # SmolLM2-135M's share correct per task on the JDK (the first study's attempts,
 # docs/findings-smollm2.md): the classes a task's n splits into when every attempt is kept
 PRIORS = {"identifiers": 0.48, "boolean_literals": 0.45, "string_literals": 0.38,
           "end_of_line": 0.78, "random_masking": 0.39}
-
-
-def power_pooled(n: int, priors: dict[str, float], ba: float, alpha: float, sims: int,
-                 seed: int = 0) -> float:
-    """Power of the one-sided CMH test over tasks of ``n`` inferences each (simulated)."""
-    rng = np.random.default_rng(seed)
-    obs = exp = var = np.zeros(sims)
-    for prior in priors.values():
-        pos = int(round(n * prior))
-        neg = n - pos
-        tp, tn = rng.binomial(pos, ba, sims), rng.binomial(neg, ba, sims)
-        pp = tp + neg - tn
-        obs = obs + tp
-        exp = exp + pos * pp / n
-        var = var + pos * neg * pp * (n - pp) / (n * n * (n - 1))
-    z = (obs - exp) / np.sqrt(np.maximum(var, 1e-12))
-    return float((z > stats.norm.isf(alpha)).mean())
 
 
 def main() -> None:
@@ -60,7 +40,7 @@ def main() -> None:
         p = S.power_ba(a.n, prior, 0.58, 0.05, m, a.sims)
         lines.append(f"| predictable/{task} | Fisher, alpha 0.05/{m} | n {a.n}, "
                      f"{prior:.0%} correct, BA 0.58 | {p:.0%} |")
-    p = power_pooled(a.n, PRIORS, 0.53, 0.05, a.sims)
+    p = S.power_cmh(a.n, list(PRIORS.values()), 0.53, 0.05, a.sims)
     lines.append(f"| predictable/all | CMH over {m} tasks, alpha 0.05 | {m} x {a.n}, BA 0.53 "
                  f"| {p:.0%} |")
     pairs = a.pairs * a.tasks_intervened
