@@ -91,33 +91,12 @@ def _z(alpha: float = ALPHA, power: float = POWER) -> tuple[float, float]:
 
 
 def n_one_sample(effect: float, sd: float, alpha: float = ALPHA, power: float = POWER) -> int:
-    """N for a two-sided one-sample (or paired) test of a mean shift ``effect`` with
-    standard deviation ``sd`` per unit."""
+    """N for a two-sided one-sample (or paired) test at ``alpha`` (a one-sided test at
+    ``alpha / 2``) of a mean shift ``effect`` with standard deviation ``sd`` per unit."""
     za, zb = _z(alpha, power)
     if not (effect and np.isfinite(sd) and sd > 0):
         return 0
     return int(math.ceil(((za + zb) * sd / abs(effect)) ** 2))
-
-
-def n_proportion(p0: float, p1: float, alpha: float = ALPHA, power: float = POWER) -> int:
-    """N for a two-sided one-sample test of a proportion ``p1`` against ``p0``."""
-    za, zb = _z(alpha, power)
-    if p1 == p0:
-        return 0
-    num = za * math.sqrt(p0 * (1 - p0)) + zb * math.sqrt(p1 * (1 - p1))
-    return int(math.ceil((num / (p1 - p0)) ** 2))
-
-
-def n_mcnemar(discordant: float, diff: float, alpha: float = ALPHA, power: float = POWER) -> int:
-    """Pairs for McNemar's test (Connor 1987): ``discordant`` = expected share of discordant
-    pairs, ``diff`` = expected difference of the two proportions."""
-    za, zb = _z(alpha, power)
-    diff = abs(diff)
-    discordant = max(discordant, diff * 1.05)
-    if diff == 0:
-        return 0
-    return int(math.ceil((za * math.sqrt(discordant)
-                          + zb * math.sqrt(discordant - diff ** 2)) ** 2 / diff ** 2))
 
 
 # --------------------------------------------------------------------------- rows
