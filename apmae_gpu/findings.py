@@ -252,7 +252,8 @@ def _settings_note(run: Path, heads: pd.DataFrame) -> str:
 C_TASK = Claim("clustered_by_task", "heads show recurring patterns: a head's cluster ids carry "
                "the task (the test behind claim 3: clusters of noise carry nothing)",
                "task-specific patterns in many heads (Table 5; global clustering)", MIN_HEADS)
-T3 = ("per head: permutation chi-square of cluster ids (noise included) against the task, "
+T3 = ("per head: permutation chi-square of cluster ids (noise cluster included) against the "
+      "code task (noise prompts left out), "
       "{n_perm} permutations, Benjamini-Hochberg over heads; p: Simes' global test (the "
       "smallest BH-adjusted p); 90% Clopper-Pearson interval of the share of heads at q < 0.05")
 
@@ -262,16 +263,18 @@ def _association_row(run: Path, note: str) -> dict:
     if not path.exists():
         return _not_run(C_TASK, "not run: no cluster/locations.parquet (apmae cluster)")
     loc = pd.read_parquet(path)
-    loc = loc[loc["cluster"].notna()]
+    loc = loc[loc["cluster"].notna() & (loc["task"] != "noise")]   # noise vs code is trivial
     if loc["task"].nunique() < 2:
-        return _not_run(C_TASK, "one task clustered: no association with the task to test")
+        return _not_run(C_TASK, "fewer than two code tasks clustered: no association with the "
+                                "task to test")
     assoc = S.head_association(loc, "task", N_PERM)
     k, n = int((assoc["q"] < ALPHA).sum()), len(assoc)
     lo, hi = S.clopper_pearson(k, n, S.z_of(ALPHA))
     return _row(C_TASK, k / n, lo, hi, float(assoc["q"].min()), n, T3.format(n_perm=N_PERM),
                 f"estimate: share of heads whose cluster ids carry the task ({k} of {n}); "
-                f"{note}", f"N~{math.ceil(9 / MIN_HEADS)} heads to bound the share below "
-                f"{MIN_HEADS:.0%} without any associated head", comparable=False)
+                f"{note}", f"N~{math.ceil(math.log(ALPHA) / math.log(1 - MIN_HEADS))} heads to "
+                f"bound the share below {MIN_HEADS:.0%} when none is associated",
+                comparable=False)
 
 
 def _descriptive(c: Claim, v: np.ndarray, note: str, base: dict) -> dict:
