@@ -262,6 +262,10 @@ def fit_catboost(X: pd.DataFrame, y: np.ndarray, settings: CatBoostSettings, tas
     return model
 
 
+def _finite(v) -> float | None:
+    return float(v) if np.isfinite(v) else None
+
+
 def _shap_fitter(settings: CatBoostSettings, task_type: str, seed: int):
     """``fit_shap(X, y)`` for :func:`~apmae_gpu.head_stability.stability_selection`: CatBoost
     fit on ``X`` and its SHAP values there."""
@@ -425,7 +429,7 @@ def classify_task(task: str, X: np.ndarray, y: np.ndarray, inference_ids: np.nda
                                 "fold": cv.fold_of, **{f"p_{m}": cv.proba[m] for m in cv.proba}}),
                   out / "predictions.parquet")
     record = dict(folds=used, n=int(len(y)), n_correct=int(y.sum()), note=note,
-                  split_half_spearman=float(heads["split_half_spearman"].iloc[0]),
+                  split_half_spearman=_finite(heads["split_half_spearman"].iloc[0]),
                   seconds=round(time.perf_counter() - t0, 3),
                   best_iterations=cv.best_iterations)
     write_json(done, {"fingerprint": fp, "config": config, "record": record})
