@@ -523,7 +523,7 @@ def classify(run: str | os.PathLike, settings: ClassifyConfig | None = None, *, 
     write_parquet(pd.concat(categories, ignore_index=True), out / "category_shap.parquet")
     write_parquet(pd.concat(predictions, ignore_index=True), out / "predictions.parquet")
     figures = plot_classification(metrics_df, importance_df, n_layers, n_heads, out)
-    figures += plot_stability(importance_df, out)
+    figures += plot_stability(importance_df, out, cfg.stability_top_k)
     seconds = round(time.perf_counter() - t_start, 2)
     update_manifest(run, "classify", {
         "status": "done", "task_type": task_type, "folds": folds, "seed": seed,

@@ -84,9 +84,11 @@ def empty_frame(heads: pd.DataFrame) -> pd.DataFrame:
     return heads[["layer", "head"]].assign(**{c: np.nan for c in COLUMNS})
 
 
-def plot_stability(importance: pd.DataFrame, out: Path, top: int = 15) -> list[str]:
+def plot_stability(importance: pd.DataFrame, out: Path, top_k: int = 20,
+                   top: int = 15) -> list[str]:
     """``classify/stability.png``: per task, the ``top`` heads of the positive ranking by
-    ``p_top_pos`` with their 95% rank intervals, and the split-half Spearman in the title."""
+    ``p_top_pos`` (in the labels; the bar's colour) with their 95% rank intervals, the top-k
+    boundary dotted, and the split-half Spearman in the title."""
     done = importance.dropna(subset=["p_top_pos"])
     if done.empty:
         return []
@@ -95,11 +97,9 @@ def plot_stability(importance: pd.DataFrame, out: Path, top: int = 15) -> list[s
     fig, axes = plt.subplots(1, len(tasks), figsize=(3.4 * len(tasks), 3.6), squeeze=False)
     for ax, task in zip(axes[0], tasks):
         g = done[done["task"] == task].nlargest(top, "p_top_pos").iloc[::-1]
-        mid = (g["rank_pos_lo"] + g["rank_pos_hi"]) / 2
-        ax.errorbar(mid, np.arange(len(g)), xerr=(g["rank_pos_hi"] - g["rank_pos_lo"]) / 2,
-                    fmt="none", ecolor="0.6")
-        ax.scatter(g["rank_pos_lo"], np.arange(len(g)), c=g["p_top_pos"], cmap="viridis",
-                   vmin=0, vmax=1, s=14)
+        colours = pyplot().get_cmap("viridis")(g["p_top_pos"].to_numpy())
+        ax.hlines(np.arange(len(g)), g["rank_pos_lo"], g["rank_pos_hi"], colors=colours, lw=3)
+        ax.axvline(top_k + 0.5, color="k", lw=0.6, ls=":")
         ax.set_yticks(np.arange(len(g)), [f"L{a}H{b} {p:.2f}" for a, b, p in
                                           zip(g["layer"], g["head"], g["p_top_pos"])],
                       fontsize=6)
