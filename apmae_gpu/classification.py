@@ -60,6 +60,7 @@ from apmae_gpu import TASKS, task_rank
 from apmae_gpu.cluster_backends import free_torch_cuda_cache
 from apmae_gpu.config import ClassifyConfig, section
 from apmae_gpu.figures import pyplot, save_figure
+from apmae_gpu.head_stability import plot_stability, stability_selection
 from apmae_gpu.runs import (ApmaeError, load_frame, update_manifest, write_json,
                             write_parquet)
 
@@ -275,6 +276,24 @@ def fit_catboost(X: pd.DataFrame, y: np.ndarray, settings: CatBoostSettings, tas
     return model
 
 
+def _finite(v) -> float | None:
+    return float(v) if np.isfinite(v) else None
+
+
+def _shap_fitter(settings: CatBoostSettings, task_type: str, seed: int):
+    """``fit_shap(X, y)`` for :func:`~apmae_gpu.head_stability.stability_selection`: CatBoost
+    fit on ``X`` and its SHAP values there."""
+    from catboost import Pool
+
+    def fit_shap(X: pd.DataFrame, y: np.ndarray) -> np.ndarray:
+        model = fit_catboost(X, y, settings, task_type, seed)
+        F = X.shape[1]
+        return model.get_feature_importance(Pool(X, cat_features=list(range(F))),
+                                            type="ShapValues")[:, :F]
+
+    return fit_shap
+
+
 def _logreg(seed: int):
     return make_pipeline(OneHotEncoder(handle_unknown="ignore"),
                          LogisticRegression(max_iter=2000, random_state=seed))
@@ -374,7 +393,8 @@ def _fingerprint(X: np.ndarray, y: np.ndarray, config: dict) -> str:
 
 def classify_task(task: str, X: np.ndarray, y: np.ndarray, inference_ids: np.ndarray,
                   n_layers: int, n_heads: int, folds: int, settings: CatBoostSettings,
-                  task_type: str, seed: int, shap_on: str, out: Path) -> dict:
+                  task_type: str, seed: int, shap_on: str, out: Path,
+                  stability: tuple[int, int] = (0, 20)) -> dict:
     """Cross-validate one task and write its results under ``out`` (``RUN/classify/tasks/T``).
 
     Returns the task's record (``status`` ``done`` | ``cached`` | ``skipped``, ``folds``,
@@ -383,7 +403,7 @@ def classify_task(task: str, X: np.ndarray, y: np.ndarray, inference_ids: np.nda
     from catboost import CatBoostError
 
     config = dict(settings=asdict(settings), folds=folds, task_type=task_type, seed=seed,
-                  shap_on=shap_on)
+                  shap_on=shap_on, stability=list(stability))
     fp = _fingerprint(X, y, config)
     done = out / "result.json"
     if done.exists():
@@ -406,6 +426,8 @@ def classify_task(task: str, X: np.ndarray, y: np.ndarray, inference_ids: np.nda
     except CatBoostError as exc:
         raise ApmaeError(f"CatBoost failed: {str(exc).splitlines()[0]}") from None
     heads, categories = head_importance(cv.shap, X, n_layers, n_heads)
+    heads = stability_selection(_shap_fitter(settings, task_type, seed), frame, y, heads,
+                                *stability, n_heads, seed)
     rows = []
     for m in ("catboost", "majority", "logreg"):
         mean, lo, hi = t_interval(cv.accuracy[m])
@@ -421,6 +443,7 @@ def classify_task(task: str, X: np.ndarray, y: np.ndarray, inference_ids: np.nda
                                 "fold": cv.fold_of, **{f"p_{m}": cv.proba[m] for m in cv.proba}}),
                   out / "predictions.parquet")
     record = dict(folds=used, n=int(len(y)), n_correct=int(y.sum()), note=note,
+                  split_half_spearman=_finite(heads["split_half_spearman"].iloc[0]),
                   seconds=round(time.perf_counter() - t0, 3),
                   best_iterations=cv.best_iterations)
     write_json(done, {"fingerprint": fp, "config": config, "record": record})
@@ -477,7 +500,8 @@ def classify(run: str | os.PathLike, settings: ClassifyConfig | None = None, *, 
         y = with_maps["correct"].to_numpy()[sel].astype(int)
         try:
             rec = classify_task(task, X_all[sel], y, ids[sel], n_layers, n_heads, folds,
-                                catboost, task_type, seed, shap_on, out / "tasks" / task)
+                                catboost, task_type, seed, shap_on, out / "tasks" / task,
+                                (cfg.stability_refits, cfg.stability_top_k))
         except ApmaeError as exc:
             log.error("%s: skipped: %s", task, exc)
             skipped[task] = str(exc)
@@ -514,6 +538,7 @@ def classify(run: str | os.PathLike, settings: ClassifyConfig | None = None, *, 
     write_parquet(pd.concat(categories, ignore_index=True), out / "category_shap.parquet")
     write_parquet(pd.concat(predictions, ignore_index=True), out / "predictions.parquet")
     figures = plot_classification(metrics_df, importance_df, n_layers, n_heads, out)
+    figures += plot_stability(importance_df, out, cfg.stability_top_k)
     seconds = round(time.perf_counter() - t_start, 2)
     update_manifest(run, "classify", {
         "status": "done", "task_type": task_type, "folds": folds, "seed": seed,
@@ -522,6 +547,8 @@ def classify(run: str | os.PathLike, settings: ClassifyConfig | None = None, *, 
         "features": f"{n_layers} layers x {n_heads} heads, cluster ids as categories "
                     f"(-1 noise, {MISSING} missing)",
         "ci": "95% t-interval over folds (target_model: Wilson over all analysis attempts)",
+        "stability": {"refits": cfg.stability_refits, "top_k": cfg.stability_top_k,
+                      "min_ranking_spearman": cfg.min_ranking_spearman},
         "tasks": records, "skipped": skipped, "seconds": seconds,
         "files": ["classify/metrics.parquet", "classify/head_importance.parquet",
                   "classify/category_shap.parquet", "classify/predictions.parquet", *figures],

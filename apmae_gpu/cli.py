@@ -444,6 +444,10 @@ def classify(
         ClassifyConfig, "boosting_type", "--boosting-type", help="Plain or Ordered (default: "
         "CatBoost's choice, Ordered on small CPU data sets; Plain is cheaper per tree)."),
     deterministic: bool = opt(ClassifyConfig, "deterministic", "--deterministic/--no-deterministic"),
+    stability_refits: int = opt(ClassifyConfig, "stability_refits", "--stability-refits"),
+    stability_top_k: int = opt(ClassifyConfig, "stability_top_k", "--stability-top-k"),
+    min_ranking_spearman: float = opt(ClassifyConfig, "min_ranking_spearman",
+                                      "--min-ranking-spearman"),
     config: ConfigOpt = None,
 ) -> None:
     """CatBoost per task on per-head cluster ids; SHAP head importance."""
@@ -481,6 +485,8 @@ def intervene(
                         "positive / negative parts of the SHAP values), mean_shap (signed mean) "
                         "or extreme_shap."),
     dtype: str = opt(InterveneConfig, "dtype", "--dtype", help=DTYPE_HELP),
+    few_heads_k: int = opt(InterveneConfig, "few_heads_k", "--few-heads-k"),
+    many_heads_k: int = opt(InterveneConfig, "many_heads_k", "--many-heads-k"),
     config: ConfigOpt = None,
 ) -> None:
     """Zero the heads SHAP selects while generating, and count what flips."""

@@ -249,6 +249,12 @@ class ClassifyConfig(_Strict):
     deterministic: bool = Field(False, description="CatBoost on the CPU even where a GPU is "
                                 "usable (CatBoost's GPU training is not deterministic); with "
                                 "gpu: yes it is refused")
+    # stability selection of the head rankings (beyond the paper; apmae_gpu/head_stability.py):
+    # half-sample refits in complementary pairs; 0 turns it off (claims 6/7 then inconclusive)
+    stability_refits: int = Field(50, ge=0, description="half-sample CatBoost refits")
+    stability_top_k: int = Field(20, ge=1, description="top k of the stability selection")
+    min_ranking_spearman: float = Field(0.5, ge=-1, le=1, description="split-half Spearman a "
+                                        "task's head ranking needs for claims 6/7")
 
 
 class InterveneConfig(_Strict):
@@ -262,6 +268,12 @@ class InterveneConfig(_Strict):
     multi_token: bool = False
     rank_by: Literal["shap_parts", "mean_shap", "extreme_shap"] = "shap_parts"
     dtype: Dtype = "auto"
+    # the one condition per claim the findings test, fixed before the run (no best-of): claim 6
+    # zeroes the positive group at few_heads_k (the paper's Fig. 7 rises at k = 1..20), claim 7
+    # the negative group at many_heads_k (set it from a pilot on analysis inferences: the
+    # largest k where random ablation costs under 10 points; docs/study.md)
+    few_heads_k: int = Field(20, ge=1, le=20, description="claim 6's pre-registered k")
+    many_heads_k: int = Field(100, ge=1, description="claim 7's pre-registered k")
 
 
 class ReportConfig(_Strict):

@@ -462,6 +462,7 @@ def intervene(run: str | os.PathLike, settings: InterveneConfig | None = None, *
         "mode": "multi_token" if cfg.multi_token else "first_token", "k": target.ks,
         "k_skipped": target.too_big, "groups": cfg.groups, "rank_by": cfg.rank_by,
         "per_group": cfg.per_group, "batch_size": cfg.batch_size, "zero_tolerance": ZERO_TOL,
+        "preregistered": {"few_heads_k": cfg.few_heads_k, "many_heads_k": cfg.many_heads_k},
         "test": "exact McNemar (paired, same samples): vs the random group at the same k and "
                 "vs the unablated model; Holm-adjusted per task; task 'all' pools the tasks' "
                 "discordant pairs (Holm over its rows)",

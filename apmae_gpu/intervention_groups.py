@@ -46,9 +46,13 @@ def head_groups(importance: pd.DataFrame, n_layers: int, n_heads: int, ks: list[
 
     pos, neg, mean, imp = flat(cols[0]), flat(cols[1]), flat("mean_shap"), flat("importance")
     tie = task_rng(seed, task).random(pos.size)
+    # consensus heads first: the stability selection's top-k probability, where classify ran it
+    sel_pos, sel_neg = (flat(c) if c in importance and importance[c].notna().all()
+                        and rank_by == "shap_parts" else np.zeros(pos.size)
+                        for c in ("p_top_pos", "p_top_neg"))
     order = {
-        "positive": (np.lexsort((tie, -pos)), pos > 0),
-        "negative": (np.lexsort((tie, neg)), neg < 0),
+        "positive": (np.lexsort((tie, -pos, -sel_pos)), pos > 0),
+        "negative": (np.lexsort((tie, neg, -sel_neg)), neg < 0),
         "importance": (np.lexsort((tie, -imp)), imp > 0),
     }
     pools = {"zero": (np.flatnonzero(np.abs(mean) <= ZERO_TOL), True),

@@ -42,6 +42,7 @@ from apmae_gpu.config import ReportConfig
 from apmae_gpu.explorer_page import EXPLORER, write_explorer
 from apmae_gpu.figures import png_bytes, pyplot
 from apmae_gpu.findings import findings, summary
+from apmae_gpu.findings_figure import compact, forest
 from apmae_gpu.runs import ApmaeError, atomic_path, read_manifest, update_manifest, write_parquet
 from apmae_gpu.store import MapStore
 
@@ -153,11 +154,15 @@ def findings_section(run: Path, man: dict) -> Section:
     """The paper's claims against this run (``apmae_gpu.findings``); also writes
     ``report/findings.parquet``."""
     s = Section("findings", "Findings against the paper",
-                "One row per claim of the paper: this run's estimate with its 95% interval, "
-                "the test and its p-value (Holm-adjusted where claims are tested together). "
-                "reproduced: the test rejects at 0.05 in the paper's direction; not "
-                "reproduced: the interval excludes the paper's effect; inconclusive: neither "
-                "(the detail gives the N a test would need for 80% power).")
+                "One row per claim of the paper: this run's estimate with the interval that "
+                "inverts its one-sided test, adjusted over the same family as the p-value "
+                "(Holm where claims are tested together). reproduced: significant in the "
+                "paper's direction and the interval reaches the paper's magnitude; weaker than "
+                "the paper: significant, but short of the paper's magnitude (or a setting not "
+                "comparable with the paper's); not reproduced: the interval excludes the "
+                "paper's magnitude without significance, or the effect is significant the "
+                "other way; inconclusive: otherwise (the detail gives the N needed for 80% "
+                "power).")
     tab = findings(run)
     write_parquet(tab, run / REPORT_DIR / "findings.parquet")
     s.blocks.append(para(summary(tab)))
@@ -166,8 +171,14 @@ def findings_section(run: Path, man: dict) -> Section:
         s.blocks.append(para("Most claims are inconclusive here: this run has too few "
                              "inferences (or skipped stages) to tell; the detail column says "
                              "what is missing or how many would be needed."))
-    s.blocks.append(table(tab, "claims, estimates, tests and verdicts "
-                               "(report/findings.parquet)"))
+    s.blocks.insert(0, image(forest(tab), "every claim's estimate and interval on the paper's "
+                                          "scale (0: no effect, 1: the paper's magnitude), "
+                                          "coloured by verdict", max_width=900))
+    short, notes = compact(tab)
+    s.blocks.append(table(short, "claims, estimates, tests and verdicts "
+                                 "(report/findings.parquet has every column)"))
+    s.blocks.append("<ol class=\"notes\">" + "".join(
+        f"<li>{_esc(n.split(' ', 1)[1])}</li>" for n in notes) + "</ol>")
     return s
 
 

@@ -103,7 +103,7 @@ capture: {batch_size: 8, train: {per_task: 12, heads: all}, analysis: {per_task:
 train: {preset: tiny, steps: 30, batch_size: 32, model_config_overrides: {image_size: 64, patch_size: 8}}
 evaluate: {max_maps: 200}
 cluster: {workers: 1, neighbors: 5, min_samples: 2, min_cluster_size: 3, umap_dims: 2}
-classify: {folds: 3, iterations: 30}
+classify: {folds: 3, iterations: 30, stability_refits: 10}
 intervene: {k: [1, 2, 4, 8], per_group: 2}
 """
 

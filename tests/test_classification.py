@@ -15,7 +15,8 @@ from apmae_gpu import classification as C
 from apmae_gpu.runs import ApmaeError, read_manifest
 
 N_LAYERS, N_HEADS = 3, 4
-FAST = dict(iterations=40, early_stopping_rounds=10, thread_count=2)
+FAST = dict(iterations=40, early_stopping_rounds=10, thread_count=2, stability_refits=10,
+            stability_top_k=1)
 
 
 def write_cluster_run(run: Path, seed: int = 0) -> Path:
@@ -161,6 +162,17 @@ def test_classify_finds_the_informative_head(classified):
     assert ident.iloc[0].importance > 3 * ident.iloc[1].importance
     eol = imp[imp["task"] == "end_of_line"].sort_values("importance", ascending=False)
     assert (eol.iloc[0]["layer"], eol.iloc[0]["head"]) == (0, 1)
+    # Stability selection: the informative head tops both rankings in (nearly) every
+    # half-sample refit; the others rarely do; the task's split-half Spearman is recorded.
+    top = ident.set_index(["layer", "head"])
+    assert top.loc[(1, 2), "p_top_pos"] >= 0.9 and top.loc[(1, 2), "p_top_neg"] >= 0.9
+    assert top.drop(index=(1, 2))["p_top_pos"].max() <= 0.1
+    assert top.loc[(1, 2), "rank_pos_lo"] == 1 and (top["rank_pos_lo"] <= top["rank_pos_hi"]).all()
+    for t, g in imp[imp["task"] != "boolean_literals"].groupby("task"):
+        assert g["p_top_pos"].sum() == pytest.approx(1.0)        # top 1 of each refit
+        assert g["split_half_spearman"].nunique() == 1
+    # 3 incorrect: a half-sample cannot hold 2 of each class, the columns are NaN
+    assert imp[imp["task"] == "boolean_literals"]["p_top_pos"].isna().all()
     # Category SHAP of the informative head: cluster 0 (correct) pushes up, 1 pushes down.
     cats = pd.read_parquet(run / "classify" / "category_shap.parquet")
     c = cats[(cats.task == "identifiers") & (cats.layer == 1) & (cats["head"] == 2)]
@@ -176,12 +188,14 @@ def test_classify_outputs_and_manifest(classified):
     run, _ = classified
     out = run / "classify"
     for name in ("heatmaps/identifiers.png", "heatmaps/end_of_line.png", "importance.png",
-                 "accuracy.png"):
+                 "accuracy.png", "stability.png"):
         assert (out / name).stat().st_size > 1000, name
         assert (out / name).read_bytes()[:4] == b"\x89PNG"
     section = read_manifest(run)["classify"]
     assert section["task_type"] == "CPU" and section["catboost"]["iterations"] == 40
     assert section["tasks"]["boolean_literals"]["folds"] == 3
+    assert section["stability"] == {"refits": 10, "top_k": 1, "min_ranking_spearman": 0.5}
+    assert -1 <= section["tasks"]["identifiers"]["split_half_spearman"] <= 1
     assert "3 folds instead of 5" in section["tasks"]["boolean_literals"]["note"]
     assert "string_literals" in section["skipped"]
     assert "0 incorrect" in section["skipped"]["string_literals"]

@@ -182,6 +182,22 @@ def test_greedy_with_cache_equals_recomputation(shape):
 
 
 # --------------------------------------------------------------------------- groups, stats
+def test_head_groups_take_consensus_heads_first():
+    imp = pd.DataFrame({"layer": [0, 0, 1, 1], "head": [0, 1, 0, 1],
+                        "mean_shap": [0.1, 0.1, -0.1, -0.1], "importance": 0.1,
+                        "mean_shap_pos": [0.4, 0.3, 0.2, 0.1],
+                        "mean_shap_neg": [-0.1, -0.2, -0.3, -0.4],
+                        "p_top_pos": [0.2, 0.9, 0.5, 0.0], "p_top_neg": [1.0, 0.0, 0.0, 0.5]})
+    g = I.head_groups(imp, 2, 2, [2], ["positive", "negative"], seed=0, task="t")
+    assert g[("positive", 2)]["heads"] == [(0, 1), (1, 0)]
+    assert g[("negative", 2)]["heads"] == [(0, 0), (1, 1)]
+    # without stability selection (NaN): the SHAP ranking alone
+    g = I.head_groups(imp.assign(p_top_pos=np.nan, p_top_neg=np.nan), 2, 2, [2],
+                      ["positive", "negative"], seed=0, task="t")
+    assert g[("positive", 2)]["heads"] == [(0, 0), (0, 1)]
+    assert g[("negative", 2)]["heads"] == [(1, 1), (1, 0)]
+
+
 def test_head_groups():
     imp = pd.DataFrame({"layer": [0, 0, 0, 1, 1, 1], "head": [0, 1, 2, 0, 1, 2],
                         "mean_shap": [0.3, -0.2, 0.0, 1e-6, 0.1, -0.5],
