@@ -60,7 +60,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from apmae_gpu import llm, rank_merge, ranks
+from apmae_gpu import identity, llm, rank_merge, ranks
 from apmae_gpu.config import CaptureConfig, CaptureSplitConfig, section, split_settings
 from apmae_gpu.encoding import BLOCK_BUDGET_BYTES, StreamingEncoder
 from apmae_gpu.rank_embeddings import roll_back_unencoded
@@ -361,6 +361,7 @@ def capture(run: Path, model: str, settings: CaptureConfig | None = None, *,
     ctx = _context(cfg, Path(run), model, split, device, seed, shard, encode_with,
                    trust_remote_code)
     target = _load_target(ctx, cfg)
+    _enforce_identity(ctx, cfg, target)
     state = _open_store(ctx, cfg, target)
     log.info("capture %s split of %s with %s on %s (%s, %d layers x %d heads, scaler %s%s)",
              split, ctx.run, target.spec.spec, ctx.device,
@@ -448,6 +449,17 @@ def _load_target(ctx: CaptureRun, cfg: CaptureConfig) -> _Target:
         raise ApmaeError(f"tasks hold token id {top} but {ctx.model} has a vocabulary of "
                          f"{vocab}: mine with this model's tokenizer")
     return _Target(spec, lm, fam)
+
+
+def _enforce_identity(ctx: CaptureRun, cfg: CaptureConfig, target: _Target) -> None:
+    """Record the run's identity, or refuse to write under other settings (:mod:`identity`)."""
+    sc = getattr(cfg, ctx.split)
+    identity.enforce(ctx.run, ctx.split, {
+        "model": target.spec.path or target.spec.spec,
+        "model_revision": llm.model_revision(target.spec),
+        "dtype": str(target.lm.dtype).replace("torch.", ""), "seed": ctx.seed,
+        "window": ctx.window, "scaler": cfg.scaler,
+        ctx.split: {"heads": sc.heads, "per_task": sc.per_task}})
 
 
 def _open_store(ctx: CaptureRun, cfg: CaptureConfig, target: _Target) -> _State:
