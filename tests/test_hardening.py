@@ -595,3 +595,111 @@ def test_check_notes_a_writer_at_work(run_copy):
                             f"now; what it is writing may show as damaged")
     finally:
         holder.communicate("")
+
+
+# --------------------------------------------------------------------------- issue 22
+# 1. a run's identity
+_IDENTITY_PROBES = [
+    ("--model", "random:tiny-gpt2", "--model 'random:tiny-llama'; this capture asks for "
+                                    "'random:tiny-gpt2'"),
+    ("--dtype", "bfloat16", "--dtype 'float32'; this capture asks for 'bfloat16'"),
+    ("--seed", "1", "--seed 0; this capture asks for 1"),
+    ("--heads", "layerwise:0.5", "--heads 'all'; this capture asks for 'layerwise:0.5'"),
+    ("--per-task", "3", "--per-task 1; this capture asks for 3"),
+]
+
+
+def test_a_second_capture_under_other_settings_is_refused_and_changes_nothing(tmp_path, capsys):
+    run = _tasks(tmp_path / "run")
+    common = ["capture", run, "--device", "cpu", "--batch-size", "4"]
+    code, _, err = _main(capsys, *common, "--model", MODEL, "--per-task", "1")
+    assert code == 0, err
+    before = _snapshot(run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["identity"]["model"] == MODEL and manifest["identity"]["seed"] == 0
+    assert manifest["identity"]["analysis"] == {"heads": "all", "per_task": 1}
+    for option, value, shown in _IDENTITY_PROBES:
+        model = value if option == "--model" else MODEL
+        extra = ["--per-task", "1"] + ([] if option == "--model" else [option, value])
+        code, _, err = _main(capsys, *common, "--model", model, *extra)
+        assert code == 2, (option, err)
+        where = f"the analysis split of {run}" if option in ("--heads", "--per-task") else run
+        was = shown.split(";")[0].split(" ", 1)[1]
+        assert _one_line(err) == (f"error: {where} was captured with {shown}: a run holds the "
+                                  f"maps of one setting (rerun with {was}, or mine into a new "
+                                  f"--out for the new one)")
+    after = _snapshot(run)
+    pd.testing.assert_frame_equal(before[0], after[0])
+    assert np.array_equal(before[2], after[2])
+    # the recorded settings resume (and add nothing: the quota is met)
+    code, _, err = _main(capsys, *common, "--model", MODEL, "--per-task", "1")
+    assert code == 0, err
+    pd.testing.assert_frame_equal(before[0], _snapshot(run)[0])
+
+
+# 5. bounds on every numeric setting
+def _numeric(annotation) -> bool:
+    import typing
+
+    if annotation in (int, float):
+        return True
+    return any(_numeric(a) for a in typing.get_args(annotation) if a is not type(None))
+
+
+def _bounds_within(annotation) -> list:
+    import typing
+
+    out = []
+    for a in typing.get_args(annotation):
+        if typing.get_origin(a) is typing.Annotated:
+            for m in a.__metadata__:   # a Field(...) inside Annotated holds its bounds
+                out += list(getattr(m, "metadata", [m]))
+        out += _bounds_within(a)
+    return out
+
+
+def test_every_numeric_setting_has_a_bound_or_is_documented_unbounded():
+    import annotated_types as at
+    from pydantic import BaseModel
+
+    from apmae_gpu import config as C
+
+    seen = []
+    for model in [C.PipelineConfig, C.CaptureSplitConfig, *C.SECTION_OF]:
+        for name, f in model.model_fields.items():
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+                continue
+            if not _numeric(f.annotation):
+                continue
+            key = f"{C.SECTION_OF.get(model, model.__name__)}.{name}"
+            seen.append(key)
+            meta = list(f.metadata) + _bounds_within(f.annotation)
+            bounded = any(isinstance(m, (at.Ge, at.Gt, at.Le, at.Lt)) for m in meta)
+            assert bounded or C.UNBOUNDED.get(key), f"{key}: no bound and no reason in UNBOUNDED"
+    assert len(seen) > 40 and "classify.learning_rate" in seen and "PipelineConfig.seed" in seen
+    with pytest.raises(ApmaeError, match=r"^classify: learning_rate: input should be greater "
+                                         r"than 0 \(got -1\.0\)$"):
+        C.section(C.ClassifyConfig, settings={"learning_rate": -1.0})
+    with pytest.raises(ApmaeError, match=r"stability: seeds\.0: input should be greater than or "
+                                         r"equal to 0 \(got -1\)"):
+        C.section(C.StabilityConfig, settings={"seeds": [-1]})
+
+
+def test_out_of_bounds_options_are_refused_in_one_line(run_copy, capsys):
+    from apmae_gpu.config import MAX_WORKERS_PER_CORE
+
+    code, _, err = _main(capsys, "classify", run_copy, "--learning-rate", "-1")
+    assert code == 2 and _one_line(err) == ("error: --learning-rate: input should be greater "
+                                            "than 0 (got -1.0)")
+    code, _, err = _main(capsys, "cluster", run_copy, "--seed", "-1")
+    assert code == 2 and "Invalid value for '--seed': Input should be greater than or equal to 0" \
+        in err and "Traceback" not in err
+    cap = MAX_WORKERS_PER_CORE * (os.cpu_count() or 1)
+    before = sorted(p.name for p in run_copy.iterdir())
+    code, _, err = _main(capsys, "cluster", run_copy, "--workers", cap + 1, "--restart")
+    assert code == 2
+    assert _one_line(err) == (f"error: --workers: value error, at most {cap} local workers on "
+                              f"{os.cpu_count()} cores ({MAX_WORKERS_PER_CORE} per core): more "
+                              f"only fail (--scheduler ADDRESS uses an existing cluster's "
+                              f"workers, however many) (got {cap + 1})")
+    assert sorted(p.name for p in run_copy.iterdir()) == before
