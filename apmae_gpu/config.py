@@ -119,7 +119,8 @@ class MineConfig(_Strict):
     per_file: int = Field(1, ge=1)
     dedup: bool = True
     max_files: Optional[int] = Field(None, ge=1)
-    max_file_bytes: int = Field(1_000_000, ge=1)
+    max_file_bytes: int = Field(1_000_000, ge=1, le=10_000_000, description="larger files are "
+                                "skipped (huge); parsing one holds ~300 bytes per source byte")
     content_column: str = "content"
 
 

@@ -703,3 +703,104 @@ def test_out_of_bounds_options_are_refused_in_one_line(run_copy, capsys):
                               f"only fail (--scheduler ADDRESS uses an existing cluster's "
                               f"workers, however many) (got {cap + 1})")
     assert sorted(p.name for p in run_copy.iterdir()) == before
+
+
+# 2. check validates what the stages read; classify and report refuse the same damage
+def _clusters(run, cluster):
+    inf = MapStore(run).inferences()
+    ids = inf.loc[inf.split == "analysis", "inference_id"].to_numpy()
+    rows = pd.DataFrame([(i, layer, head) for i in ids for layer in range(2) for head in range(3)],
+                        columns=["inference_id", "layer", "head"])
+    rows["cluster"] = pd.Series(cluster(len(rows)))
+    rows.to_parquet(run / "clusters.parquet", index=False)
+
+
+def test_check_classify_and_report_refuse_cluster_ids_that_are_not_integers(run_copy, capsys):
+    from apmae_gpu.runs import update_manifest
+
+    update_manifest(run_copy, "capture", {"scaler": "log"})   # report needs a manifest
+    _clusters(run_copy, lambda n: np.arange(n, dtype=np.int32) % 3)
+    code, out, _ = _main(capsys, "check", run_copy)
+    assert code == 0 and out.splitlines()[-1] == f"{run_copy}: sound", out
+    path = run_copy / "clusters.parquet"
+    rerun = f"`apmae cluster {run_copy} --restart`"
+    for cluster, problem in [
+            (lambda n: np.where(np.arange(n) == 1, np.nan, 0.0), "column cluster is floating "
+                                                                  "point, not an integer type"),
+            (lambda n: np.array(["a"] * n), "column cluster is text, not an integer type"),
+            (lambda n: pd.array([None] + [1] * (n - 1), dtype="Int32"),
+             "column cluster has 1 null value(s)")]:
+        _clusters(run_copy, cluster)
+        code, out, _ = _main(capsys, "check", run_copy)
+        assert code == 1
+        assert [ln for ln in out.splitlines() if ln.startswith("damaged")] == [
+            f"damaged: {path}: {problem} -> {rerun}"]
+        code, _, err = _main(capsys, "classify", run_copy, "--folds", "2", "--iterations", "5")
+        assert code == 2 and _one_line(err) == (f"error: {path}: {problem} (see "
+                                                f"docs/contracts.md): rerun {rerun}")
+        code, _, err = _main(capsys, "report", run_copy)
+        assert code == 2 and _one_line(err).startswith(f"error: {path}: {problem} (see ")
+    assert not (run_copy / "classify").exists() and not (run_copy / "report").exists()
+
+
+def test_check_and_report_refuse_a_missing_or_malformed_manifest(run_copy, capsys):
+    manifest = run_copy / "manifest.json"
+    shutil.copy(_tasks(run_copy.parent / "mined") / "tasks.parquet", run_copy)
+    good = {"apmae_gpu": {"apmae_gpu": "x"}, "mine": {"n_tasks": 1}}
+    for text, problem in [
+            (None, f"damaged: {manifest} is missing"),
+            ("[1, 2]", f"damaged: {manifest}: is a JSON list, not an object"),
+            (json.dumps({**good, "capture": "x"}),
+             f"damaged: {manifest}: section 'capture' is a str, not an object"),
+            (json.dumps({**good, "capture": {"splits": {"analysis": {"tasks": {
+                "noise": {"attempts": "2", "kept": 2}}}}}}),
+             f"damaged: {manifest}: capture.splits.analysis.tasks.noise: attempts and kept must "
+             f"be integers")]:
+        if text is None:
+            manifest.unlink(missing_ok=True)
+        else:
+            manifest.write_text(text)
+        code, out, _ = _main(capsys, "check", run_copy)
+        assert code == 1 and problem + " -> " in out, out
+        if text is not None:
+            code, _, err = _main(capsys, "report", run_copy)
+            assert code == 2 and _one_line(err).startswith(f"error: {manifest}: "), err
+
+
+# 3/4. mining is bounded in time; empty and unusable corpora end alike
+def test_one_deep_expression_is_skipped_in_seconds_and_counted(tmp_path, java_dir, capsys):
+    from apmae_gpu.mining import MAX_DEPTH, JavaTargets, too_deep
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(java_dir, corpus)
+    terms = 249_000   # ~1 MB: tree-sitter's captures alone ran for minutes on it
+    (corpus / "Deep.java").write_text("class Deep { int f(int a) { return "
+                                      + " + ".join(["a"] * terms) + "; } }")
+    assert (corpus / "Deep.java").stat().st_size < 1_000_000   # under the default size bound
+    java = JavaTargets()
+    chain = "class C { int f(int a) { return " + " + ".join(["a"] * (MAX_DEPTH - 10)) + "; } }"
+    assert not too_deep(java.parse(chain.encode()).root_node)   # within the bound: mined
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    code, _, err = _main(capsys, "mine", "--corpus", corpus, "--model", MODEL, "--out", out,
+                         "--window", "32", "--per-task", "2", "--tasks", "identifiers")
+    assert code == 0, err
+    assert time.perf_counter() - t0 < 60   # shared 2-core machine; the query alone took > 300 s
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["mine"]["skipped"]["too_deep"] == 1
+    assert len(pd.read_parquet(out / "tasks.parquet")) > 0
+
+
+def test_empty_and_unusable_corpora_end_alike(tmp_path, capsys):
+    empty, broken = tmp_path / "empty", tmp_path / "broken"
+    empty.mkdir()
+    broken.mkdir()
+    (broken / "Broken.java").write_text("class {{{ not java")
+    for corpus, files, skipped in ((empty, 0, {}), (broken, 1, {"unparsable": 1})):
+        out = tmp_path / f"run-{corpus.name}"
+        code, _, err = _main(capsys, "mine", "--corpus", corpus, "--model", MODEL, "--out", out,
+                             "--window", "32", "--tasks", "identifiers,noise")
+        assert code == 2
+        assert _one_line(err) == (f"error: no task could be mined from {corpus} (files read: "
+                                  f"{files}, skipped: {skipped})")
+        assert not out.exists()
