@@ -804,3 +804,26 @@ def test_empty_and_unusable_corpora_end_alike(tmp_path, capsys):
         assert _one_line(err) == (f"error: no task could be mined from {corpus} (files read: "
                                   f"{files}, skipped: {skipped})")
         assert not out.exists()
+
+
+# 6. Ctrl-C and SIGTERM: one line, exit 130, the lock released and cleared
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_capture_says_how_to_resume_and_releases_the_lock(tmp_path, sig):
+    run = _tasks(tmp_path / "run")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "apmae_gpu.cli", "capture", run, "--model",
+                             MODEL, "--device", "cpu", "--batch-size", "1", "--per-task", "8"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "inferences.parquet").exists():
+        time.sleep(0.05)   # a few rounds committed: the capture is under way
+    assert proc.poll() is None
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert [ln for ln in err.splitlines() if ln.strip()][-1] == (
+        "interrupted: rerun the same command to resume")
+    assert (run / LOCK_FILE).read_text() == ""   # no stale holder named
+    with writer_lock(run, "apmae test"):
+        pass
