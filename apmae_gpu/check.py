@@ -14,8 +14,8 @@ Read-only.  It checks, stage by stage:
 - ``embeddings.zarr``: metadata, commit point, ids (ascending, analysis inferences with maps),
   every committed chunk present and decodable;
 - the result frames (``clusters.parquet``, ``cluster/heads.parquet``, ``classify/*.parquet``,
-  ``intervene/results.parquet``, ``evaluate/*.parquet``) read, and the AP-MAE checkpoint's
-  ``config.json`` parses.
+  ``intervene/results.parquet``, ``evaluate/*.parquet``) read, and the AP-MAE checkpoints
+  (``apmae/final``, ``apmae/checkpoints/step-*``) load.
 
 Each problem is one line: what is damaged, then the command that rebuilds it.
 :func:`check_run` returns the problems (empty: the run is sound).
@@ -34,6 +34,7 @@ import pyarrow.parquet as pq
 import zarr
 
 from apmae_gpu import tables
+from apmae_gpu.checkpoints import damage
 from apmae_gpu.runs import LOCK_FILE, ApmaeError, _lock_holder
 from apmae_gpu.store import INDEX, INFERENCES, MapStore, _parts, has_checksum, part_rows
 
@@ -248,6 +249,24 @@ def check_embeddings(run: Path, rep: _Report) -> None:
         rep.ok(f"embeddings.zarr ({n} inferences x {L} layers x {H} heads, {state})")
 
 
+def check_checkpoints(run: Path, rep: _Report) -> None:
+    """``apmae/final`` and every ``apmae/checkpoints/step-*`` load (config.json of the right
+    types, a complete safetensors header; :func:`apmae_gpu.checkpoints.damage`)."""
+    found = [run / "apmae" / "final", *sorted(run.glob("apmae/checkpoints/step-*"))]
+    found = [p for p in found if p.is_dir()]
+    if not found:
+        return
+    for ckpt in found:
+        why = damage(ckpt)
+        if why is None:
+            rep.ok(f"{ckpt.relative_to(run)}")
+        elif ckpt.name == "final":
+            rep.bad(f"{ckpt}: {why}", f"`apmae train {run} --resume` (from the newest intact "
+                                      f"checkpoint; or train into a new --out)")
+        else:
+            rep.bad(f"{ckpt}: {why}", f"delete it: `apmae train {run} --resume` passes over it")
+
+
 def _note_writer(run: Path, echo: Callable[[str], None]) -> None:
     """Say so when a writer holds the run now (what it is writing may look damaged)."""
     lock = run / LOCK_FILE
@@ -290,8 +309,7 @@ def check_run(run: str | os.PathLike, echo: Callable[[str], None] = print) -> li
     }
     for rel, rerun in frames.items():
         _parquet(run / rel, rep, rerun, rel)
-    for rel in ("apmae/final/config.json",):
-        _json(run / rel, rep, f"`apmae train {run}`")
+    check_checkpoints(run, rep)
     echo(f"{run}: {len(rep.problems)} problem(s)" if rep.problems else f"{run}: sound")
     return rep.problems
 

@@ -827,3 +827,47 @@ def test_an_interrupted_capture_says_how_to_resume_and_releases_the_lock(tmp_pat
     assert (run / LOCK_FILE).read_text() == ""   # no stale holder named
     with writer_lock(run, "apmae test"):
         pass
+
+
+# 7. damaged AP-MAE checkpoints: one line; training resumes from the newest intact one
+def test_training_resume_passes_over_a_damaged_checkpoint_and_loaders_name_the_damage(run,
+                                                                                     caplog):
+    from apmae_gpu import training
+    from apmae_gpu.encoding import load_encoder
+    from tests.tiny_models import MICRO
+
+    def train(steps):
+        return training.train(run, preset="tiny", steps=steps, batch_size=16, device="cpu",
+                              lr=2e-3, model_config=dict(MICRO), eval_every=3, save_every=3,
+                              log_every=3, resume=steps > 6)
+
+    train(6)
+    ckpts = run / "apmae" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000003", "step-0000006"]
+    newest = ckpts / "step-0000006"
+    st = newest / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:100])
+    from apmae_gpu.check import check_run
+
+    problems = check_run(run, echo=lambda line: None)
+    assert len(problems) == 1 and problems[0].startswith(
+        f"damaged: {newest}: model.safetensors: Error while deserializing header")
+    assert problems[0].endswith(f"-> delete it: `apmae train {run} --resume` passes over it")
+    with pytest.raises(ApmaeError, match=rf"^{re.escape(str(newest))}: damaged AP-MAE checkpoint "
+                                         r"\(model.safetensors: Error while deserializing header"):
+        load_encoder(newest)
+    cfg = json.loads((run / "apmae" / "final" / "config.json").read_text())
+    (run / "apmae" / "final" / "config.json").write_text(json.dumps({**cfg, "hidden_size": "x"}))
+    with pytest.raises(ApmaeError, match=r"damaged AP-MAE checkpoint \(config.json: hidden_size "
+                                         r"is 'x', not a int\)"):
+        load_encoder(run / "apmae" / "final")
+    result = train(9)
+    assert result["resumed_from"].endswith("step-0000003") and result["steps"] == 9
+    assert f"checkpoint {newest} is damaged" in caplog.text
+    # every checkpoint damaged (a truncated state.pt): one line, nothing trained
+    for ckpt in ckpts.iterdir():
+        state = ckpt / "state.pt"
+        state.write_bytes(state.read_bytes()[:50])
+    with pytest.raises(ApmaeError, match=rf"^every checkpoint in {re.escape(str(ckpts))} is "
+                                         r"damaged \(newest .*state.pt: "):
+        train(12)
