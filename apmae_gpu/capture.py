@@ -60,7 +60,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from apmae_gpu import identity, llm, rank_merge, ranks
+from apmae_gpu import identity, llm, rank_merge, ranks, tables
 from apmae_gpu.config import CaptureConfig, CaptureSplitConfig, section, split_settings
 from apmae_gpu.encoding import BLOCK_BUDGET_BYTES, StreamingEncoder
 from apmae_gpu.rank_embeddings import roll_back_unencoded
@@ -409,9 +409,11 @@ def _context(cfg: CaptureConfig, run: Path, model: str, split: str, device: str,
     tasks_path = run / "tasks.parquet"
     if not tasks_path.exists():
         raise ApmaeError(f"{tasks_path} is missing (run `apmae mine` first)")
+    tables.require(tasks_path, "tasks.parquet", "mine into a new run")
     tasks = read_parquet(tasks_path)   # a damaged file is a one-line error
     if tasks.empty:
         raise ApmaeError(f"{tasks_path} holds no tasks")
+    tables.validate_tasks(tasks, tasks_path)   # a hand-edited one too
     window = len(tasks.input_ids.iloc[0])
     if split == "train" and not (tasks.task == "random_masking").any():
         raise ApmaeError("--split train needs random_masking tasks (mine them with --tasks)")
@@ -444,7 +446,8 @@ def _load_target(ctx: CaptureRun, cfg: CaptureConfig) -> _Target:
         raise ApmaeError(f"prompts are {ctx.window} tokens but {ctx.model} has a context of "
                          f"{n_ctx}")
     vocab = lm.get_input_embeddings().num_embeddings
-    top = max(int(max(ids)) for ids in ctx.tasks.input_ids.head(1000))
+    top = max(int(np.concatenate(ctx.tasks.input_ids.to_numpy()).max()),
+              int(ctx.tasks.target_token_id.max()))
     if top >= vocab:
         raise ApmaeError(f"tasks hold token id {top} but {ctx.model} has a vocabulary of "
                          f"{vocab}: mine with this model's tokenizer")

@@ -12,9 +12,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pyarrow.dataset as ds
 
+from apmae_gpu import TASKS
 from apmae_gpu.runs import ApmaeError
 
 # table (relative to RUN) -> {column: kind}; kinds: int, float (int accepted), bool, str, list.
@@ -112,3 +114,25 @@ def manifest_problems(manifest) -> list[str]:
                 out.append(f"capture.splits.{split}.tasks.{task}: attempts and kept must be "
                            f"integers")
     return out
+
+
+def validate_tasks(tasks, path: Path) -> None:
+    """Refuse, in one line, a ``tasks.parquet`` capture would misread: unknown task names,
+    repeated ids, prompts of other lengths than the window or with negative token ids,
+    targets below -1 (noise's)."""
+    fix = "mine into a new run (`apmae mine --out NEW ...`)"
+    unknown = sorted(set(tasks["task"].astype(str)) - set(TASKS))
+    if unknown:
+        raise ApmaeError(f"{path}: unknown task name(s) {', '.join(unknown[:5])} (expected "
+                         f"{', '.join(TASKS)}): {fix}")
+    if tasks["task_id"].duplicated().any():
+        raise ApmaeError(f"{path}: task_id {int(tasks.task_id[tasks.task_id.duplicated()].iloc[0])}"
+                         f" is repeated: {fix}")
+    lengths = tasks["input_ids"].map(lambda ids: 0 if ids is None else len(ids))
+    if lengths.nunique() != 1 or int(lengths.iloc[0]) == 0:
+        raise ApmaeError(f"{path}: prompts of {int(lengths.min())} to {int(lengths.max())} tokens;"
+                         f" every prompt must be the window long: {fix}")
+    if int(np.concatenate(tasks["input_ids"].to_numpy()).min()) < 0:
+        raise ApmaeError(f"{path}: a prompt holds a negative token id: {fix}")
+    if int(tasks["target_token_id"].min()) < -1:
+        raise ApmaeError(f"{path}: a target_token_id is below -1: {fix}")

@@ -871,3 +871,32 @@ def test_training_resume_passes_over_a_damaged_checkpoint_and_loaders_name_the_d
     with pytest.raises(ApmaeError, match=rf"^every checkpoint in {re.escape(str(ckpts))} is "
                                          r"damaged \(newest .*state.pt: "):
         train(12)
+
+
+# 8. a hand-edited tasks.parquet: one line naming the file, nothing captured
+def test_capture_refuses_a_hand_edited_tasks_table(tmp_path, capsys):
+    run = _tasks(tmp_path / "run")
+    path = run / "tasks.parquet"
+    good = pd.read_parquet(path)
+    fix = "mine into a new run"
+    edits = [
+        (lambda t: t.drop(columns=["input_ids"]), "missing column(s) input_ids"),
+        (lambda t: t.assign(task=t.task.where(t.index > 0, "no_such_task")),
+         "unknown task name(s) no_such_task"),
+        (lambda t: t.assign(task_id=t.task_id.where(t.index > 0, 1)), "task_id 1 is repeated"),
+        (lambda t: t.assign(input_ids=[ids[:-1] if i == 0 else ids
+                                       for i, ids in enumerate(t.input_ids)]),
+         "prompts of 31 to 32 tokens"),
+        (lambda t: t.assign(input_ids=[[]] * len(t)), "prompts of 0 to 0 tokens"),
+        (lambda t: t.assign(input_ids=[np.where(np.arange(len(ids)) == 0, -5, ids)
+                                       for ids in t.input_ids]), "a negative token id"),
+        (lambda t: t.assign(target_token_id=t.target_token_id.where(t.index > 0, 10**6)),
+         "tasks hold token id 1000000"),
+    ]
+    for edit, problem in edits:
+        edit(good.copy()).to_parquet(path, index=False)
+        code, _, err = _main(capsys, "capture", run, "--model", MODEL, "--device", "cpu",
+                             "--per-task", "1")
+        line = _one_line(err)
+        assert code == 2 and problem in line and (fix in line or "vocabulary" in line), line
+        assert not (run / "inferences.parquet").exists()
