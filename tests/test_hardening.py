@@ -900,3 +900,26 @@ def test_capture_refuses_a_hand_edited_tasks_table(tmp_path, capsys):
         line = _one_line(err)
         assert code == 2 and problem in line and (fix in line or "vocabulary" in line), line
         assert not (run / "inferences.parquet").exists()
+
+
+class _Payload:
+    """Stands for code a pickle would run when loaded."""
+
+
+# 9. a model whose weights are only a pickle torch will not load safely
+def test_a_pickle_only_model_is_refused_in_one_line(tmp_path, capsys):
+    import torch
+
+    from apmae_gpu import llm
+
+    model_dir = tmp_path / "pickled"
+    cfg = llm.random_config("tiny-llama")
+    cfg.save_pretrained(model_dir)
+    torch.save({"model.embed_tokens.weight": _Payload()}, model_dir / "pytorch_model.bin")
+    run = _tasks(tmp_path / "run")
+    code, _, err = _main(capsys, "capture", run, "--model", model_dir, "--device", "cpu",
+                         "--per-task", "1")
+    assert code == 2
+    assert _one_line(err) == (f"error: model {model_dir}: its weights are a pickle that torch "
+                              f"refuses to load safely (it names code to run); use a "
+                              f"safetensors copy of the model")
