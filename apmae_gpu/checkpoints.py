@@ -125,7 +125,13 @@ def save_dir(final: Path, write) -> None:
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except (OSError, RuntimeError) as exc:   # torch.save's failed write is a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)   # give back the space it took
+        raise ApmaeError(f"writing {final} failed: disk full or not writable "
+                         f"({_first_line(exc)}); the checkpoints before it are intact: free "
+                         f"space and rerun the same command with --resume") from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

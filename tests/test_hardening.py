@@ -923,3 +923,26 @@ def test_a_pickle_only_model_is_refused_in_one_line(tmp_path, capsys):
     assert _one_line(err) == (f"error: model {model_dir}: its weights are a pickle that torch "
                               f"refuses to load safely (it names code to run); use a "
                               f"safetensors copy of the model")
+
+
+# 10. disk full while a checkpoint is written (torch.save into /dev/full: the real error)
+def test_disk_full_during_a_checkpoint_write_says_so_and_keeps_the_earlier_ones(run, monkeypatch):
+    import torch
+
+    from apmae_gpu import checkpoints, training
+    from tests.tiny_models import MICRO
+
+    real_save = torch.save
+    kw = dict(preset="tiny", batch_size=16, device="cpu", lr=2e-3, model_config=dict(MICRO),
+              eval_every=3, save_every=3, log_every=3)
+    training.train(run, steps=3, **kw)
+    monkeypatch.setattr(checkpoints.torch, "save",
+                        lambda obj, path: real_save(obj, "/dev/full"))
+    ckpts = run / "apmae" / "checkpoints"
+    with pytest.raises(ApmaeError, match=rf"^writing {re.escape(str(ckpts))}/step-0000006 "
+                                         r"failed: disk full or not writable \(.*\); the "
+                                         r"checkpoints before it are intact"):
+        training.train(run, steps=6, resume=True, **kw)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000003"]   # no temporary left
+    monkeypatch.setattr(checkpoints.torch, "save", real_save)
+    assert training.train(run, steps=6, resume=True, **kw)["resumed_from"].endswith("step-0000003")
