@@ -946,3 +946,17 @@ def test_disk_full_during_a_checkpoint_write_says_so_and_keeps_the_earlier_ones(
     assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000003"]   # no temporary left
     monkeypatch.setattr(checkpoints.torch, "save", real_save)
     assert training.train(run, steps=6, resume=True, **kw)["resumed_from"].endswith("step-0000003")
+
+
+def test_every_stage_refuses_a_manifest_of_the_wrong_shape_in_one_line(tmp_path, capsys):
+    run = _tasks(tmp_path / "run")
+    manifest = run / "manifest.json"
+    for text, problem in (("[1]", "is a JSON list, not an object"),
+                          ('{"capture": "x"}', "section 'capture' is a str, not an object")):
+        manifest.write_text(text)
+        for args in (["capture", run, "--model", MODEL, "--device", "cpu", "--per-task", "1"],
+                     ["report", run]):
+            code, _, err = _main(capsys, *args)
+            assert code == 2 and _one_line(err).startswith(f"error: {manifest}: {problem}"), (
+                args, err)
+        assert manifest.read_text() == text and not (run / "inferences.parquet").exists()
