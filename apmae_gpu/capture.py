@@ -409,8 +409,8 @@ def _context(cfg: CaptureConfig, run: Path, model: str, split: str, device: str,
     tasks_path = run / "tasks.parquet"
     if not tasks_path.exists():
         raise ApmaeError(f"{tasks_path} is missing (run `apmae mine` first)")
-    tables.require(tasks_path, "tasks.parquet", "mine into a new run")
     tasks = read_parquet(tasks_path)   # a damaged file is a one-line error
+    tables.require(tasks_path, "tasks.parquet", "mine into a new run")
     if tasks.empty:
         raise ApmaeError(f"{tasks_path} holds no tasks")
     tables.validate_tasks(tasks, tasks_path)   # a hand-edited one too
