@@ -60,7 +60,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from apmae_gpu import llm, rank_merge, ranks
+from apmae_gpu import identity, llm, rank_merge, ranks, tables
 from apmae_gpu.config import CaptureConfig, CaptureSplitConfig, section, split_settings
 from apmae_gpu.encoding import BLOCK_BUDGET_BYTES, StreamingEncoder
 from apmae_gpu.rank_embeddings import roll_back_unencoded
@@ -361,6 +361,7 @@ def capture(run: Path, model: str, settings: CaptureConfig | None = None, *,
     ctx = _context(cfg, Path(run), model, split, device, seed, shard, encode_with,
                    trust_remote_code)
     target = _load_target(ctx, cfg)
+    _enforce_identity(ctx, cfg, target)
     state = _open_store(ctx, cfg, target)
     log.info("capture %s split of %s with %s on %s (%s, %d layers x %d heads, scaler %s%s)",
              split, ctx.run, target.spec.spec, ctx.device,
@@ -412,8 +413,10 @@ def _context(cfg: CaptureConfig, run: Path, model: str, split: str, device: str,
     if not tasks_path.exists():
         raise ApmaeError(f"{tasks_path} is missing (run `apmae mine` first)")
     tasks = read_parquet(tasks_path)   # a damaged file is a one-line error
+    tables.require(tasks_path, "tasks.parquet", "mine into a new run")
     if tasks.empty:
         raise ApmaeError(f"{tasks_path} holds no tasks")
+    tables.validate_tasks(tasks, tasks_path)   # a hand-edited one too
     window = len(tasks.input_ids.iloc[0])
     if split == "train" and not (tasks.task == "random_masking").any():
         raise ApmaeError("--split train needs random_masking tasks (mine them with --tasks)")
@@ -446,11 +449,23 @@ def _load_target(ctx: CaptureRun, cfg: CaptureConfig) -> _Target:
         raise ApmaeError(f"prompts are {ctx.window} tokens but {ctx.model} has a context of "
                          f"{n_ctx}")
     vocab = lm.get_input_embeddings().num_embeddings
-    top = max(int(max(ids)) for ids in ctx.tasks.input_ids.head(1000))
+    top = max(int(np.concatenate(ctx.tasks.input_ids.to_numpy()).max()),
+              int(ctx.tasks.target_token_id.max()))
     if top >= vocab:
         raise ApmaeError(f"tasks hold token id {top} but {ctx.model} has a vocabulary of "
                          f"{vocab}: mine with this model's tokenizer")
     return _Target(spec, lm, fam)
+
+
+def _enforce_identity(ctx: CaptureRun, cfg: CaptureConfig, target: _Target) -> None:
+    """Record the run's identity, or refuse to write under other settings (:mod:`identity`)."""
+    sc = getattr(cfg, ctx.split)
+    identity.enforce(ctx.run, ctx.split, {
+        "model": target.spec.path or target.spec.spec,
+        "model_revision": llm.model_revision(target.spec),
+        "dtype": str(target.lm.dtype).replace("torch.", ""), "seed": ctx.seed,
+        "window": ctx.window, "scaler": cfg.scaler,
+        ctx.split: {"heads": sc.heads, "per_task": sc.per_task}})
 
 
 def _open_store(ctx: CaptureRun, cfg: CaptureConfig, target: _Target) -> _State:

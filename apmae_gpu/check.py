@@ -2,8 +2,10 @@
 
 Read-only.  It checks, stage by stage:
 
-- ``manifest.json`` and ``pipeline.json`` parse;
-- ``tasks.parquet`` reads;
+- ``manifest.json`` and ``pipeline.json`` parse, the manifest is an object of sections (and
+  present once a stage has run);
+- ``tasks.parquet`` reads, and it and the result frames have the columns and types
+  ``docs/contracts.md`` gives (:mod:`apmae_gpu.tables`: cluster ids integral, no nulls);
 - the maps store: ``maps.zarr`` metadata, every parquet part of ``maps_index.parquet`` and
   ``inferences.parquet``, that the index names exactly the maps the array holds (map ids
   ``0..n-1``), that every inference's ``n_maps`` matches its index rows, that the manifest's
@@ -12,8 +14,8 @@ Read-only.  It checks, stage by stage:
 - ``embeddings.zarr``: metadata, commit point, ids (ascending, analysis inferences with maps),
   every committed chunk present and decodable;
 - the result frames (``clusters.parquet``, ``cluster/heads.parquet``, ``classify/*.parquet``,
-  ``intervene/results.parquet``, ``evaluate/*.parquet``) read, and the AP-MAE checkpoint's
-  ``config.json`` parses.
+  ``intervene/results.parquet``, ``evaluate/*.parquet``) read, and the AP-MAE checkpoints
+  (``apmae/final``, ``apmae/checkpoints/step-*``) load.
 
 Each problem is one line: what is damaged, then the command that rebuilds it.
 :func:`check_run` returns the problems (empty: the run is sound).
@@ -31,6 +33,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import zarr
 
+from apmae_gpu import tables
+from apmae_gpu.checkpoints import damage
 from apmae_gpu.runs import LOCK_FILE, ApmaeError, _lock_holder
 from apmae_gpu.store import INDEX, INFERENCES, MapStore, _parts, has_checksum, part_rows
 
@@ -81,7 +85,7 @@ def _json(path: Path, rep: _Report, rerun: str) -> dict | None:
     return data if isinstance(data, dict) else {}
 
 
-def _parquet(path: Path, rep: _Report, rerun: str) -> int | None:
+def _parquet(path: Path, rep: _Report, rerun: str, rel: str | None = None) -> int | None:
     if not path.exists():
         return None
     try:
@@ -89,8 +93,37 @@ def _parquet(path: Path, rep: _Report, rerun: str) -> int | None:
     except (OSError, ValueError) as exc:
         rep.bad(f"{path} ({_first(exc)})", rerun)
         return None
-    rep.ok(f"{path.name} ({n} rows)")
-    return n
+    found = tables.problems(path, rel)
+    for problem in found:
+        rep.bad(f"{path}: {problem}", rerun)
+    if not found:
+        rep.ok(f"{path.name} ({n} rows)")
+    return n if not found else None
+
+
+MANIFEST_RERUN = "rewrite it by rerunning the last stage, or restore it from a backup"
+
+
+def _manifest(run: Path, rep: _Report) -> dict:
+    """The parsed manifest, or {} after reporting it missing (in a run that has stage
+    outputs), unreadable or of the wrong structure."""
+    path = run / "manifest.json"
+    if not path.exists():
+        if (run / "tasks.parquet").exists():   # mining writes both
+            rep.bad(f"{path} is missing", MANIFEST_RERUN)
+        return {}
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (ValueError, OSError) as exc:
+        rep.bad(f"{path} ({_first(exc)})", MANIFEST_RERUN)
+        return {}
+    found = tables.manifest_problems(data)
+    for problem in found:
+        rep.bad(f"{path}: {problem}", MANIFEST_RERUN)
+    if found:
+        return {}
+    rep.ok(path.name)
+    return data
 
 
 def check_maps(run: Path, rep: _Report, manifest: dict) -> None:
@@ -216,6 +249,24 @@ def check_embeddings(run: Path, rep: _Report) -> None:
         rep.ok(f"embeddings.zarr ({n} inferences x {L} layers x {H} heads, {state})")
 
 
+def check_checkpoints(run: Path, rep: _Report) -> None:
+    """``apmae/final`` and every ``apmae/checkpoints/step-*`` load (config.json of the right
+    types, a complete safetensors header; :func:`apmae_gpu.checkpoints.damage`)."""
+    found = [run / "apmae" / "final", *sorted(run.glob("apmae/checkpoints/step-*"))]
+    found = [p for p in found if p.is_dir()]
+    if not found:
+        return
+    for ckpt in found:
+        why = damage(ckpt)
+        if why is None:
+            rep.ok(f"{ckpt.relative_to(run)}")
+        elif ckpt.name == "final":
+            rep.bad(f"{ckpt}: {why}", f"`apmae train {run} --resume` (from the newest intact "
+                                      f"checkpoint; or train into a new --out)")
+        else:
+            rep.bad(f"{ckpt}: {why}", f"delete it: `apmae train {run} --resume` passes over it")
+
+
 def _note_writer(run: Path, echo: Callable[[str], None]) -> None:
     """Say so when a writer holds the run now (what it is writing may look damaged)."""
     lock = run / LOCK_FILE
@@ -239,8 +290,7 @@ def check_run(run: str | os.PathLike, echo: Callable[[str], None] = print) -> li
         raise ApmaeError(f"run directory {run} does not exist")
     rep = _Report(echo, run)
     _note_writer(run, echo)
-    manifest = _json(run / "manifest.json", rep, "rewrite it by rerunning the last stage, or "
-                     "restore it from a backup") or {}
+    manifest = _manifest(run, rep)
     _json(run / "pipeline.json", rep, f"delete {run / 'pipeline.json'}; `apmae pipeline` "
           f"then reruns each stage (complete ones resume)")
     has_captures = (run / "maps.zarr").exists() or (run / "inferences.parquet").exists()
@@ -258,9 +308,8 @@ def check_run(run: str | os.PathLike, echo: Callable[[str], None] = print) -> li
                                        f"--data {run}`",
     }
     for rel, rerun in frames.items():
-        _parquet(run / rel, rep, rerun)
-    for rel in ("apmae/final/config.json",):
-        _json(run / rel, rep, f"`apmae train {run}`")
+        _parquet(run / rel, rep, rerun, rel)
+    check_checkpoints(run, rep)
     echo(f"{run}: {len(rep.problems)} problem(s)" if rep.problems else f"{run}: sound")
     return rep.problems
 

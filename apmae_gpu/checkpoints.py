@@ -14,15 +14,18 @@ of every rank, torch's RNG and the data position.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import pickle
 import shutil
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
-from apmae_gpu.model import APMAEModel
+from apmae_gpu.model import APMAEConfig, APMAEModel
 from apmae_gpu.runs import ApmaeError, quiet_hf_progress, write_json
 
 log = logging.getLogger("apmae_gpu.training")
@@ -40,6 +43,76 @@ def resolve_checkpoint(path) -> Path:
                      f"nor in {path / FINAL} or {path / 'apmae' / FINAL}")
 
 
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0][:200] if text else type(exc).__name__
+
+
+def damage(ckpt: Path) -> str | None:
+    """Why the save_pretrained directory ``ckpt`` cannot be loaded (None: it can): its
+    ``config.json`` is not a JSON object of known-typed values, or its ``model.safetensors``
+    header does not parse or promises more bytes than the file holds."""
+    try:
+        cfg = json.loads((ckpt / "config.json").read_text())
+    except (OSError, ValueError) as exc:
+        return f"config.json: {_first_line(exc)}"
+    if not isinstance(cfg, dict):
+        return "config.json is not a JSON object"
+    for key, default in APMAEConfig().to_dict().items():
+        value = cfg.get(key, default)
+        if isinstance(default, (bool, int, float, str)) and not _same_kind(value, default):
+            return f"config.json: {key} is {value!r}, not a {type(default).__name__}"
+    try:
+        with safe_open(ckpt / "model.safetensors", framework="pt") as f:
+            list(f.keys())
+    except Exception as exc:  # safetensors raises its own SafetensorError on damage
+        return f"model.safetensors: {_first_line(exc)}"
+    return None
+
+
+def _same_kind(value, default) -> bool:
+    if isinstance(default, bool) or isinstance(value, bool):
+        return isinstance(value, bool) and isinstance(default, bool)
+    if isinstance(default, float):
+        return isinstance(value, (int, float))
+    return isinstance(value, type(default))
+
+
+def load_model(path: Path) -> APMAEModel:
+    """``APMAEModel.from_pretrained(path)``, or a one-line error naming the damage."""
+    why = damage(Path(path))
+    if why is not None:
+        raise ApmaeError(f"{path}: damaged AP-MAE checkpoint ({why}): train again with "
+                         f"`apmae train` or restore it")
+    try:
+        return APMAEModel.from_pretrained(path)
+    except (OSError, ValueError, RuntimeError) as exc:
+        raise ApmaeError(f"{path}: damaged AP-MAE checkpoint ({_first_line(exc)}): train "
+                         f"again with `apmae train` or restore it") from None
+
+
+def latest_intact(out: Path) -> tuple[Path | None, dict | None]:
+    """The newest ``checkpoints/step-*`` that loads (and its ``state.pt``): a damaged newer one
+    is passed over with a warning naming it.  (None, None) without checkpoints; a one-line
+    error when every one is damaged."""
+    d = Path(out) / CHECKPOINTS
+    found = sorted(p for p in d.glob("step-*") if (p / STATE).exists()) if d.is_dir() else []
+    first = None
+    for ckpt in reversed(found):
+        why = damage(ckpt)
+        if why is None:
+            try:
+                return ckpt, load_state(ckpt)
+            except (OSError, RuntimeError, EOFError, ValueError, pickle.UnpicklingError) as exc:
+                why = f"{STATE}: {_first_line(exc)}"
+        first = first or f"{ckpt}: {why}"
+        log.warning("checkpoint %s is damaged (%s); trying the one before it", ckpt, why)
+    if first is not None:
+        raise ApmaeError(f"every checkpoint in {d} is damaged (newest {first}): move them "
+                         f"aside and train again, or train into another --out")
+    return None, None
+
+
 def latest_checkpoint(out: Path) -> Path | None:
     """The newest complete ``checkpoints/step-*`` directory (temporaries start with a dot)."""
     d = Path(out) / CHECKPOINTS
@@ -52,7 +125,13 @@ def save_dir(final: Path, write) -> None:
     tmp = final.with_name(f".{final.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write(tmp)
+    try:
+        write(tmp)
+    except (OSError, RuntimeError) as exc:   # torch.save's failed write is a RuntimeError
+        shutil.rmtree(tmp, ignore_errors=True)   # give back the space it took
+        raise ApmaeError(f"writing {final} failed: disk full or not writable "
+                         f"({_first_line(exc)}); the checkpoints before it are intact: free "
+                         f"space and rerun the same command with --resume") from None
     if final.exists():
         shutil.rmtree(final)
     os.replace(tmp, final)

@@ -56,7 +56,7 @@ from sklearn.model_selection import StratifiedKFold, train_test_split
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import OneHotEncoder
 
-from apmae_gpu import TASKS, task_rank
+from apmae_gpu import TASKS, tables, task_rank
 from apmae_gpu.cluster_backends import free_torch_cuda_cache
 from apmae_gpu.config import ClassifyConfig, section
 from apmae_gpu.figures import pyplot, save_figure
@@ -138,10 +138,8 @@ def cluster_matrix(path: Path, inference_ids: np.ndarray) -> tuple[np.ndarray, i
     """
     if not path.exists():
         raise ApmaeError(f"{path.parent}: no clusters.parquet (run `apmae cluster` first)")
+    tables.require(path, "clusters.parquet", f"rerun `apmae cluster {path.parent} --restart`")
     dataset = ds.dataset(path, format="parquet")
-    missing = {"inference_id", "layer", "head", "cluster"} - set(dataset.schema.names)
-    if missing:
-        raise ApmaeError(f"{path}: missing column(s) {', '.join(sorted(missing))}")
     n_layers = n_heads = 0
     for batch in dataset.to_batches(columns=["layer", "head"]):
         if batch.num_rows:

@@ -14,6 +14,7 @@ import os
 import errno
 import json
 import logging
+import signal
 import sys
 import traceback
 from pathlib import Path
@@ -28,7 +29,8 @@ from apmae_gpu.config import (EXTRA_GROUPS, GROUPS, CaptureConfig, CaptureSplitC
                               ClassifyConfig, ClusterConfig, EncodeConfig, EvaluateConfig,
                               InterveneConfig, MineConfig, PipelineConfig, ReportConfig,
                               StabilityConfig, TrainConfig, TrustConfig)
-from apmae_gpu.runs import ApmaeError, crash_log, setup_logging, writer_lock
+from apmae_gpu.runs import (INTERRUPTED, ApmaeError, crash_log, on_sigterm, setup_logging,
+                            writer_lock)
 
 app = typer.Typer(
     name="apmae",
@@ -676,15 +678,18 @@ def _describe(exc: BaseException) -> tuple[str, int]:
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     _STATE["argv"] = argv
+    previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         code = app(args=_expand_variadic(argv), prog_name="apmae", standalone_mode=False)
+        if code == 130:   # typer turns Ctrl-C into Exit(130), returned as a value
+            typer.echo(INTERRUPTED, err=True)
         if isinstance(code, int) and code:   # typer.Exit(N) comes back as a return value
             sys.exit(code)
     except ApmaeError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)
     except KeyboardInterrupt:
-        typer.echo("interrupted", err=True)
+        typer.echo(INTERRUPTED, err=True)
         sys.exit(130)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
@@ -700,6 +705,8 @@ def main(argv: list[str] | None = None) -> None:
         path = crash_log(_STATE["run"], argv, traceback.format_exc())
         typer.echo(f"error: {message} (traceback: {path})", err=True)
         sys.exit(code)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":  # pragma: no cover

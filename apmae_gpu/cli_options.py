@@ -96,7 +96,7 @@ def section_from(ctx: typer.Context, model: type[M], values: dict, cfg: Pipeline
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = [str(p) for p in err["loc"]]
-        key = loc[1] if split and loc[:1] == [split] and len(loc) > 1 else loc[0]
+        key = loc[1] if split and loc[:1] == [split] and len(loc) > 1 else "".join(loc[:1])
         got = err.get("input")
         shown = "" if isinstance(got, (dict, list)) else f" (got {got!r})"
         raise ApmaeError(f"{flags.get(key, key)}: {message(err)}{shown}") from None

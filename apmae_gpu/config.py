@@ -14,6 +14,7 @@ refused before anything is built from it), and free-form fields
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, TypeVar
 
@@ -31,6 +32,10 @@ EXTRA_GROUPS = ("importance",)
 MAX_CONFIG_BYTES = 1 << 20
 MAX_YAML_NODES = 100_000
 MAX_FREEFORM_BYTES = 16_384
+# local dask workers: above the core count a warning, above this many per core a refusal
+MAX_WORKERS_PER_CORE = 4
+# numeric fields with no meaningful bound (the bounds test walks every other one)
+UNBOUNDED: dict[str, str] = {}
 
 
 def read_text_file(path: Path, what: str, limit: int = MAX_CONFIG_BYTES) -> str:
@@ -104,7 +109,7 @@ class MineConfig(_Strict):
     corpus: str = "jdk"   # "jdk" = the JDK's src.zip from Debian's openjdk-17-source
     tasks: str = "all"
     per_task: int = Field(1000, ge=1, description="analysis candidates per task")
-    per_task_overrides: dict[str, int] = Field(default_factory=dict)
+    per_task_overrides: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
     train_per_task: int = Field(800_000, ge=0, description="random-masking candidates for "
                                 "AP-MAE training, from files the analysis never uses")
     train_corpus: Optional[str] = Field(None, description="mine the training candidates from "
@@ -115,7 +120,8 @@ class MineConfig(_Strict):
     per_file: int = Field(1, ge=1)
     dedup: bool = True
     max_files: Optional[int] = Field(None, ge=1)
-    max_file_bytes: int = Field(1_000_000, ge=1)
+    max_file_bytes: int = Field(1_000_000, ge=1, le=10_000_000, description="larger files are "
+                                "skipped (huge); parsing one holds ~300 bytes per source byte")
     content_column: str = "content"
 
 
@@ -230,13 +236,23 @@ class ClusterConfig(_Strict):
                                 "head's seed (reproducible, but slower and more memory by cuML's "
                                 "docs); the cpu backend is always seeded")
 
+    @field_validator("workers")
+    @classmethod
+    def _sane_workers(cls, value: int) -> int:
+        cap = MAX_WORKERS_PER_CORE * (os.cpu_count() or 1)
+        if value > cap:
+            raise ValueError(f"at most {cap} local workers on {os.cpu_count() or 1} cores "
+                             f"({MAX_WORKERS_PER_CORE} per core): more only fail (--scheduler "
+                             f"ADDRESS uses an existing cluster's workers, however many)")
+        return value
+
 
 class ClassifyConfig(_Strict):
     folds: int = Field(10, ge=2)
     gpu: Literal["auto", "yes", "no"] = "auto"
     iterations: int = Field(1000, ge=1)
     depth: int = Field(6, ge=1, le=16)
-    learning_rate: float = 0.1
+    learning_rate: float = Field(0.1, gt=0, le=1)
     early_stopping_rounds: int = Field(25, ge=0, description="0: no early stopping")
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     tasks: Optional[list[str]] = None
@@ -309,7 +325,8 @@ class StabilityConfig(_Strict):
     """``apmae stability``: recluster heads with other seeds (ARI per head, Jaccard per
     cluster); the clustering settings are the cluster section's."""
 
-    seeds: list[int] = Field(default_factory=lambda: [1, 2, 3], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0)]] = Field(default_factory=lambda: [1, 2, 3],
+                                                     min_length=1)
     heads: str = Field("16", description="N heads (seeded sample), all, or L:H,L:H")
     stable_at: float = Field(0.75, gt=0, le=1, description="mean Jaccard at which a cluster "
                              "counts as stable")
@@ -323,7 +340,7 @@ class PipelineConfig(_Strict):
     run: str = "runs/default"
     model: str = "smollm2"
     device: str = "auto"
-    seed: int = 0
+    seed: int = Field(0, ge=0, le=2**32 - 1, description="numpy's seeds are 0 <= seed < 2**32")
     trust_remote_code: bool = False
     stages: list[Literal[STAGES]] = Field(default_factory=lambda: list(STAGES))  # type: ignore[valid-type]
     mine: MineConfig = MineConfig()

@@ -35,10 +35,9 @@ import numpy as np
 import torch
 import zarr
 
-from apmae_gpu import ranks
+from apmae_gpu import checkpoints, ranks
 from apmae_gpu.config import EncodeConfig, section
 from apmae_gpu.devices import autocast
-from apmae_gpu.model import APMAEModel
 from apmae_gpu.runs import ApmaeError, progress, resolve_device, update_manifest
 from apmae_gpu.store import MapStore, chunk_codecs, has_checksum
 
@@ -270,7 +269,7 @@ def load_encoder(checkpoint: str | os.PathLike, device: str = "cpu"):
     if not (checkpoint / "config.json").exists():
         raise ApmaeError(f"{checkpoint}: not an AP-MAE checkpoint (no config.json; train one "
                          f"with `apmae train` or pass --checkpoint)")
-    model = APMAEModel.from_pretrained(checkpoint)
+    model = checkpoints.load_model(checkpoint)   # damage is a one-line error
     return model.eval().to(device)
 
 

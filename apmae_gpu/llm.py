@@ -24,6 +24,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import logging
+import pickle
 import os
 import re
 import shutil
@@ -209,6 +210,10 @@ def load_tokenizer(spec: str | ModelSpec, trust_remote_code: bool = False):
                                              trust_remote_code=trust_remote_code)
     except ApmaeError:
         raise
+    except pickle.UnpicklingError:
+        raise ApmaeError(f"model {ms.spec}: its weights are a pickle that torch refuses to load "
+                         f"safely (it names code to run); use a safetensors copy of the model"
+                         ) from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, *_CONFIG_ERRORS) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ApmaeError(f"model {ms.spec}: no usable tokenizer ({first})") from None
@@ -306,6 +311,10 @@ def load_model(spec: str | ModelSpec, device: str = "cpu", dtype=None, attn_impl
                 trust_remote_code=trust_remote_code, **kwargs)
     except ApmaeError:
         raise
+    except pickle.UnpicklingError:
+        raise ApmaeError(f"model {ms.spec}: its weights are a pickle that torch refuses to load "
+                         f"safely (it names code to run); use a safetensors copy of the model"
+                         ) from None
     except (OSError, ValueError, KeyError, TypeError, AttributeError, *_CONFIG_ERRORS) as exc:
         # a config.json field of the wrong type: TypeError, or huggingface_hub's strict
         # dataclass validation error

@@ -329,12 +329,34 @@ def _file_skip_reason(data: bytes, max_file_bytes: int) -> str | None:
     return None
 
 
+MAX_DEPTH = 1000   # syntax tree depth; hand-written Java stays far below it
+
+
+def too_deep(root, limit: int = MAX_DEPTH) -> bool:
+    """Whether the tree is deeper than ``limit``.  tree-sitter's query captures take time
+    growing with the square of the nesting depth (one 1 MB expression: minutes), and its
+    progress callback cannot stop them here, so such files are skipped before the query.
+    A subtree of at most ``limit - depth`` nodes cannot reach the limit and is not walked:
+    the walk stays far below the parse's cost (measured in ``docs/fidelity.md``)."""
+    stack = [(root, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > limit:
+            return True
+        if node.descendant_count > limit - depth:
+            stack.extend((child, depth + 1) for child in node.children)
+    return False
+
+
 def mine_file(source: str, data: bytes, need: set[str], java: JavaTargets,
               builder: PromptBuilder, seed: int, per_file: int, skips: Counter) -> list[dict]:
     """Up to ``per_file`` prompts per needed task from one file (rows without ``task_id``)."""
     tree = java.parse(data)
     if tree.root_node.has_error:
         skips["unparsable"] += 1
+        return []
+    if too_deep(tree.root_node):
+        skips["too_deep"] += 1
         return []
     text = data.decode("utf-8")
     to_char = char_offsets(data)
@@ -524,6 +546,10 @@ def mine(out: Path, settings: MineConfig | None = None, *, model: str, seed: int
         n_files += n_read
     bar.close()
     counts = Counter(quotas.counts["analysis"])
+    # an empty corpus and one of unusable files end alike (noise alone needs no corpus)
+    if not rows and set(chosen) - {"noise"}:
+        raise ApmaeError(f"no task could be mined from {corpus} (files read: {n_files}, "
+                         f"skipped: {dict(skips)})")
     if "noise" in chosen:
         rows += noise_rows(tokenizer, window, quota["noise"], seed)
         counts["noise"] = quota["noise"]

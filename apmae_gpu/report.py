@@ -37,7 +37,7 @@ import pandas as pd
 import typer
 from markupsafe import escape
 
-from apmae_gpu import TASKS, __version__, config, task_rank
+from apmae_gpu import TASKS, __version__, config, tables, task_rank
 from apmae_gpu.config import ReportConfig
 from apmae_gpu.explorer_page import EXPLORER, write_explorer
 from apmae_gpu.figures import png_bytes, pyplot
@@ -579,6 +579,7 @@ def report(run: str | os.PathLike, settings: ReportConfig | None = None, **overr
     man = read_manifest(run)
     if not man:
         raise ApmaeError(f"{run}: no manifest.json (not a run directory, or no stage has run)")
+    _require_sound(run, man)
     t0 = time.perf_counter()
     sections = []
     for key, build in SECTIONS.items():
@@ -616,6 +617,19 @@ def _explorer(run: Path, out_dir: Path, cfg: ReportConfig) -> dict | None:
     except (ApmaeError, OSError, KeyError, ValueError) as exc:
         log.error("report explorer failed: %s", exc)
         return None
+
+
+def _require_sound(run: Path, man) -> None:
+    """Refuse, in one line, a manifest or table the sections would misread
+    (:mod:`apmae_gpu.tables`; ``apmae check`` lists every such problem)."""
+    found = tables.manifest_problems(man)
+    if found:
+        raise ApmaeError(f"{run / 'manifest.json'}: {found[0]}: restore it from a backup, or "
+                         f"rerun the stages into a new run")
+    for rel in tables.TABLES:
+        if (run / rel).exists():
+            tables.require(run / rel, rel, f"rerun the stage that writes it (`apmae check {run}` "
+                                           f"says which)")
 
 
 def execute_notebook(run: Path, out: Path, timeout: int = 600) -> Path:

@@ -53,6 +53,15 @@ class ApmaeError(Exception):
     """An error a user can act on; the CLI prints it as one line and exits non-zero."""
 
 
+INTERRUPTED = "interrupted: rerun the same command to resume"
+
+
+def on_sigterm(signum, frame) -> None:
+    """The CLI's SIGTERM handler: unwind as after Ctrl-C (locks released, temporary files
+    removed, the one line :data:`INTERRUPTED`, exit 130)."""
+    raise KeyboardInterrupt()
+
+
 # --------------------------------------------------------------------------- atomic files
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
@@ -122,9 +131,18 @@ def read_manifest(run: str | os.PathLike) -> dict:
     if not path.exists():
         return {}
     try:
-        return json.loads(path.read_text())
+        manifest = json.loads(path.read_text())
     except json.JSONDecodeError as exc:
         raise ApmaeError(f"{path}: not valid JSON ({exc})") from None
+    # a hand-edited manifest of the wrong shape: one line here, not an error deep in a stage
+    fix = "restore it from a backup (`apmae check` lists what else is damaged)"
+    if not isinstance(manifest, dict):
+        raise ApmaeError(f"{path}: is a JSON {type(manifest).__name__}, not an object: {fix}")
+    for key, value in manifest.items():
+        if key != "updated" and not isinstance(value, dict):
+            raise ApmaeError(f"{path}: section {key!r} is a {type(value).__name__}, not an "
+                             f"object: {fix}")
+    return manifest
 
 
 def update_manifest(run: str | os.PathLike, section: str, data: dict, replace: bool = True) -> dict:

@@ -50,8 +50,7 @@ from apmae_gpu.baselines import baseline_mse
 from apmae_gpu.checkpoints import (
     ARGS,
     FINAL,
-    latest_checkpoint,
-    load_state,
+    latest_intact,
     restore,
     save_final,
 )
@@ -389,7 +388,7 @@ def _find_resume(cfg: TrainConfig, ctx: RunContext,
     ``OUT`` that ``--resume`` continues, after checking it is the same run; a fresh ``OUT``
     starts at 0.  A resumed run keeps its checkpoint's default warm-up."""
     out, steps = ctx.out, cfg.steps
-    ckpt = latest_checkpoint(out)
+    ckpt, state = latest_intact(out)   # a damaged newer checkpoint is passed over
     if ckpt is None and (out / FINAL).exists():
         raise ApmaeError(f"{out} already holds a trained model and no checkpoint to resume "
                          "from; use another --out")
@@ -411,7 +410,6 @@ def _find_resume(cfg: TrainConfig, ctx: RunContext,
     if diff:
         raise ApmaeError(f"--resume: {ckpt} was trained with other settings: " + ", ".join(
             f"{k}={saved_args.get(k)!r} (now {args.get(k)!r})" for k in diff))
-    state = load_state(ckpt)
     start_step = int(state["step"])
     if saved_args.get("steps") != steps:
         log.warning("--steps %d differs from the checkpoint's %s: the cosine schedule is "

@@ -261,7 +261,7 @@ def test_shards_merge_into_one_valid_store(tmp_path):
     ("no_run", "does not exist"),
     ("no_tasks", "tasks.parquet is missing"),
     ("bad_heads", "--heads"),
-    ("other_scaler", "scaled with 'log'"),
+    ("other_scaler", "captured with --scaler 'log'; this capture asks for 'none'"),
     ("context", "context of 16"),
 ])
 def test_bad_input_is_a_clear_error(problem, message, tmp_path):

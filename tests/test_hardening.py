@@ -595,3 +595,368 @@ def test_check_notes_a_writer_at_work(run_copy):
                             f"now; what it is writing may show as damaged")
     finally:
         holder.communicate("")
+
+
+# --------------------------------------------------------------------------- issue 22
+# 1. a run's identity
+_IDENTITY_PROBES = [
+    ("--model", "random:tiny-gpt2", "--model 'random:tiny-llama'; this capture asks for "
+                                    "'random:tiny-gpt2'"),
+    ("--dtype", "bfloat16", "--dtype 'float32'; this capture asks for 'bfloat16'"),
+    ("--seed", "1", "--seed 0; this capture asks for 1"),
+    ("--heads", "layerwise:0.5", "--heads 'all'; this capture asks for 'layerwise:0.5'"),
+    ("--per-task", "3", "--per-task 1; this capture asks for 3"),
+]
+
+
+def test_a_second_capture_under_other_settings_is_refused_and_changes_nothing(tmp_path, capsys):
+    run = _tasks(tmp_path / "run")
+    common = ["capture", run, "--device", "cpu", "--batch-size", "4"]
+    code, _, err = _main(capsys, *common, "--model", MODEL, "--per-task", "1")
+    assert code == 0, err
+    before = _snapshot(run)
+    manifest = json.loads((run / "manifest.json").read_text())
+    assert manifest["identity"]["model"] == MODEL and manifest["identity"]["seed"] == 0
+    assert manifest["identity"]["analysis"] == {"heads": "all", "per_task": 1}
+    for option, value, shown in _IDENTITY_PROBES:
+        model = value if option == "--model" else MODEL
+        extra = ["--per-task", "1"] + ([] if option == "--model" else [option, value])
+        code, _, err = _main(capsys, *common, "--model", model, *extra)
+        assert code == 2, (option, err)
+        where = f"the analysis split of {run}" if option in ("--heads", "--per-task") else run
+        was = shown.split(";")[0].split(" ", 1)[1]
+        assert _one_line(err) == (f"error: {where} was captured with {shown}: a run holds the "
+                                  f"maps of one setting (rerun with {was}, or mine into a new "
+                                  f"--out for the new one)")
+    after = _snapshot(run)
+    pd.testing.assert_frame_equal(before[0], after[0])
+    assert np.array_equal(before[2], after[2])
+    # the recorded settings resume (and add nothing: the quota is met)
+    code, _, err = _main(capsys, *common, "--model", MODEL, "--per-task", "1")
+    assert code == 0, err
+    pd.testing.assert_frame_equal(before[0], _snapshot(run)[0])
+
+
+# 5. bounds on every numeric setting
+def _numeric(annotation) -> bool:
+    import typing
+
+    if annotation in (int, float):
+        return True
+    return any(_numeric(a) for a in typing.get_args(annotation) if a is not type(None))
+
+
+def _bounds_within(annotation) -> list:
+    import typing
+
+    out = []
+    for a in typing.get_args(annotation):
+        if typing.get_origin(a) is typing.Annotated:
+            for m in a.__metadata__:   # a Field(...) inside Annotated holds its bounds
+                out += list(getattr(m, "metadata", [m]))
+        out += _bounds_within(a)
+    return out
+
+
+def test_every_numeric_setting_has_a_bound_or_is_documented_unbounded():
+    import annotated_types as at
+    from pydantic import BaseModel
+
+    from apmae_gpu import config as C
+
+    seen = []
+    for model in [C.PipelineConfig, C.CaptureSplitConfig, *C.SECTION_OF]:
+        for name, f in model.model_fields.items():
+            if isinstance(f.annotation, type) and issubclass(f.annotation, BaseModel):
+                continue
+            if not _numeric(f.annotation):
+                continue
+            key = f"{C.SECTION_OF.get(model, model.__name__)}.{name}"
+            seen.append(key)
+            meta = list(f.metadata) + _bounds_within(f.annotation)
+            bounded = any(isinstance(m, (at.Ge, at.Gt, at.Le, at.Lt)) for m in meta)
+            assert bounded or C.UNBOUNDED.get(key), f"{key}: no bound and no reason in UNBOUNDED"
+    assert len(seen) > 40 and "classify.learning_rate" in seen and "PipelineConfig.seed" in seen
+    with pytest.raises(ApmaeError, match=r"^classify: learning_rate: input should be greater "
+                                         r"than 0 \(got -1\.0\)$"):
+        C.section(C.ClassifyConfig, settings={"learning_rate": -1.0})
+    with pytest.raises(ApmaeError, match=r"stability: seeds\.0: input should be greater than or "
+                                         r"equal to 0 \(got -1\)"):
+        C.section(C.StabilityConfig, settings={"seeds": [-1]})
+
+
+def test_out_of_bounds_options_are_refused_in_one_line(run_copy, capsys):
+    from apmae_gpu.config import MAX_WORKERS_PER_CORE
+
+    code, _, err = _main(capsys, "classify", run_copy, "--learning-rate", "-1")
+    assert code == 2 and _one_line(err) == ("error: --learning-rate: input should be greater "
+                                            "than 0 (got -1.0)")
+    code, _, err = _main(capsys, "cluster", run_copy, "--seed", "-1")
+    assert code == 2 and "Invalid value for '--seed': Input should be greater than or equal to 0" \
+        in err and "Traceback" not in err
+    cap = MAX_WORKERS_PER_CORE * (os.cpu_count() or 1)
+    before = sorted(p.name for p in run_copy.iterdir())
+    code, _, err = _main(capsys, "cluster", run_copy, "--workers", cap + 1, "--restart")
+    assert code == 2
+    assert _one_line(err) == (f"error: --workers: value error, at most {cap} local workers on "
+                              f"{os.cpu_count()} cores ({MAX_WORKERS_PER_CORE} per core): more "
+                              f"only fail (--scheduler ADDRESS uses an existing cluster's "
+                              f"workers, however many) (got {cap + 1})")
+    assert sorted(p.name for p in run_copy.iterdir()) == before
+
+
+# 2. check validates what the stages read; classify and report refuse the same damage
+def _clusters(run, cluster):
+    inf = MapStore(run).inferences()
+    ids = inf.loc[inf.split == "analysis", "inference_id"].to_numpy()
+    rows = pd.DataFrame([(i, layer, head) for i in ids for layer in range(2) for head in range(3)],
+                        columns=["inference_id", "layer", "head"])
+    rows["cluster"] = pd.Series(cluster(len(rows)))
+    rows.to_parquet(run / "clusters.parquet", index=False)
+
+
+def test_check_classify_and_report_refuse_cluster_ids_that_are_not_integers(run_copy, capsys):
+    from apmae_gpu.runs import update_manifest
+
+    update_manifest(run_copy, "capture", {"scaler": "log"})   # report needs a manifest
+    _clusters(run_copy, lambda n: np.arange(n, dtype=np.int32) % 3)
+    code, out, _ = _main(capsys, "check", run_copy)
+    assert code == 0 and out.splitlines()[-1] == f"{run_copy}: sound", out
+    path = run_copy / "clusters.parquet"
+    rerun = f"`apmae cluster {run_copy} --restart`"
+    for cluster, problem in [
+            (lambda n: np.where(np.arange(n) == 1, np.nan, 0.0), "column cluster is floating "
+                                                                  "point, not an integer type"),
+            (lambda n: np.array(["a"] * n), "column cluster is text, not an integer type"),
+            (lambda n: pd.array([None] + [1] * (n - 1), dtype="Int32"),
+             "column cluster has 1 null value(s)")]:
+        _clusters(run_copy, cluster)
+        code, out, _ = _main(capsys, "check", run_copy)
+        assert code == 1
+        assert [ln for ln in out.splitlines() if ln.startswith("damaged")] == [
+            f"damaged: {path}: {problem} -> {rerun}"]
+        code, _, err = _main(capsys, "classify", run_copy, "--folds", "2", "--iterations", "5")
+        assert code == 2 and _one_line(err) == (f"error: {path}: {problem} (see "
+                                                f"docs/contracts.md): rerun {rerun}")
+        code, _, err = _main(capsys, "report", run_copy)
+        assert code == 2 and _one_line(err).startswith(f"error: {path}: {problem} (see ")
+    assert not (run_copy / "classify").exists() and not (run_copy / "report").exists()
+
+
+def test_check_and_report_refuse_a_missing_or_malformed_manifest(run_copy, capsys):
+    manifest = run_copy / "manifest.json"
+    shutil.copy(_tasks(run_copy.parent / "mined") / "tasks.parquet", run_copy)
+    good = {"apmae_gpu": {"apmae_gpu": "x"}, "mine": {"n_tasks": 1}}
+    for text, problem in [
+            (None, f"damaged: {manifest} is missing"),
+            ("[1, 2]", f"damaged: {manifest}: is a JSON list, not an object"),
+            (json.dumps({**good, "capture": "x"}),
+             f"damaged: {manifest}: section 'capture' is a str, not an object"),
+            (json.dumps({**good, "capture": {"splits": {"analysis": {"tasks": {
+                "noise": {"attempts": "2", "kept": 2}}}}}}),
+             f"damaged: {manifest}: capture.splits.analysis.tasks.noise: attempts and kept must "
+             f"be integers")]:
+        if text is None:
+            manifest.unlink(missing_ok=True)
+        else:
+            manifest.write_text(text)
+        code, out, _ = _main(capsys, "check", run_copy)
+        assert code == 1 and problem + " -> " in out, out
+        if text is not None:
+            code, _, err = _main(capsys, "report", run_copy)
+            assert code == 2 and _one_line(err).startswith(f"error: {manifest}: "), err
+
+
+# 3/4. mining is bounded in time; empty and unusable corpora end alike
+def test_one_deep_expression_is_skipped_in_seconds_and_counted(tmp_path, java_dir, capsys):
+    from apmae_gpu.mining import MAX_DEPTH, JavaTargets, too_deep
+
+    corpus = tmp_path / "corpus"
+    shutil.copytree(java_dir, corpus)
+    terms = 249_000   # ~1 MB: tree-sitter's captures alone ran for minutes on it
+    (corpus / "Deep.java").write_text("class Deep { int f(int a) { return "
+                                      + " + ".join(["a"] * terms) + "; } }")
+    assert (corpus / "Deep.java").stat().st_size < 1_000_000   # under the default size bound
+    java = JavaTargets()
+    chain = "class C { int f(int a) { return " + " + ".join(["a"] * (MAX_DEPTH - 10)) + "; } }"
+    assert not too_deep(java.parse(chain.encode()).root_node)   # within the bound: mined
+    out = tmp_path / "run"
+    t0 = time.perf_counter()
+    code, _, err = _main(capsys, "mine", "--corpus", corpus, "--model", MODEL, "--out", out,
+                         "--window", "32", "--per-task", "2", "--tasks", "identifiers")
+    assert code == 0, err
+    assert time.perf_counter() - t0 < 60   # shared 2-core machine; the query alone took > 300 s
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["mine"]["skipped"]["too_deep"] == 1
+    assert len(pd.read_parquet(out / "tasks.parquet")) > 0
+
+
+def test_empty_and_unusable_corpora_end_alike(tmp_path, capsys):
+    empty, broken = tmp_path / "empty", tmp_path / "broken"
+    empty.mkdir()
+    broken.mkdir()
+    (broken / "Broken.java").write_text("class {{{ not java")
+    for corpus, files, skipped in ((empty, 0, {}), (broken, 1, {"unparsable": 1})):
+        out = tmp_path / f"run-{corpus.name}"
+        code, _, err = _main(capsys, "mine", "--corpus", corpus, "--model", MODEL, "--out", out,
+                             "--window", "32", "--tasks", "identifiers,noise")
+        assert code == 2
+        assert _one_line(err) == (f"error: no task could be mined from {corpus} (files read: "
+                                  f"{files}, skipped: {skipped})")
+        assert not out.exists()
+
+
+# 6. Ctrl-C and SIGTERM: one line, exit 130, the lock released and cleared
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_an_interrupted_capture_says_how_to_resume_and_releases_the_lock(tmp_path, sig):
+    run = _tasks(tmp_path / "run")
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    proc = subprocess.Popen([sys.executable, "-m", "apmae_gpu.cli", "capture", run, "--model",
+                             MODEL, "--device", "cpu", "--batch-size", "1", "--per-task", "8"],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run / "inferences.parquet").exists():
+        time.sleep(0.05)   # a few rounds committed: the capture is under way
+    assert proc.poll() is None
+    os.kill(proc.pid, sig)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err[-2000:]
+    assert "Traceback" not in err
+    assert [ln for ln in err.splitlines() if ln.strip()][-1] == (
+        "interrupted: rerun the same command to resume")
+    assert (run / LOCK_FILE).read_text() == ""   # no stale holder named
+    with writer_lock(run, "apmae test"):
+        pass
+
+
+# 7. damaged AP-MAE checkpoints: one line; training resumes from the newest intact one
+def test_training_resume_passes_over_a_damaged_checkpoint_and_loaders_name_the_damage(run,
+                                                                                     caplog):
+    from apmae_gpu import training
+    from apmae_gpu.encoding import load_encoder
+    from tests.tiny_models import MICRO
+
+    def train(steps):
+        return training.train(run, preset="tiny", steps=steps, batch_size=16, device="cpu",
+                              lr=2e-3, model_config=dict(MICRO), eval_every=3, save_every=3,
+                              log_every=3, resume=steps > 6)
+
+    train(6)
+    ckpts = run / "apmae" / "checkpoints"
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000003", "step-0000006"]
+    newest = ckpts / "step-0000006"
+    st = newest / "model.safetensors"
+    st.write_bytes(st.read_bytes()[:100])
+    from apmae_gpu.check import check_run
+
+    problems = check_run(run, echo=lambda line: None)
+    assert len(problems) == 1 and problems[0].startswith(
+        f"damaged: {newest}: model.safetensors: Error while deserializing header")
+    assert problems[0].endswith(f"-> delete it: `apmae train {run} --resume` passes over it")
+    with pytest.raises(ApmaeError, match=rf"^{re.escape(str(newest))}: damaged AP-MAE checkpoint "
+                                         r"\(model.safetensors: Error while deserializing header"):
+        load_encoder(newest)
+    cfg = json.loads((run / "apmae" / "final" / "config.json").read_text())
+    (run / "apmae" / "final" / "config.json").write_text(json.dumps({**cfg, "hidden_size": "x"}))
+    with pytest.raises(ApmaeError, match=r"damaged AP-MAE checkpoint \(config.json: hidden_size "
+                                         r"is 'x', not a int\)"):
+        load_encoder(run / "apmae" / "final")
+    result = train(9)
+    assert result["resumed_from"].endswith("step-0000003") and result["steps"] == 9
+    assert f"checkpoint {newest} is damaged" in caplog.text
+    # every checkpoint damaged (a truncated state.pt): one line, nothing trained
+    for ckpt in ckpts.iterdir():
+        state = ckpt / "state.pt"
+        state.write_bytes(state.read_bytes()[:50])
+    with pytest.raises(ApmaeError, match=rf"^every checkpoint in {re.escape(str(ckpts))} is "
+                                         r"damaged \(newest .*state.pt: "):
+        train(12)
+
+
+# 8. a hand-edited tasks.parquet: one line naming the file, nothing captured
+def test_capture_refuses_a_hand_edited_tasks_table(tmp_path, capsys):
+    run = _tasks(tmp_path / "run")
+    path = run / "tasks.parquet"
+    good = pd.read_parquet(path)
+    fix = "mine into a new run"
+    edits = [
+        (lambda t: t.drop(columns=["input_ids"]), "missing column(s) input_ids"),
+        (lambda t: t.assign(task=t.task.where(t.index > 0, "no_such_task")),
+         "unknown task name(s) no_such_task"),
+        (lambda t: t.assign(task_id=t.task_id.where(t.index > 0, 1)), "task_id 1 is repeated"),
+        (lambda t: t.assign(input_ids=[ids[:-1] if i == 0 else ids
+                                       for i, ids in enumerate(t.input_ids)]),
+         "prompts of 31 to 32 tokens"),
+        (lambda t: t.assign(input_ids=[[]] * len(t)), "prompts of 0 to 0 tokens"),
+        (lambda t: t.assign(input_ids=[np.where(np.arange(len(ids)) == 0, -5, ids)
+                                       for ids in t.input_ids]), "a negative token id"),
+        (lambda t: t.assign(target_token_id=t.target_token_id.where(t.index > 0, 10**6)),
+         "tasks hold token id 1000000"),
+    ]
+    for edit, problem in edits:
+        edit(good.copy()).to_parquet(path, index=False)
+        code, _, err = _main(capsys, "capture", run, "--model", MODEL, "--device", "cpu",
+                             "--per-task", "1")
+        line = _one_line(err)
+        assert code == 2 and problem in line and (fix in line or "vocabulary" in line), line
+        assert not (run / "inferences.parquet").exists()
+
+
+class _Payload:
+    """Stands for code a pickle would run when loaded."""
+
+
+# 9. a model whose weights are only a pickle torch will not load safely
+def test_a_pickle_only_model_is_refused_in_one_line(tmp_path, capsys):
+    import torch
+
+    from apmae_gpu import llm
+
+    model_dir = tmp_path / "pickled"
+    cfg = llm.random_config("tiny-llama")
+    cfg.save_pretrained(model_dir)
+    torch.save({"model.embed_tokens.weight": _Payload()}, model_dir / "pytorch_model.bin")
+    run = _tasks(tmp_path / "run")
+    code, _, err = _main(capsys, "capture", run, "--model", model_dir, "--device", "cpu",
+                         "--per-task", "1")
+    assert code == 2
+    assert _one_line(err) == (f"error: model {model_dir}: its weights are a pickle that torch "
+                              f"refuses to load safely (it names code to run); use a "
+                              f"safetensors copy of the model")
+
+
+# 10. disk full while a checkpoint is written (torch.save into /dev/full: the real error)
+def test_disk_full_during_a_checkpoint_write_says_so_and_keeps_the_earlier_ones(run, monkeypatch):
+    import torch
+
+    from apmae_gpu import checkpoints, training
+    from tests.tiny_models import MICRO
+
+    real_save = torch.save
+    kw = dict(preset="tiny", batch_size=16, device="cpu", lr=2e-3, model_config=dict(MICRO),
+              eval_every=3, save_every=3, log_every=3)
+    training.train(run, steps=3, **kw)
+    monkeypatch.setattr(checkpoints.torch, "save",
+                        lambda obj, path: real_save(obj, "/dev/full"))
+    ckpts = run / "apmae" / "checkpoints"
+    with pytest.raises(ApmaeError, match=rf"^writing {re.escape(str(ckpts))}/step-0000006 "
+                                         r"failed: disk full or not writable \(.*\); the "
+                                         r"checkpoints before it are intact"):
+        training.train(run, steps=6, resume=True, **kw)
+    assert sorted(p.name for p in ckpts.iterdir()) == ["step-0000003"]   # no temporary left
+    monkeypatch.setattr(checkpoints.torch, "save", real_save)
+    assert training.train(run, steps=6, resume=True, **kw)["resumed_from"].endswith("step-0000003")
+
+
+def test_every_stage_refuses_a_manifest_of_the_wrong_shape_in_one_line(tmp_path, capsys):
+    run = _tasks(tmp_path / "run")
+    manifest = run / "manifest.json"
+    for text, problem in (("[1]", "is a JSON list, not an object"),
+                          ('{"capture": "x"}', "section 'capture' is a str, not an object")):
+        manifest.write_text(text)
+        for args in (["capture", run, "--model", MODEL, "--device", "cpu", "--per-task", "1"],
+                     ["report", run]):
+            code, _, err = _main(capsys, *args)
+            assert code == 2 and _one_line(err).startswith(f"error: {manifest}: {problem}"), (
+                args, err)
+        assert manifest.read_text() == text and not (run / "inferences.parquet").exists()
