@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import errno
-import json
 import logging
 import signal
 import sys
@@ -23,8 +21,9 @@ from typing import Annotated, Optional
 import typer
 
 from apmae_gpu import TASKS, __version__
-from apmae_gpu.cli_options import (ConfigOpt, bounds, opt, pipeline_config, section_from, top,
-                                   without)
+from apmae_gpu.cli_messages import describe
+from apmae_gpu.cli_options import (ConfigOpt, bounds, expand_variadic, opt, pipeline_config,
+                                   section_from, top, without)
 from apmae_gpu.config import (EXTRA_GROUPS, GROUPS, CaptureConfig, CaptureSplitConfig,
                               ClassifyConfig, ClusterConfig, EncodeConfig, EvaluateConfig,
                               InterveneConfig, MineConfig, PipelineConfig, ReportConfig,
@@ -625,62 +624,12 @@ def cluster_maps(
 
 
 # --------------------------------------------------------------------------- entry point
-_VARIADIC = {"evaluate": ("--checkpoint", "--data")}
-
-
-def _expand_variadic(argv: list[str]) -> list[str]:
-    """Let ``--checkpoint A B --data X Y`` mean ``--checkpoint A --checkpoint B ...`` (click
-    options take one value each)."""
-    command = next((a for a in argv if not a.startswith("-")), None)
-    names = _VARIADIC.get(command or "", ())
-    if not names:
-        return argv
-    out: list[str] = []
-    current: str | None = None
-    for arg in argv:
-        if arg.startswith("-"):
-            current = arg if arg in names else None
-            if current is None:
-                out.append(arg)
-            continue
-        if current is not None:
-            out += [current, arg]
-        else:
-            out.append(arg)
-    return out
-
-
-def _describe(exc: BaseException) -> tuple[str, int]:
-    """One line for an exception that is not an ApmaeError, and the exit code: 2 for the
-    expected failures (I/O, permissions, damaged files, bad model configs), 1 otherwise."""
-    first = str(exc).strip().splitlines()[0][:300] if str(exc).strip() else ""
-    name = type(exc).__name__
-    where = f": {exc.filename}" if isinstance(exc, OSError) and exc.filename else ""
-    if isinstance(exc, PermissionError):
-        return f"permission denied{where}", 2
-    if isinstance(exc, FileNotFoundError):
-        return f"no such file or directory{where}", 2
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        return f"no space left on the device{where}", 2
-    if isinstance(exc, UnicodeDecodeError):
-        return f"a file is not UTF-8 text ({exc.reason} at byte {exc.start})", 2
-    if isinstance(exc, json.JSONDecodeError):
-        return f"a JSON file is damaged ({exc.msg}, line {exc.lineno})", 2
-    if "arrow" in type(exc).__module__.lower() or "parquet" in first.lower():
-        return f"a parquet file is damaged or unreadable ({first or name})", 2
-    if isinstance(exc, OSError):
-        return f"{exc.strerror or first or name}{where}", 2
-    if isinstance(exc, MemoryError):
-        return "out of memory", 2
-    return f"unexpected {name}" + (f": {first}" if first else ""), 1
-
-
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     _STATE["argv"] = argv
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
-        code = app(args=_expand_variadic(argv), prog_name="apmae", standalone_mode=False)
+        code = app(args=expand_variadic(argv), prog_name="apmae", standalone_mode=False)
         if code == 130:   # typer turns Ctrl-C into Exit(130), returned as a value
             typer.echo(INTERRUPTED, err=True)
         if isinstance(code, int) and code:   # typer.Exit(N) comes back as a return value
@@ -701,7 +650,7 @@ def main(argv: list[str] | None = None) -> None:
         if type(exc).__name__ == "Abort":
             sys.exit(1)
         # the last resort: one line, and the traceback in a log file
-        message, code = _describe(exc)
+        message, code = describe(exc)
         path = crash_log(_STATE["run"], argv, traceback.format_exc())
         typer.echo(f"error: {message} (traceback: {path})", err=True)
         sys.exit(code)

@@ -114,3 +114,28 @@ def is_list(annotation) -> bool:
     if typing.get_origin(annotation) is list:
         return True
     return any(is_list(a) for a in typing.get_args(annotation))
+
+
+_VARIADIC = {"evaluate": ("--checkpoint", "--data")}
+
+
+def expand_variadic(argv: list[str]) -> list[str]:
+    """Let ``--checkpoint A B --data X Y`` mean ``--checkpoint A --checkpoint B ...`` (click
+    options take one value each)."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    names = _VARIADIC.get(command or "", ())
+    if not names:
+        return argv
+    out: list[str] = []
+    current: str | None = None
+    for arg in argv:
+        if arg.startswith("-"):
+            current = arg if arg in names else None
+            if current is None:
+                out.append(arg)
+            continue
+        if current is not None:
+            out += [current, arg]
+        else:
+            out.append(arg)
+    return out

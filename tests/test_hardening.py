@@ -558,7 +558,7 @@ def test_expected_failures_get_their_own_one_line_messages(tmp_path):
 
     import pyarrow.parquet as pq
 
-    from apmae_gpu.cli import _describe
+    from apmae_gpu.cli_messages import describe as _describe
 
     broken = tmp_path / "broken.parquet"
     broken.write_bytes(b"PAR1 not really")
