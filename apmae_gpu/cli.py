@@ -114,8 +114,15 @@ def mine(
                        ".jsonl/.parquet file with a `content` column, or hf:<dataset id>."),
     tasks: str = opt(MineConfig, "tasks", "--tasks", help="all, or a comma list of: "
                       + ", ".join(TASKS)),
-    per_task: int = opt(MineConfig, "per_task", "--per-task",
-                         help="Analysis rows to mine per task."),
+    per_task: Optional[int] = opt(MineConfig, "per_task", "--per-task",
+                                   help="Analysis rows to mine per task (default: derived "
+                                        "from capture's and intervene's quotas, see "
+                                        "--rarer-share)."),
+    rarer_share: float = opt(MineConfig, "rarer_share", "--rarer-share",
+                             help="The share of a task's candidates expected in its rarer "
+                                  "class, for the derived --per-task."),
+    max_passes: int = opt(MineConfig, "max_passes", "--max-passes",
+                          help="Passes over the corpus to fill the quotas."),
     train_per_task: int = opt(MineConfig, "train_per_task", "--train-per-task",
                                help="Random-masking rows for AP-MAE training, from files the "
                                     "analysis rows never come from."),
@@ -129,7 +136,7 @@ def mine(
     window: int = opt(MineConfig, "window", "--window", help="Prompt length in tokens."),
     seed: int = seed_opt(),
     per_file: int = opt(MineConfig, "per_file", "--per-file", help="At most this many rows "
-                         "per task from one file (spreads tasks over files)."),
+                         "per task from one file in one pass (spreads tasks over files)."),
     dedup: bool = opt(MineConfig, "dedup", "--dedup/--no-dedup", help="Skip exact duplicate "
                        "files (SHA-256 of the content)."),
     max_files: Optional[int] = opt(MineConfig, "max_files", "--max-files",
@@ -152,7 +159,9 @@ def mine(
     check_mine_out(out)
     with new_run_dir(out), _writing(out):
         mining.mine(out, settings, model=model, seed=top(ctx, pcfg, "seed", seed),
-                    trust_remote_code=top(ctx, pcfg, "trust_remote_code", trust_remote_code))
+                    trust_remote_code=top(ctx, pcfg, "trust_remote_code", trust_remote_code),
+                    capture=pcfg.capture if pcfg else None,
+                    intervene=pcfg.intervene if pcfg else None)
 
 
 # --------------------------------------------------------------------------- capture

@@ -14,6 +14,7 @@ refused before anything is built from it), and free-form fields
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, TypeVar
 
@@ -102,7 +103,14 @@ class _Strict(BaseModel):
 class MineConfig(_Strict):
     corpus: str = "jdk"   # "jdk" = the JDK's src.zip from Debian's openjdk-17-source
     tasks: str = "all"
-    per_task: int = Field(1000, ge=1, description="analysis candidates per task")
+    per_task: Optional[int] = Field(None, ge=1, description="analysis candidates per task "
+                                    "(None: derived from capture's and intervene's quotas, "
+                                    "see mine_supply)")
+    rarer_share: float = Field(0.08, gt=0, le=0.5, description="the share of a task's "
+                               "candidates expected in its rarer class (correct or incorrect) "
+                               "when the supply is derived")
+    max_passes: int = Field(100, ge=1, description="passes over the corpus to fill the quotas "
+                            "(each takes per_file more candidates per task from every file)")
     per_task_overrides: dict[str, int] = Field(default_factory=dict)
     train_per_task: int = Field(800_000, ge=0, description="random-masking candidates for "
                                 "AP-MAE training, from files the analysis never uses")
@@ -116,6 +124,19 @@ class MineConfig(_Strict):
     max_files: Optional[int] = Field(None, ge=1)
     max_file_bytes: int = Field(1_000_000, ge=1)
     content_column: str = "content"
+
+
+def mine_supply(mine: MineConfig, capture: "CaptureConfig | None" = None,
+                intervene: "InterveneConfig | None" = None) -> tuple[int, int]:
+    """(analysis candidates per task, noise rows): ``mine.per_task`` for both when set; else
+    enough candidates for capture's N correct + N incorrect plus intervention's held-out
+    ``per_group`` of each class when the rarer class is ``rarer_share`` of them, and capture's
+    2N noise prompts (noise has no classes)."""
+    if mine.per_task is not None:
+        return mine.per_task, mine.per_task
+    n = (capture or CaptureConfig()).analysis.per_task
+    rarer = n + (intervene or InterveneConfig()).per_group
+    return math.ceil(rarer / mine.rarer_share), 2 * n
 
 
 class CaptureSplitConfig(_Strict):
