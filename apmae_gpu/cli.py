@@ -270,7 +270,28 @@ def train(
                                                          "the preset (e.g. image_size, "
                                                          "patch_size).")] = None,
     warmup_steps: Optional[int] = opt(TrainConfig, "warmup_steps", "--warmup-steps",
-                                       help="Linear warm-up steps (default 5% of --steps)."),
+                                       help="Linear warm-up steps (default: the recipe's, "
+                                            "none for reference, 5% of --steps for "
+                                            "improved)."),
+    recipe: str = opt(TrainConfig, "recipe", "--recipe", help="reference (the reference "
+                      "package's AP-MAE where the paper is silent) or improved (MAE's "
+                      "defaults); the options below override single items."),
+    qkv_bias: Optional[bool] = opt(TrainConfig, "qkv_bias", "--qkv-bias/--no-qkv-bias",
+                                   help="Bias in the attention's qkv projection (default: "
+                                        "the recipe's)."),
+    position_embeddings: Optional[str] = opt(TrainConfig, "position_embeddings",
+                                             "--position-embeddings",
+                                             help="learned or sincos (default: the recipe's)."),
+    patch_norm: Optional[bool] = opt(TrainConfig, "patch_norm", "--patch-norm/--no-patch-norm",
+                                     help="LayerNorm -> Linear -> LayerNorm patch embedding "
+                                          "(default: the recipe's)."),
+    weight_decay_all: Optional[bool] = opt(TrainConfig, "weight_decay_all",
+                                           "--weight-decay-all/--no-weight-decay-all",
+                                           help="Weight decay on every parameter (default: "
+                                                "the recipe's)."),
+    batch_order: Optional[str] = opt(TrainConfig, "batch_order", "--batch-order",
+                                     help="prompt (consecutive maps) or shuffled (default: "
+                                          "the recipe's)."),
     save_every: Optional[int] = opt(TrainConfig, "save_every", "--save-every",
                                      help="Checkpoint every N steps (default steps/10, at most "
                                           "2000)."),

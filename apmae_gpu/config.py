@@ -178,11 +178,44 @@ class TrainConfig(_Strict):
     nproc: int = Field(1, ge=1, description="processes (GPUs) for torchrun")
     model_config_overrides: Optional[dict[str, Any]] = Field(
         None, description="AP-MAE config keys that differ from the preset (e.g. image_size)")
+    recipe: Literal["reference", "improved"] = Field(
+        "reference", description="where the paper is silent: the reference package's choices, "
+        "or MAE's (see RECIPES); the fields below override single items")
+    qkv_bias: Optional[bool] = Field(None, description="bias in the attention's qkv projection")
+    position_embeddings: Optional[Literal["learned", "sincos"]] = Field(
+        None, description="learned (N(0, 1) init) or fixed sine-cosine position embeddings")
+    patch_norm: Optional[bool] = Field(None, description="patch embedding LayerNorm -> Linear "
+                                       "-> LayerNorm (else the Linear alone)")
+    weight_decay_all: Optional[bool] = Field(None, description="weight decay on every "
+                                             "parameter (else none on biases, norms, tokens)")
+    batch_order: Optional[Literal["prompt", "shuffled"]] = Field(
+        None, description="batches of consecutive maps (of one prompt) or maps shuffled "
+        "within the loader's window")
 
     @field_validator("model_config_overrides")
     @classmethod
     def _bounded(cls, value):
         return bounded_freeform(value, "model_config_overrides")
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe's items with the fields set here over them (warm-up as a fraction of
+        the steps unless ``warmup_steps`` is set)."""
+        out = dict(RECIPES[self.recipe])
+        for key in out:
+            if getattr(self, key, None) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+# Where the paper is silent: the reference package's AP-MAE (no qkv bias, learned positions,
+# LayerNorm-Linear-LayerNorm patch embedding, weight decay on every parameter, no warm-up,
+# batches of consecutive maps of one prompt), or MAE's defaults (``improved``).
+RECIPES: dict[str, dict[str, Any]] = {
+    "reference": dict(qkv_bias=False, position_embeddings="learned", patch_norm=True,
+                      weight_decay_all=True, warmup_fraction=0.0, batch_order="prompt"),
+    "improved": dict(qkv_bias=True, position_embeddings="sincos", patch_norm=False,
+                     weight_decay_all=False, warmup_fraction=0.05, batch_order="shuffled"),
+}
 
 
 def bounded_freeform(value, what: str, limit: int = MAX_FREEFORM_BYTES):
