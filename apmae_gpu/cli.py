@@ -114,15 +114,9 @@ def mine(
                        ".jsonl/.parquet file with a `content` column, or hf:<dataset id>."),
     tasks: str = opt(MineConfig, "tasks", "--tasks", help="all, or a comma list of: "
                       + ", ".join(TASKS)),
-    per_task: Optional[int] = opt(MineConfig, "per_task", "--per-task",
-                                   help="Analysis rows to mine per task (default: derived "
-                                        "from capture's and intervene's quotas, see "
-                                        "--rarer-share)."),
-    rarer_share: float = opt(MineConfig, "rarer_share", "--rarer-share",
-                             help="The share of a task's candidates expected in its rarer "
-                                  "class, for the derived --per-task."),
-    max_passes: int = opt(MineConfig, "max_passes", "--max-passes",
-                          help="Passes over the corpus to fill the quotas."),
+    per_task: Optional[int] = opt(MineConfig, "per_task", "--per-task"),
+    rarer_share: float = opt(MineConfig, "rarer_share", "--rarer-share"),
+    max_passes: int = opt(MineConfig, "max_passes", "--max-passes"),
     train_per_task: int = opt(MineConfig, "train_per_task", "--train-per-task",
                                help="Random-masking rows for AP-MAE training, from files the "
                                     "analysis rows never come from."),
@@ -135,10 +129,8 @@ def mine(
                                        "(the reference takes identifier nodes only)."),
     window: int = opt(MineConfig, "window", "--window", help="Prompt length in tokens."),
     seed: int = seed_opt(),
-    per_file: int = opt(MineConfig, "per_file", "--per-file", help="At most this many rows "
-                         "per task from one file in one pass (spreads tasks over files)."),
-    dedup: bool = opt(MineConfig, "dedup", "--dedup/--no-dedup", help="Skip exact duplicate "
-                       "files (SHA-256 of the content)."),
+    per_file: int = opt(MineConfig, "per_file", "--per-file"),
+    dedup: bool = opt(MineConfig, "dedup", "--dedup/--no-dedup"),
     max_files: Optional[int] = opt(MineConfig, "max_files", "--max-files",
                                     help="Stop after this many files."),
     max_file_bytes: int = opt(MineConfig, "max_file_bytes", "--max-file-bytes",
@@ -270,28 +262,15 @@ def train(
                                                          "the preset (e.g. image_size, "
                                                          "patch_size).")] = None,
     warmup_steps: Optional[int] = opt(TrainConfig, "warmup_steps", "--warmup-steps",
-                                       help="Linear warm-up steps (default: the recipe's, "
-                                            "none for reference, 5% of --steps for "
-                                            "improved)."),
-    recipe: str = opt(TrainConfig, "recipe", "--recipe", help="reference (the reference "
-                      "package's AP-MAE where the paper is silent) or improved (MAE's "
-                      "defaults); the options below override single items."),
-    qkv_bias: Optional[bool] = opt(TrainConfig, "qkv_bias", "--qkv-bias/--no-qkv-bias",
-                                   help="Bias in the attention's qkv projection (default: "
-                                        "the recipe's)."),
+                                       help="Linear warm-up steps (default: the recipe's)."),
+    recipe: str = opt(TrainConfig, "recipe", "--recipe"),
+    qkv_bias: Optional[bool] = opt(TrainConfig, "qkv_bias", "--qkv-bias/--no-qkv-bias"),
     position_embeddings: Optional[str] = opt(TrainConfig, "position_embeddings",
-                                             "--position-embeddings",
-                                             help="learned or sincos (default: the recipe's)."),
-    patch_norm: Optional[bool] = opt(TrainConfig, "patch_norm", "--patch-norm/--no-patch-norm",
-                                     help="LayerNorm -> Linear -> LayerNorm patch embedding "
-                                          "(default: the recipe's)."),
+                                             "--position-embeddings"),
+    patch_norm: Optional[bool] = opt(TrainConfig, "patch_norm", "--patch-norm/--no-patch-norm"),
     weight_decay_all: Optional[bool] = opt(TrainConfig, "weight_decay_all",
-                                           "--weight-decay-all/--no-weight-decay-all",
-                                           help="Weight decay on every parameter (default: "
-                                                "the recipe's)."),
-    batch_order: Optional[str] = opt(TrainConfig, "batch_order", "--batch-order",
-                                     help="prompt (consecutive maps) or shuffled (default: "
-                                          "the recipe's)."),
+                                           "--weight-decay-all/--no-weight-decay-all"),
+    batch_order: Optional[str] = opt(TrainConfig, "batch_order", "--batch-order"),
     save_every: Optional[int] = opt(TrainConfig, "save_every", "--save-every",
                                      help="Checkpoint every N steps (default steps/10, at most "
                                           "2000)."),

@@ -119,8 +119,10 @@ class MineConfig(_Strict):
                                         "analysis on `test`)")
     type_identifiers: bool = False
     window: int = Field(256, ge=16)
-    per_file: int = Field(1, ge=1)
-    dedup: bool = True
+    per_file: int = Field(1, ge=1, description="at most this many rows per task from one "
+                          "file in one pass (spreads tasks over files)")
+    dedup: bool = Field(True, description="skip exact duplicate files (SHA-256 of the "
+                        "content)")
     max_files: Optional[int] = Field(None, ge=1)
     max_file_bytes: int = Field(1_000_000, ge=1)
     content_column: str = "content"
