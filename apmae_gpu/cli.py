@@ -124,9 +124,7 @@ def mine(
                                        help="Mine the training rows from this corpus instead "
                                             "(e.g. a dataset's train split while --corpus is "
                                             "its test split)."),
-    type_identifiers: bool = opt(MineConfig, "type_identifiers", "--type-identifiers",
-                                  help="Also mask type identifiers in the identifiers task "
-                                       "(the reference takes identifier nodes only)."),
+    type_identifiers: bool = opt(MineConfig, "type_identifiers", "--type-identifiers"),
     window: int = opt(MineConfig, "window", "--window", help="Prompt length in tokens."),
     seed: int = seed_opt(),
     per_file: int = opt(MineConfig, "per_file", "--per-file"),
@@ -138,6 +136,7 @@ def mine(
     content_column: str = opt(MineConfig, "content_column", "--content-column",
                                help="Column holding the source text in JSONL/Parquet/HF "
                                     "corpora."),
+    dedup_flags: str = opt(MineConfig, "dedup_flags", "--dedup-flags"),
     trust_remote_code: bool = opt(PipelineConfig, "trust_remote_code", "--trust-remote-code",
                                   help="Allow a hub tokenizer's own code to run."),
     config: ConfigOpt = None,

@@ -117,7 +117,9 @@ class MineConfig(_Strict):
     train_corpus: Optional[str] = Field(None, description="mine the training candidates from "
                                         "this corpus (the reference: StackLessV2 `train`, "
                                         "analysis on `test`)")
-    type_identifiers: bool = False
+    type_identifiers: bool = Field(False, description="also mask type identifiers in the "
+                                   "identifiers task (the reference takes identifier nodes "
+                                   "only)")
     window: int = Field(256, ge=16)
     per_file: int = Field(1, ge=1, description="at most this many rows per task from one "
                           "file in one pass (spreads tasks over files)")
@@ -126,6 +128,9 @@ class MineConfig(_Strict):
     max_files: Optional[int] = Field(None, ge=1)
     max_file_bytes: int = Field(1_000_000, ge=1)
     content_column: str = "content"
+    dedup_flags: Literal["reference", "all"] = Field(
+        "reference", description="The Heap's duplicate flags that drop a file: the Stack v2 "
+        "ones (the reference) or all")
 
 
 def mine_supply(mine: MineConfig, capture: "CaptureConfig | None" = None,

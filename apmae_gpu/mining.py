@@ -618,10 +618,11 @@ def mine(out: Path, settings: MineConfig | None = None, *, model: str, seed: int
         raise ApmaeError(f"per-task override for unknown task {', '.join(unknown)}")
     quota = {t: int(quota_of.get(t, n_noise if t == "noise" else per_task)) for t in chosen}
     quotas = _Quotas(quota, int(train_per_task) if "random_masking" in chosen else 0)
-    src = open_corpus(corpus, content_column)
+    src = open_corpus(corpus, content_column, cfg.dedup_flags)
     passes = [(src, "both")]
     if train_corpus:
-        passes = [(src, "analysis"), (open_corpus(train_corpus, content_column), "train")]
+        passes = [(src, "analysis"),
+                  (open_corpus(train_corpus, content_column, cfg.dedup_flags), "train")]
     tokenizer = llm.load_tokenizer(model, trust_remote_code=trust_remote_code)
     builder = PromptBuilder(tokenizer, window)
     java = JavaTargets(type_identifiers=type_identifiers)
