@@ -437,8 +437,9 @@ def classify(
     tasks: Optional[str] = opt(ClassifyConfig, "tasks", "--tasks", help="Comma list of tasks "
                                 "(default: every labelled task)."),
     shap_on: str = opt(ClassifyConfig, "shap_on", "--shap-on", help="oof (each inference "
-                        "explained by the fold model that did not train on it) or full (one "
-                        "model fitted on all data)."),
+                        "explained by the fold model that did not train on it), full (one "
+                        "model fitted on all data) or split (the reference: one model on a "
+                        "stratified 90%, SHAP on the other 10%)."),
     one_hot_max_size: Optional[int] = opt(
         ClassifyConfig, "one_hot_max_size", "--one-hot-max-size", help="One-hot encode heads "
         "with at most this many clusters instead of target statistics (default: CatBoost's; "
