@@ -10,15 +10,18 @@ SHAP: CatBoost's own ``get_feature_importance(type="ShapValues")`` (exact TreeSH
 oblivious trees, in log-odds units; shap's ``TreeExplainer`` calls the same code for CatBoost
 models).  By default every inference gets its SHAP values from the fold model that did *not*
 train on it (``shap_on="oof"``); ``shap_on="full"`` explains one extra model fitted on all
-data instead.  Per head:
+data instead, and ``shap_on="split"`` is the reference's: one model fitted on a stratified 90%
+of the inferences explains the other 10% (the per-head summaries then use those 10% only).
+Per head:
 
 ``importance``
     The largest difference between the mean SHAP values of the head's categories (the
     paper's Figs. 5-6): high when one pattern in this head pushes towards "correct" and
     another towards "incorrect".
 ``mean_shap``
-    The head's mean signed SHAP value over all inferences (the paper's appendix A; the
-    intervention ranks heads by it).  Note: TreeSHAP values of a feature average to almost
+    The head's mean signed SHAP value over all inferences (the paper's appendix A;
+    ``apmae intervene --rank-by mean_shap`` ranks heads by it, the default ``shap_parts``
+    ranks them by ``mean_shap_pos`` / ``mean_shap_neg`` as the reference does).  Note: TreeSHAP values of a feature average to almost
     zero over the data a model was fitted to, so for informative heads this sign is weak;
     ``extreme_shap`` (the signed mean SHAP of the head's most extreme category) is stored
     beside it and ``apmae intervene --rank-by extreme_shap`` can rank by it.
@@ -111,6 +114,7 @@ class CVResult:
     fold_of: np.ndarray                   # [n] fold each sample was tested in
     shap: np.ndarray                      # [n, F] SHAP values (log-odds)
     best_iterations: list[int] = field(default_factory=list)
+    shap_rows: np.ndarray | None = None   # rows the SHAP values explain (None: all)
 
 
 # --------------------------------------------------------------------------- data
@@ -342,9 +346,26 @@ def cross_validate(X: pd.DataFrame, y: np.ndarray, folds: int, settings: CatBoos
         shap = cb.get_feature_importance(Pool(X, cat_features=list(range(F))),
                                          type="ShapValues")[:, :F]
         secs["catboost"] += time.perf_counter() - t0
+    elif shap_on == "split":
+        shap_rows = _shap_split(X, y, shap, settings, task_type, seed)
+        return CVResult(folds, acc, auc, secs, proba, fold_of, shap, best, shap_rows)
     elif shap_on != "oof":
-        raise ApmaeError(f"--shap-on {shap_on}: expected oof or full")
+        raise ApmaeError(f"--shap-on {shap_on}: expected oof, full or split")
     return CVResult(folds, acc, auc, secs, proba, fold_of, shap, best)
+
+
+def _shap_split(X: pd.DataFrame, y: np.ndarray, shap: np.ndarray, settings: CatBoostSettings,
+                task_type: str, seed: int) -> np.ndarray:
+    """The reference's SHAP: one model on a stratified 90%, SHAP values (into ``shap``) of
+    the held-out 10%, whose row numbers are returned."""
+    from catboost import Pool
+
+    tr, te = train_test_split(np.arange(len(y)), test_size=0.1, stratify=y, random_state=seed)
+    cb = fit_catboost(X.iloc[tr], y[tr], settings, task_type, seed)
+    F = X.shape[1]
+    shap[te] = cb.get_feature_importance(Pool(X.iloc[te], cat_features=list(range(F))),
+                                         type="ShapValues")[:, :F]
+    return np.sort(te)
 
 
 def head_importance(shap: np.ndarray, X: np.ndarray, n_layers: int, n_heads: int
@@ -423,7 +444,8 @@ def classify_task(task: str, X: np.ndarray, y: np.ndarray, inference_ids: np.nda
         cv = cross_validate(frame, y, used, settings, task_type, seed, shap_on)
     except CatBoostError as exc:
         raise ApmaeError(f"CatBoost failed: {str(exc).splitlines()[0]}") from None
-    heads, categories = head_importance(cv.shap, X, n_layers, n_heads)
+    rows_ = cv.shap_rows if cv.shap_rows is not None else slice(None)
+    heads, categories = head_importance(cv.shap[rows_], X[rows_], n_layers, n_heads)
     heads = stability_selection(_shap_fitter(settings, task_type, seed), frame, y, heads,
                                 *stability, n_heads, seed)
     rows = []

@@ -115,8 +115,9 @@ def mine(
                        ".jsonl/.parquet file with a `content` column, or hf:<dataset id>."),
     tasks: str = opt(MineConfig, "tasks", "--tasks", help="all, or a comma list of: "
                       + ", ".join(TASKS)),
-    per_task: int = opt(MineConfig, "per_task", "--per-task",
-                         help="Analysis rows to mine per task."),
+    per_task: Optional[int] = opt(MineConfig, "per_task", "--per-task"),
+    rarer_share: float = opt(MineConfig, "rarer_share", "--rarer-share"),
+    max_passes: int = opt(MineConfig, "max_passes", "--max-passes"),
     train_per_task: int = opt(MineConfig, "train_per_task", "--train-per-task",
                                help="Random-masking rows for AP-MAE training, from files the "
                                     "analysis rows never come from."),
@@ -124,15 +125,11 @@ def mine(
                                        help="Mine the training rows from this corpus instead "
                                             "(e.g. a dataset's train split while --corpus is "
                                             "its test split)."),
-    type_identifiers: bool = opt(MineConfig, "type_identifiers", "--type-identifiers",
-                                  help="Also mask type identifiers in the identifiers task "
-                                       "(the reference takes identifier nodes only)."),
+    type_identifiers: bool = opt(MineConfig, "type_identifiers", "--type-identifiers"),
     window: int = opt(MineConfig, "window", "--window", help="Prompt length in tokens."),
     seed: int = seed_opt(),
-    per_file: int = opt(MineConfig, "per_file", "--per-file", help="At most this many rows "
-                         "per task from one file (spreads tasks over files)."),
-    dedup: bool = opt(MineConfig, "dedup", "--dedup/--no-dedup", help="Skip exact duplicate "
-                       "files (SHA-256 of the content)."),
+    per_file: int = opt(MineConfig, "per_file", "--per-file"),
+    dedup: bool = opt(MineConfig, "dedup", "--dedup/--no-dedup"),
     max_files: Optional[int] = opt(MineConfig, "max_files", "--max-files",
                                     help="Stop after this many files."),
     max_file_bytes: int = opt(MineConfig, "max_file_bytes", "--max-file-bytes",
@@ -140,6 +137,7 @@ def mine(
     content_column: str = opt(MineConfig, "content_column", "--content-column",
                                help="Column holding the source text in JSONL/Parquet/HF "
                                     "corpora."),
+    dedup_flags: str = opt(MineConfig, "dedup_flags", "--dedup-flags"),
     trust_remote_code: bool = opt(PipelineConfig, "trust_remote_code", "--trust-remote-code",
                                   help="Allow a hub tokenizer's own code to run."),
     config: ConfigOpt = None,
@@ -153,7 +151,9 @@ def mine(
     check_mine_out(out)
     with new_run_dir(out), _writing(out):
         mining.mine(out, settings, model=model, seed=top(ctx, pcfg, "seed", seed),
-                    trust_remote_code=top(ctx, pcfg, "trust_remote_code", trust_remote_code))
+                    trust_remote_code=top(ctx, pcfg, "trust_remote_code", trust_remote_code),
+                    capture=pcfg.capture if pcfg else None,
+                    intervene=pcfg.intervene if pcfg else None)
 
 
 # --------------------------------------------------------------------------- capture
@@ -263,7 +263,15 @@ def train(
                                                          "the preset (e.g. image_size, "
                                                          "patch_size).")] = None,
     warmup_steps: Optional[int] = opt(TrainConfig, "warmup_steps", "--warmup-steps",
-                                       help="Linear warm-up steps (default 5% of --steps)."),
+                                       help="Linear warm-up steps (default: the recipe's)."),
+    recipe: str = opt(TrainConfig, "recipe", "--recipe"),
+    qkv_bias: Optional[bool] = opt(TrainConfig, "qkv_bias", "--qkv-bias/--no-qkv-bias"),
+    position_embeddings: Optional[str] = opt(TrainConfig, "position_embeddings",
+                                             "--position-embeddings"),
+    patch_norm: Optional[bool] = opt(TrainConfig, "patch_norm", "--patch-norm/--no-patch-norm"),
+    weight_decay_all: Optional[bool] = opt(TrainConfig, "weight_decay_all",
+                                           "--weight-decay-all/--no-weight-decay-all"),
+    batch_order: Optional[str] = opt(TrainConfig, "batch_order", "--batch-order"),
     save_every: Optional[int] = opt(TrainConfig, "save_every", "--save-every",
                                      help="Checkpoint every N steps (default steps/10, at most "
                                           "2000)."),
@@ -432,8 +440,9 @@ def classify(
     tasks: Optional[str] = opt(ClassifyConfig, "tasks", "--tasks", help="Comma list of tasks "
                                 "(default: every labelled task)."),
     shap_on: str = opt(ClassifyConfig, "shap_on", "--shap-on", help="oof (each inference "
-                        "explained by the fold model that did not train on it) or full (one "
-                        "model fitted on all data)."),
+                        "explained by the fold model that did not train on it), full (one "
+                        "model fitted on all data) or split (the reference: one model on a "
+                        "stratified 90%, SHAP on the other 10%)."),
     one_hot_max_size: Optional[int] = opt(
         ClassifyConfig, "one_hot_max_size", "--one-hot-max-size", help="One-hot encode heads "
         "with at most this many clusters instead of target statistics (default: CatBoost's; "

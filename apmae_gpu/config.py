@@ -14,6 +14,7 @@ refused before anything is built from it), and free-form fields
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, TypeVar
@@ -108,21 +109,48 @@ class _Strict(BaseModel):
 class MineConfig(_Strict):
     corpus: str = "jdk"   # "jdk" = the JDK's src.zip from Debian's openjdk-17-source
     tasks: str = "all"
-    per_task: int = Field(1000, ge=1, description="analysis candidates per task")
+    per_task: Optional[int] = Field(None, ge=1, description="analysis candidates per task "
+                                    "(None: derived from capture's and intervene's quotas, "
+                                    "see mine_supply)")
+    rarer_share: float = Field(0.08, gt=0, le=0.5, description="the share of a task's "
+                               "candidates expected in its rarer class (correct or incorrect) "
+                               "when the supply is derived")
+    max_passes: int = Field(100, ge=1, description="passes over the corpus to fill the quotas "
+                            "(each takes per_file more candidates per task from every file)")
     per_task_overrides: dict[str, Annotated[int, Field(ge=1)]] = Field(default_factory=dict)
     train_per_task: int = Field(800_000, ge=0, description="random-masking candidates for "
                                 "AP-MAE training, from files the analysis never uses")
     train_corpus: Optional[str] = Field(None, description="mine the training candidates from "
                                         "this corpus (the reference: StackLessV2 `train`, "
                                         "analysis on `test`)")
-    type_identifiers: bool = False
+    type_identifiers: bool = Field(False, description="also mask type identifiers in the "
+                                   "identifiers task (the reference takes identifier nodes "
+                                   "only)")
     window: int = Field(256, ge=16)
-    per_file: int = Field(1, ge=1)
-    dedup: bool = True
+    per_file: int = Field(1, ge=1, description="at most this many rows per task from one "
+                          "file in one pass (spreads tasks over files)")
+    dedup: bool = Field(True, description="skip exact duplicate files (SHA-256 of the "
+                        "content)")
     max_files: Optional[int] = Field(None, ge=1)
     max_file_bytes: int = Field(1_000_000, ge=1, le=10_000_000, description="larger files are "
                                 "skipped (huge); parsing one holds ~300 bytes per source byte")
     content_column: str = "content"
+    dedup_flags: Literal["reference", "all"] = Field(
+        "reference", description="The Heap's duplicate flags that drop a file: the Stack v2 "
+        "ones (the reference) or all")
+
+
+def mine_supply(mine: MineConfig, capture: "CaptureConfig | None" = None,
+                intervene: "InterveneConfig | None" = None) -> tuple[int, int]:
+    """(analysis candidates per task, noise rows): ``mine.per_task`` for both when set; else
+    enough candidates for capture's N correct + N incorrect plus intervention's held-out
+    ``per_group`` of each class when the rarer class is ``rarer_share`` of them, and capture's
+    2N noise prompts (noise has no classes)."""
+    if mine.per_task is not None:
+        return mine.per_task, mine.per_task
+    n = (capture or CaptureConfig()).analysis.per_task
+    rarer = n + (intervene or InterveneConfig()).per_group
+    return math.ceil(rarer / mine.rarer_share), 2 * n
 
 
 class CaptureSplitConfig(_Strict):
@@ -177,11 +205,44 @@ class TrainConfig(_Strict):
                                 "uninterrupted one bit for bit (slower)")
     model_config_overrides: Optional[dict[str, Any]] = Field(
         None, description="AP-MAE config keys that differ from the preset (e.g. image_size)")
+    recipe: Literal["reference", "improved"] = Field(
+        "reference", description="where the paper is silent: the reference package's choices, "
+        "or MAE's (see RECIPES); the fields below override single items")
+    qkv_bias: Optional[bool] = Field(None, description="bias in the attention's qkv projection")
+    position_embeddings: Optional[Literal["learned", "sincos"]] = Field(
+        None, description="learned (N(0, 1) init) or fixed sine-cosine position embeddings")
+    patch_norm: Optional[bool] = Field(None, description="patch embedding LayerNorm -> Linear "
+                                       "-> LayerNorm (else the Linear alone)")
+    weight_decay_all: Optional[bool] = Field(None, description="weight decay on every "
+                                             "parameter (else none on biases, norms, tokens)")
+    batch_order: Optional[Literal["prompt", "shuffled"]] = Field(
+        None, description="batches of consecutive maps (of one prompt) or maps shuffled "
+        "within the loader's window")
 
     @field_validator("model_config_overrides")
     @classmethod
     def _bounded(cls, value):
         return bounded_freeform(value, "model_config_overrides")
+
+    def resolved(self) -> dict[str, Any]:
+        """The recipe's items with the fields set here over them (warm-up as a fraction of
+        the steps unless ``warmup_steps`` is set)."""
+        out = dict(RECIPES[self.recipe])
+        for key in out:
+            if getattr(self, key, None) is not None:
+                out[key] = getattr(self, key)
+        return out
+
+
+# Where the paper is silent: the reference package's AP-MAE (no qkv bias, learned positions,
+# LayerNorm-Linear-LayerNorm patch embedding, weight decay on every parameter, no warm-up,
+# batches of consecutive maps of one prompt), or MAE's defaults (``improved``).
+RECIPES: dict[str, dict[str, Any]] = {
+    "reference": dict(qkv_bias=False, position_embeddings="learned", patch_norm=True,
+                      weight_decay_all=True, warmup_fraction=0.0, batch_order="prompt"),
+    "improved": dict(qkv_bias=True, position_embeddings="sincos", patch_norm=False,
+                     weight_decay_all=False, warmup_fraction=0.05, batch_order="shuffled"),
+}
 
 
 def bounded_freeform(value, what: str, limit: int = MAX_FREEFORM_BYTES):
@@ -256,7 +317,7 @@ class ClassifyConfig(_Strict):
     early_stopping_rounds: int = Field(25, ge=0, description="0: no early stopping")
     eval_fraction: float = Field(0.1, gt=0, lt=1)
     tasks: Optional[list[str]] = None
-    shap_on: Literal["oof", "full"] = "oof"
+    shap_on: Literal["oof", "full", "split"] = "oof"   # split: the reference's 90/10
     # None: CatBoost's defaults (the reference); 16 one-hot encodes cluster ids, much faster
     # on CPU (bench/results/classify.md)
     one_hot_max_size: Optional[int] = Field(None, ge=1)

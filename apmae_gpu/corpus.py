@@ -26,6 +26,7 @@ import stat
 import time
 import zipfile
 import zlib
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 from urllib.parse import parse_qsl
@@ -40,16 +41,26 @@ log = logging.getLogger("apmae_gpu.corpus")
 ID_COLUMNS = ("path", "file_path", "max_stars_repo_path", "file_name", "filename", "id", "sha")
 JAVA_SUFFIX = ".java"
 # The Heap flags files that are exact or near duplicates of other corpora (The Stack v1/v2,
-# RedPajama, GitHub Code) in boolean columns named like these; flagged rows are dropped.
+# RedPajama, GitHub Code) in boolean columns named like these; flagged rows are dropped.  The
+# reference drops only the Stack v2 flags (``reference``); ``all`` drops every flag's rows.
 DUPLICATE_FLAG_PREFIXES = ("exact_duplicates", "near_duplicates")
+REFERENCE_FLAGS = ("exact_duplicates_stackv2", "near_duplicates_stackv2")
+DEDUP_FLAGS = ("reference", "all")
 
 
-def duplicate_flag_columns(names) -> list[str]:
-    return [c for c in names if str(c).startswith(DUPLICATE_FLAG_PREFIXES)]
+def duplicate_flag_columns(names, which: str = "reference") -> list[str]:
+    if which == "all":
+        return [c for c in names if str(c).startswith(DUPLICATE_FLAG_PREFIXES)]
+    return [c for c in names if c in REFERENCE_FLAGS]
 
 
-def is_flagged_duplicate(row, flags: list[str]) -> bool:
-    return any(bool(row.get(c)) for c in flags)
+def is_flagged_duplicate(row, flags: list[str], counts=None) -> bool:
+    """Whether ``row`` is flagged by one of ``flags``; ``counts`` (a Counter) gains one per
+    flag set."""
+    hit = [c for c in flags if bool(row.get(c))]
+    if counts is not None:
+        counts.update(hit)
+    return bool(hit)
 
 
 class TooLarge(bytes):
@@ -99,14 +110,19 @@ class Corpus:
 
     kind = "corpus"
 
-    def __init__(self, spec: str):
+    def __init__(self, spec: str, dedup_flags: str = "reference"):
         self.spec = spec
         self.duplicates_filtered = 0     # rows flagged as duplicates of other corpora
+        self.dedup_flags = dedup_flags   # which flags drop a row (DEDUP_FLAGS)
+        self.flag_counts: Counter = Counter()   # rows each flag is set on, among those seen
 
     def describe(self) -> dict:
         out = {"spec": self.spec, "kind": self.kind}
         if self.duplicates_filtered:
             out["duplicates_filtered"] = self.duplicates_filtered
+        out["dedup_flags"] = self.dedup_flags
+        if self.flag_counts:
+            out["duplicates_by_flag"] = dict(self.flag_counts)
         return out
 
     def iter_files(self, seed: int = 0, max_bytes: int | None = None) -> Iterator[tuple[str, bytes]]:
@@ -227,8 +243,9 @@ class JsonlCorpus(_RandomAccess):
 
     kind = "jsonl"
 
-    def __init__(self, spec: str, content_column: str = "content"):
-        super().__init__(spec)
+    def __init__(self, spec: str, content_column: str = "content",
+                 dedup_flags: str = "reference"):
+        super().__init__(spec, dedup_flags)
         self.path = Path(spec)
         self.content_column = content_column
         self._offsets: dict[str, tuple[int, int]] | None = None
@@ -256,7 +273,7 @@ class JsonlCorpus(_RandomAccess):
                     source = next((str(obj[c]) for c in ID_COLUMNS
                                    if isinstance(obj, dict) and obj.get(c)), source)
                     if isinstance(obj, dict) and is_flagged_duplicate(
-                            obj, duplicate_flag_columns(obj)):
+                            obj, duplicate_flag_columns(obj, self.dedup_flags), self.flag_counts):
                         self.duplicates_filtered += 1
                         pos += len(line)
                         continue
@@ -297,8 +314,9 @@ def _content_bytes(value) -> bytes:
 class ParquetCorpus(Corpus):
     kind = "parquet"
 
-    def __init__(self, spec: str, content_column: str = "content"):
-        super().__init__(spec)
+    def __init__(self, spec: str, content_column: str = "content",
+                 dedup_flags: str = "reference"):
+        super().__init__(spec, dedup_flags)
         try:
             self.pf = pq.ParquetFile(spec)
         except Exception as exc:  # pyarrow raises ArrowInvalid/OSError
@@ -309,7 +327,7 @@ class ParquetCorpus(Corpus):
                              f"{', '.join(names)})")
         self.content_column = content_column
         self.id_column = next((c for c in ID_COLUMNS if c in names), None)
-        self.flags = duplicate_flag_columns(names)
+        self.flags = duplicate_flag_columns(names, self.dedup_flags)
 
     def iter_files(self, seed: int = 0, max_bytes: int | None = None):
         rng = np.random.default_rng(seed)
@@ -325,7 +343,9 @@ class ParquetCorpus(Corpus):
             ids = table.column(self.id_column).to_pylist() if self.id_column else None
             flagged = np.zeros(len(contents), bool)
             for c in self.flags:
-                flagged |= np.asarray(table.column(c).fill_null(False).to_pylist(), bool)
+                col = np.asarray(table.column(c).fill_null(False).to_pylist(), bool)
+                self.flag_counts[c] += int(col.sum())
+                flagged |= col
             for r in rng.permutation(len(contents)):
                 if flagged[r]:
                     self.duplicates_filtered += 1
@@ -343,8 +363,9 @@ class HFCorpus(_RandomAccess):
 
     kind = "huggingface"
 
-    def __init__(self, spec: str, content_column: str = "content"):
-        super().__init__(spec)
+    def __init__(self, spec: str, content_column: str = "content",
+                 dedup_flags: str = "reference"):
+        super().__init__(spec, dedup_flags)
         body = spec[3:]
         name, _, query = body.partition("?")
         opts = dict(parse_qsl(query))
@@ -358,10 +379,11 @@ class HFCorpus(_RandomAccess):
             raise ApmaeError(f"corpus {spec}: no column {content_column!r} (columns: "
                              f"{', '.join(cols)})")
         self.id_column = next((c for c in ID_COLUMNS if c in cols), None)
-        self.flags = duplicate_flag_columns(cols)
+        self.flags = duplicate_flag_columns(cols, self.dedup_flags)
         self.rows = None          # row numbers kept after the duplicate filter (non-streamed)
         if self.flags and not self.streaming:
             flags = self.ds.select_columns(self.flags).to_pandas().fillna(False).astype(bool)
+            self.flag_counts.update({c: int(n) for c, n in flags.sum().items()})
             keep = ~flags.any(axis=1).to_numpy()
             self.rows = np.flatnonzero(keep)
             self.duplicates_filtered = int((~keep).sum())
@@ -410,7 +432,7 @@ class HFCorpus(_RandomAccess):
                     yield source, data
             return
         for i, row in enumerate(self.ds.shuffle(seed=seed, buffer_size=10_000)):
-            if is_flagged_duplicate(row, self.flags):
+            if is_flagged_duplicate(row, self.flags, self.flag_counts):
                 self.duplicates_filtered += 1
                 continue
             source = str(row.get(self.id_column) or f"row:{i}") if self.id_column else f"row:{i}"
@@ -421,11 +443,14 @@ class HFCorpus(_RandomAccess):
                 yield source, data
 
 
-def open_corpus(spec: str, content_column: str = "content") -> Corpus:
-    """Open SRC (see module docstring); a missing or unknown corpus is an ApmaeError."""
+def open_corpus(spec: str, content_column: str = "content",
+                dedup_flags: str = "reference") -> Corpus:
+    """Open SRC (see module docstring); a missing or unknown corpus is an ApmaeError.
+    ``dedup_flags``: which of The Heap's duplicate flags drop a row (``reference``: the Stack
+    v2 ones, as the reference; ``all``)."""
     spec = str(spec)
     if spec.startswith("hf:"):
-        return HFCorpus(spec, content_column)
+        return HFCorpus(spec, content_column, dedup_flags)
     path = Path(spec).expanduser()
     if not path.exists():
         raise ApmaeError(f"corpus {spec} does not exist")
@@ -435,9 +460,9 @@ def open_corpus(spec: str, content_column: str = "content") -> Corpus:
     if name.endswith((".zip", ".jar")):
         return ZipCorpus(str(path))
     if name.endswith((".jsonl", ".jsonl.gz", ".ndjson")):
-        return JsonlCorpus(str(path), content_column)
+        return JsonlCorpus(str(path), content_column, dedup_flags)
     if name.endswith(".parquet"):
-        return ParquetCorpus(str(path), content_column)
+        return ParquetCorpus(str(path), content_column, dedup_flags)
     if name.endswith(JAVA_SUFFIX):
         raise ApmaeError(f"corpus {spec} is a single file; pass its directory")
     raise ApmaeError(f"corpus {spec}: unknown kind (expected a directory, .zip, .jar, .jsonl, "

@@ -2,7 +2,8 @@
 
 Whole Zarr chunks are read in a background thread.  Each epoch the chunks are permuted
 (seed, epoch), dealt to the ranks, grouped into windows of ``buffer_maps`` maps and shuffled
-within a window.  The order of the maps is therefore a pure function of (seed, epoch, rank),
+within a window (or, with ``shuffle=False``, kept in store order there: batches of
+consecutive maps, mostly of one prompt, as the reference trains).  The order of the maps is therefore a pure function of (seed, epoch, rank),
 so a resumed run skips straight to its step: no replay, nothing seen twice or lost.
 """
 
@@ -28,9 +29,10 @@ class MapLoader:
 
     def __init__(self, store: MapStore, map_ids: np.ndarray, batch_size: int, seed: int = 0,
                  rank: int = 0, world: int = 1, buffer_maps: int = 2048, workers: int = 1,
-                 prefetch: int = 2):
+                 prefetch: int = 2, shuffle: bool = True):
         self.store, self.batch_size, self.seed = store, batch_size, seed
         self.rank, self.world, self.workers, self.prefetch = rank, world, workers, prefetch
+        self.shuffle = shuffle
         self.ids = np.sort(np.asarray(map_ids, dtype=np.int64))
         cm = store.info.chunk_maps
         chunk_of = self.ids // cm
@@ -64,12 +66,16 @@ class MapLoader:
         return epoch, step
 
     def _windows(self, epoch: int) -> list[np.ndarray]:
-        """This rank's windows of ``epoch``: the shuffled map ids of each window."""
+        """This rank's windows of ``epoch``: the map ids of each window (shuffled there unless
+        ``shuffle`` is off)."""
         mine = self._rank_chunks(epoch, self.rank)
         out = []
         for w, start in enumerate(range(0, len(mine), self.window_chunks)):
             window = mine[start:start + self.window_chunks]
             ids = np.concatenate([self.chunk_ids[c] for c in window])
+            if not self.shuffle:
+                out.append(ids)
+                continue
             rng = np.random.default_rng([self.seed, epoch, self.rank, w])
             out.append(ids[rng.permutation(ids.size)])
         return out

@@ -28,15 +28,25 @@ noise                       tokens drawn uniformly from the vocabulary (special 
 Prompts
     FIM (``<fim_prefix>`` left ``<fim_suffix>`` right ``<fim_middle>``) when the tokenizer has
     the three tokens; the left, right and middle texts are tokenized as segments, exactly as
-    they are inside the prompt (special tokens split the text).  The window is fitted as the
-    paper's reference does (``window_rule``): ``whole`` if everything fits exactly; ``head``
-    if the hole lies in the first half of the window (keep the file's first tokens); else
-    ``tail`` (keep up to ``window/2 - 1`` tokens right of the hole and fill the rest with the
-    nearest left tokens).  Without FIM tokens: ``left``, the ``window`` tokens just before the
+    they are inside the prompt (special tokens split the text).  The window is fitted by the
+    reference's loader for the prompt's split (``fit_fim_window``, ``window_rule``):
+    ``whole`` if everything fits exactly; ``head`` if the hole lies within the window's first
+    half (keep the file's first tokens); else for training prompts ``tail`` (keep up to
+    ``(window-2)/2 - 1`` tokens right of the hole and fill the rest with the nearest left
+    tokens) and for analysis prompts ``centre`` (``(window-2)/2`` left and ``(window-2)/2 - 1``
+    right tokens; a hole with fewer right tokens is dropped, as the reference's analysis
+    loader drops it).  Without FIM tokens: ``left``, the ``window`` tokens just before the
     hole.  The target's first token is the token the model must produce next *in that
     prompt*: for ``left`` the file's own tokenization at the hole (a leading space becomes
     part of the target token, as in the file); for FIM the first token of the middle segment.
-    Files too short for a full window are skipped and counted.
+    Files too short for a full window are skipped and counted.  A file with parse errors
+    loses only the syntax targets inside or touching an ERROR/MISSING node (random spans need
+    no parse).
+
+Quotas
+    Pass after pass over the corpus, every file gives up to ``per_file`` new holes per task
+    that still needs rows (a per-file cursor over its seeded order of holes, so no hole is
+    taken twice), until every quota is met or a pass adds nothing.
 
 Splits (``split`` column)
     AP-MAE's training prompts (``train``: random masking) and the analysis prompts
@@ -63,7 +73,8 @@ import tree_sitter as ts
 import tree_sitter_java as tsj
 
 from apmae_gpu import TASKS, llm, task_rank
-from apmae_gpu.config import MineConfig, section
+from apmae_gpu.config import (CaptureConfig, InterveneConfig, MineConfig, mine_supply,
+                              section)
 from apmae_gpu.corpus import TooLarge, Unreadable, open_corpus, resolve_corpus
 from apmae_gpu.runs import ApmaeError, check_mine_out, progress, update_manifest, write_parquet
 
@@ -241,33 +252,27 @@ class PromptBuilder:
                 return ids, False
             span *= 2
 
-    def build(self, text: str, cs: int, ce: int) -> dict:
-        """Prompt for the hole ``text[cs:ce]`` (character offsets)."""
+    def build(self, text: str, cs: int, ce: int, rule: str = "analysis") -> dict:
+        """Prompt for the hole ``text[cs:ce]`` (character offsets); ``rule`` is the split
+        whose reference loader fits the window (``train`` or ``analysis``)."""
         if self.fim:
-            return self._build_fim(text, cs, ce)
+            return self._build_fim(text, cs, ce, rule)
         return self._build_left(text, cs, ce)
 
-    def _build_fim(self, text: str, cs: int, ce: int) -> dict:
+    def _build_fim(self, text: str, cs: int, ce: int, rule: str) -> dict:
         pre, suf, mid = self.fim
-        w, budget = self.window, self.budget
-        left, left_all = self._left(text, cs, w)
-        right, right_all = self._right(text, ce, w)
+        left, left_all = self._left(text, cs, self.window)
+        right, right_all = self._right(text, ce, self.window)
         middle = self._ids(text[cs:ce])
         if not middle:
             raise Skip("empty_target")
-        if left_all and right_all and len(left) + len(right) < budget:
-            raise Skip("too_short")
-        if left_all and right_all and len(left) + len(right) == budget:
-            rule, lt, rt = "whole", left, right
-        elif left_all and len(left) < w // 2:
-            rule, lt, rt = "head", left, right[:budget - len(left)]
-        else:
-            r = min(len(right), w // 2 - 1)
-            rule, lt, rt = "tail", left[len(left) - (budget - r):], right[:r]
+        name, n_left, n_right = fit_fim_window(len(left), len(right), left_all, right_all,
+                                               self.window, rule)
+        lt, rt = left[len(left) - n_left:], right[:n_right]
         ids = [pre] + lt + [suf] + rt + [mid]
-        assert len(ids) == w, (len(ids), rule)
+        assert len(ids) == self.window, (len(ids), name)
         return {"input_ids": ids, "target_token_id": middle[0], "target_token_ids": middle,
-                "fim": True, "window_rule": rule, "n_left": len(lt), "n_right": len(rt)}
+                "fim": True, "window_rule": name, "n_left": len(lt), "n_right": len(rt)}
 
     def _build_left(self, text: str, cs: int, ce: int) -> dict:
         w = self.window
@@ -296,6 +301,34 @@ class PromptBuilder:
         return {"input_ids": ids[t - w:t], "target_token_id": ids[t],
                 "target_token_ids": ids[t:max(u, t + 1)], "fim": False, "window_rule": "left",
                 "n_left": w, "n_right": 0}
+
+
+def fit_fim_window(n_left: int, n_right: int, left_all: bool, right_all: bool, window: int,
+                   rule: str) -> tuple[str, int, int]:
+    """The reference loaders' window over ``<fim_prefix>`` left ``<fim_suffix>`` right
+    ``<fim_middle>``: (rule name, left tokens kept, right tokens kept), or :class:`Skip`.
+
+    ``n_left``/``n_right`` tokens are available (all of them where ``*_all``).  Both loaders
+    drop prompts shorter than the window; a hole at most ``window/2`` tokens from the start
+    keeps the file's first ``window - 2`` tokens of left + ``<fim_suffix>`` + right
+    (``head``; the reference writes ``<fim_prefix>`` twice there and so keeps one token
+    less: a defect we do not copy).  Otherwise the training loader keeps up to
+    ``(window-2)/2 - 1`` right tokens and fills with the nearest left ones (``tail``); the
+    analysis loader keeps a centred ``(window-2)/2`` left / ``(window-2)/2 - 1`` right window
+    and drops holes with fewer right tokens (``centre``; ``short_right``)."""
+    budget = window - 3
+    fits = left_all and right_all and n_left + n_right == budget
+    if left_all and right_all and n_left + n_right < budget:
+        raise Skip("too_short")
+    if left_all and n_left <= window // 2:
+        return ("whole" if fits else "head"), n_left, budget - n_left
+    keep_right = (window - 2) // 2 - 1
+    if rule == "analysis":
+        if n_right < keep_right:
+            raise Skip("short_right")
+        return "centre", budget - keep_right, keep_right
+    r = min(n_right, keep_right)
+    return ("whole" if fits else "tail"), budget - r, r
 
 
 def char_offsets(data: bytes):
@@ -349,34 +382,39 @@ def too_deep(root, limit: int = MAX_DEPTH) -> bool:
 
 
 def mine_file(source: str, data: bytes, need: set[str], java: JavaTargets,
-              builder: PromptBuilder, seed: int, per_file: int, skips: Counter) -> list[dict]:
-    """Up to ``per_file`` prompts per needed task from one file (rows without ``task_id``)."""
-    tree = java.parse(data)
-    if tree.root_node.has_error:
-        skips["unparsable"] += 1
-        return []
-    if too_deep(tree.root_node):
-        skips["too_deep"] += 1
-        return []
+              builder: PromptBuilder, seed: int, per_file: int, skips: Counter,
+              split: str = "analysis", visit: int = 0, cursor: dict | None = None) -> list[dict]:
+    """Up to ``per_file`` prompts per needed task from one file (rows without ``task_id``),
+    fitted by ``split``'s window rule.  ``visit`` counts the passes over this file; with a
+    ``cursor`` (candidates already tried, per task) a further visit never takes a hole again.
+    Candidates inside or touching a parse error are dropped; random spans need no parse."""
     text = data.decode("utf-8")
     to_char = char_offsets(data)
     sha = hashlib.sha256(data).hexdigest()
-    found = java.find(tree, data) if need & set(SYNTAX_TASKS) else {}
+    syntax = need & set(SYNTAX_TASKS)
+    found, errors = _parse(java, data, skips, count=visit == 0) if syntax else ({}, [])
+    cursor = {} if cursor is None else cursor
     rows = []
     for task in TASKS:
         if task not in need or task == "noise":
             continue
-        rng = _rng(seed, task, source)
         if task == "random_masking":
-            candidates = _random_spans(text, data, builder, rng, per_file * 4)
+            candidates = _random_spans(text, data, builder, _rng(seed, task, source, visit),
+                                       per_file * 4)
         else:
             targets = found.get(task, [])
-            order = rng.permutation(len(targets))[: per_file * 4]
-            candidates = [targets[i] for i in order]
+            order = _rng(seed, task, source).permutation(len(targets))
+            start = cursor.get(task, 0)
+            candidates = [targets[i] for i in order[start:start + per_file * 4]]
         got = 0
         for target in candidates:
+            cursor[task] = cursor.get(task, 0) + 1
+            if _touches(target, errors):
+                skips["parse_error"] += 1
+                continue
             try:
-                prompt = builder.build(text, to_char(target.start_byte), to_char(target.end_byte))
+                prompt = builder.build(text, to_char(target.start_byte), to_char(target.end_byte),
+                                       rule=split)
             except Skip as why:
                 skips[str(why)] += 1
                 continue
@@ -388,6 +426,41 @@ def mine_file(source: str, data: bytes, need: set[str], java: JavaTargets,
             if got >= per_file:
                 break
     return rows
+
+
+def _parse(java: JavaTargets, data: bytes, skips: Counter, count: bool):
+    """The syntax targets of a file and the byte spans of its parse errors (ERROR and
+    MISSING nodes); a file with errors is counted once as ``unparsable``.  A file whose
+    tree is too deep for tree-sitter's query (:func:`too_deep`) yields no syntax targets and
+    is counted once as ``too_deep`` (random spans need no query)."""
+    tree = java.parse(data)
+    if too_deep(tree.root_node):
+        if count:
+            skips["too_deep"] += 1
+        return {}, []
+    errors = error_spans(tree.root_node)
+    if errors and count:
+        skips["unparsable"] += 1
+    return java.find(tree, data), errors
+
+
+def error_spans(root) -> list[tuple[int, int]]:
+    """(start, end) bytes of every ERROR or MISSING node, descending only where errors are."""
+    out, stack = [], [root] if root.has_error else []
+    while stack:
+        node = stack.pop()
+        if node.type == "ERROR" or node.is_missing:
+            out.append((node.start_byte, node.end_byte))
+            continue
+        stack.extend(c for c in node.children if c.has_error or c.is_missing)
+    return sorted(out)
+
+
+def _touches(target: Target, errors: list[tuple[int, int]]) -> bool:
+    """Whether a syntax target overlaps or touches a parse error (random spans never do)."""
+    if target.task == "random_masking":
+        return False
+    return any(s <= target.end_byte and target.start_byte <= e for s, e in errors)
 
 
 def _random_spans(text: str, data: bytes, builder: PromptBuilder, rng, n: int) -> list[Target]:
@@ -478,12 +551,78 @@ class _Quotas:
                 if self.counts[split][t] < q}
 
 
+class _Reader:
+    """The corpora's files, visited pass after pass: the first pass gives each new file a
+    split (skipping bad and duplicate files), later passes revisit the files that have one
+    while their split still needs rows, each with its candidate cursor (no hole twice)."""
+
+    def __init__(self, passes, quotas: _Quotas, seed: int, max_files, max_file_bytes: int,
+                 dedup: bool):
+        self.passes, self.quotas, self.seed, self.max_files = passes, quotas, seed, max_files
+        self.max_file_bytes, self.dedup = max_file_bytes, dedup
+        self.split_of: dict[tuple[int, str], str] = {}
+        self.cursors: dict[tuple[int, str], dict] = {}
+        self.seen: set[bytes] = set()
+        self.n_files = 0
+
+    def files(self, visit: int, skips: Counter):
+        """(source, data, split, cursor) of the files to mine in pass ``visit``."""
+        for c, (corpus_obj, mode) in enumerate(self.passes):
+            n_read = 0
+            for source, data in corpus_obj.iter_files(seed=self.seed,
+                                                      max_bytes=self.max_file_bytes):
+                if visit == 0:
+                    split = self.quotas.pick(mode)
+                    if split is None or (self.max_files is not None and n_read >= self.max_files):
+                        break
+                    n_read += 1
+                    if not self._admit(data, skips):
+                        continue
+                    self.split_of[(c, source)] = split
+                else:
+                    split = self.split_of.get((c, source))
+                    if split is None or not self.quotas.need(split):
+                        continue
+                yield source, data, split, self.cursors.setdefault((c, source), {})
+            self.n_files += n_read
+
+    def _admit(self, data: bytes, skips: Counter) -> bool:
+        reason = _file_skip_reason(data, self.max_file_bytes)
+        if reason:
+            skips[reason] += 1
+            return False
+        if self.dedup:   # a file in both corpora stays in the analysis split
+            digest = hashlib.sha256(data).digest()
+            if digest in self.seen:
+                skips["duplicate"] += 1
+                return False
+            self.seen.add(digest)
+        return True
+
+
+def _warn_short(quotas: _Quotas, passes: int, n_files: int, capped: bool) -> None:
+    """One line per task that did not reach its quota: how far it got and why."""
+    why = f"--max-passes {passes} reached" if capped else "corpus exhausted"
+    for split in SPLITS:
+        for task, n in quotas.missing(split).items():
+            q = quotas.quota[split][task]
+            log.warning("mine: %s (%s): %d of %d rows, %s after %d pass(es) over %d files",
+                        task, split, q - n, q, why, passes, n_files)
+
+
 def mine(out: Path, settings: MineConfig | None = None, *, model: str, seed: int = 0,
-         trust_remote_code: bool = False, **overrides) -> pd.DataFrame:
-    """Mine ``per_task`` analysis prompts per task (``per_task_overrides`` for some tasks) and
+         trust_remote_code: bool = False, capture: CaptureConfig | None = None,
+         intervene: InterveneConfig | None = None, **overrides) -> pd.DataFrame:
+    """Mine ``per_task`` analysis prompts per task (``per_task_overrides`` for some tasks;
+    without ``per_task``, the supply :func:`~apmae_gpu.config.mine_supply` derives from the
+    ``capture`` and ``intervene`` sections, default the paper's) and
     ``train_per_task`` random-masking prompts for AP-MAE from other files (or from
     ``train_corpus``) into ``out/tasks.parquet`` (+ manifest section).  ``max_files`` bounds
     the files read from each corpus.
+
+    Pass after pass over the corpus (up to ``max_passes``), each file gives up to
+    ``per_file`` more new holes per task still wanted; a task still short when a pass adds
+    nothing (corpus exhausted) gets one warning line.
 
     ``settings``: the ``mine`` section (:class:`~apmae_gpu.config.MineConfig`; default the
     paper's), with keyword ``overrides`` of its fields over it; ``model`` gives the
@@ -492,7 +631,8 @@ def mine(out: Path, settings: MineConfig | None = None, *, model: str, seed: int
     check_mine_out(out)   # before any work: a file, read-only, or a run with captures
     corpus = resolve_corpus(cfg.corpus)
     train_corpus = resolve_corpus(cfg.train_corpus) if cfg.train_corpus else None
-    tasks, per_task, window, per_file = cfg.tasks, cfg.per_task, cfg.window, cfg.per_file
+    per_task, n_noise = mine_supply(cfg, capture, intervene)
+    tasks, window, per_file = cfg.tasks, cfg.window, cfg.per_file
     dedup, max_files, max_file_bytes = cfg.dedup, cfg.max_files, cfg.max_file_bytes
     content_column, type_identifiers = cfg.content_column, cfg.type_identifiers
     train_per_task = cfg.train_per_task
@@ -501,12 +641,13 @@ def mine(out: Path, settings: MineConfig | None = None, *, model: str, seed: int
     unknown = sorted(set(quota_of) - set(TASKS))
     if unknown:
         raise ApmaeError(f"per-task override for unknown task {', '.join(unknown)}")
-    quota = {t: int(quota_of.get(t, per_task)) for t in chosen}
+    quota = {t: int(quota_of.get(t, n_noise if t == "noise" else per_task)) for t in chosen}
     quotas = _Quotas(quota, int(train_per_task) if "random_masking" in chosen else 0)
-    src = open_corpus(corpus, content_column)
+    src = open_corpus(corpus, content_column, cfg.dedup_flags)
     passes = [(src, "both")]
     if train_corpus:
-        passes = [(src, "analysis"), (open_corpus(train_corpus, content_column), "train")]
+        passes = [(src, "analysis"),
+                  (open_corpus(train_corpus, content_column, cfg.dedup_flags), "train")]
     tokenizer = llm.load_tokenizer(model, trust_remote_code=trust_remote_code)
     builder = PromptBuilder(tokenizer, window)
     java = JavaTargets(type_identifiers=type_identifiers)
@@ -516,34 +657,23 @@ def mine(out: Path, settings: MineConfig | None = None, *, model: str, seed: int
     skips: Counter = Counter()
     files: Counter = Counter()
     rows: list[dict] = []
-    seen: set[bytes] = set()
     total = sum(sum(q.values()) for q in quotas.quota.values())
     bar = progress(total=total, desc="mine", unit="task")
-    n_files = 0
-    for corpus_obj, mode in passes:
-        n_read = 0
-        for source, data in corpus_obj.iter_files(seed=seed, max_bytes=max_file_bytes):
-            split = quotas.pick(mode)
-            if split is None or (max_files is not None and n_read >= max_files):
-                break
-            n_read += 1
-            reason = _file_skip_reason(data, max_file_bytes)
-            if reason:
-                skips[reason] += 1
-                continue
-            if dedup or train_corpus:   # a file in both corpora stays in the analysis split
-                digest = hashlib.sha256(data).digest()
-                if digest in seen:
-                    skips["duplicate"] += 1
-                    continue
-                seen.add(digest)
-            files[split] += 1
+    reader = _Reader(passes, quotas, seed, max_files, max_file_bytes, dedup or bool(train_corpus))
+    visits = 0
+    for visit in range(cfg.max_passes):
+        added, visits = 0, visit + 1
+        for source, data, split, cursor in reader.files(visit, skips):
+            files[split] += visit == 0
             for row in mine_file(source, data, quotas.need(split), java, builder, seed,
-                                 per_file, skips):
+                                 per_file, skips, split=split, visit=visit, cursor=cursor):
                 if quotas.take(split, row["task"]):
                     rows.append({**row, "split": split})
                     bar.update(1)
-        n_files += n_read
+                    added += 1
+        if added == 0 or not (quotas.need("analysis") or quotas.need("train")):
+            break
+    n_files = reader.n_files
     bar.close()
     counts = Counter(quotas.counts["analysis"])
     # an empty corpus and one of unusable files end alike (noise alone needs no corpus)
@@ -563,9 +693,7 @@ def mine(out: Path, settings: MineConfig | None = None, *, model: str, seed: int
     seconds = time.perf_counter() - t0
     short = quotas.missing("analysis")
     short_train = quotas.missing("train")
-    if short or short_train:
-        log.warning("corpus exhausted before these tasks were full (missing rows): %s",
-                    {**short, **{f"train:{t}": n for t, n in short_train.items()}})
+    _warn_short(quotas, visits, n_files, visits >= cfg.max_passes)
     record = {
         "corpus": src.describe(), "model": llm.resolve(model).describe(),
         "train_corpus": passes[-1][0].describe() if train_corpus else None,
@@ -576,6 +704,7 @@ def mine(out: Path, settings: MineConfig | None = None, *, model: str, seed: int
         "seed": seed, "dedup": dedup, "files_read": n_files, "counts": dict(counts),
         "train_counts": dict(quotas.counts["train"]), "files_per_split": dict(files),
         "missing": short, "missing_train": short_train, "skipped": dict(skips),
+        "passes": visits, "max_passes": cfg.max_passes, "rarer_share": cfg.rarer_share,
         "window_rules": df["window_rule"].value_counts().to_dict(),
         "seconds": round(seconds, 2), "tasks_per_second": round(len(df) / max(seconds, 1e-9), 1),
     }

@@ -41,6 +41,7 @@ from apmae_gpu.runs import ApmaeError
 from apmae_gpu.scaling import FLOOR, SCALERS, log_minmax, stored_logs
 
 INPUT_SCALINGS = ("log_minmax", "raw")
+POSITION_EMBEDDINGS = ("sincos", "learned")
 STORED_SCALERS = SCALERS
 
 
@@ -73,6 +74,12 @@ class APMAEConfig(PreTrainedConfig):
     hidden_act: str = "gelu"
     layer_norm_eps: float = 1e-6
     qkv_bias: bool = True
+    # "sincos": fixed 2-D sine-cosine tables (MAE); "learned": trained, initialised N(0, 1) as
+    # the reference's torch.randn.  patch_norm: the reference's patch embedding
+    # LayerNorm(P*P) -> Linear -> LayerNorm(D) instead of the Linear alone.  The defaults are
+    # what checkpoints written before these keys hold; training's recipe sets all three.
+    position_embeddings: str = "sincos"
+    patch_norm: bool = False
     initializer_range: float = 0.02
     input_scaling: str = "log_minmax"
     stored_scaler: str = "log"
@@ -86,6 +93,8 @@ class APMAEConfig(PreTrainedConfig):
                              f"{self.patch_size}")
         if not 0.0 < self.mask_ratio < 1.0:
             raise ValueError(f"mask_ratio must lie in (0, 1), got {self.mask_ratio}")
+        if self.position_embeddings not in POSITION_EMBEDDINGS:
+            raise ValueError(f"position_embeddings must be one of {POSITION_EMBEDDINGS}")
         if self.input_scaling not in INPUT_SCALINGS:
             raise ValueError(f"input_scaling must be one of {INPUT_SCALINGS}")
         if self.stored_scaler not in STORED_SCALERS:
@@ -221,7 +230,8 @@ class APMAEPreTrainedModel(PreTrainedModel):
 
     def _init_weights(self, module):
         """MAE's init: xavier-uniform linears, zero biases, unit norms, N(0, 0.02) tokens,
-        fixed sine-cosine position embeddings (frozen)."""
+        fixed sine-cosine position embeddings (frozen), or learned ones drawn N(0, 1) as the
+        reference draws them."""
         if isinstance(module, nn.Linear):
             init.xavier_uniform_(module.weight)
             if module.bias is not None:
@@ -240,6 +250,9 @@ class APMAEPreTrainedModel(PreTrainedModel):
             init.copy_(module.pixel_valid, pixel_valid_mask(self.config.grid_size,
                                                             self.config.patch_size))
             for param in (module.pos_embed, module.decoder_pos_embed):
+                if self.config.position_embeddings == "learned":
+                    init.normal_(param, std=1.0)
+                    continue
                 table = torch.cat([torch.zeros(1, param.shape[-1]), sincos_2d(param.shape[-1], rc)])
                 init.copy_(param, table[None].to(param.dtype))
 
@@ -255,9 +268,13 @@ class APMAEModel(APMAEPreTrainedModel):
         c = config
         n, pp = c.num_patches, c.patch_size ** 2
         # encoder
+        learned = c.position_embeddings == "learned"
         self.patch_embed = nn.Linear(pp, c.hidden_size)
+        if c.patch_norm:
+            self.patch_norm_in = nn.LayerNorm(pp, eps=c.layer_norm_eps)
+            self.patch_norm_out = nn.LayerNorm(c.hidden_size, eps=c.layer_norm_eps)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, c.hidden_size))
-        self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, c.hidden_size), requires_grad=False)
+        self.pos_embed = nn.Parameter(torch.zeros(1, n + 1, c.hidden_size), requires_grad=learned)
         self.blocks = nn.ModuleList(
             Block(c.hidden_size, c.num_attention_heads, c.head_dim, c.intermediate_size, c)
             for _ in range(c.num_hidden_layers))
@@ -266,7 +283,7 @@ class APMAEModel(APMAEPreTrainedModel):
         self.decoder_embed = nn.Linear(c.hidden_size, c.decoder_hidden_size)
         self.mask_token = nn.Parameter(torch.zeros(1, 1, c.decoder_hidden_size))
         self.decoder_pos_embed = nn.Parameter(torch.zeros(1, n + 1, c.decoder_hidden_size),
-                                              requires_grad=False)
+                                              requires_grad=learned)
         self.decoder_blocks = nn.ModuleList(
             Block(c.decoder_hidden_size, c.decoder_num_attention_heads, c.decoder_head_dim,
                   c.decoder_intermediate_size, c)
@@ -368,11 +385,20 @@ class APMAEModel(APMAEPreTrainedModel):
             x = block(x)
         return self.norm(x)
 
+    def embed_patches(self, patches: torch.Tensor) -> torch.Tensor:
+        """Input patches [B, N, P*P] -> patch tokens with positions [B, N, D]."""
+        x = patches.to(self.patch_embed.weight.dtype)
+        if self.config.patch_norm:
+            x = self.patch_norm_out(self.patch_embed(self.patch_norm_in(x)))
+        else:
+            x = self.patch_embed(x)
+        return x + self.pos_embed[:, 1:]
+
     def forward_encoder(self, patches: torch.Tensor, mask_ratio: float,
                         noise: torch.Tensor | None = None):
         """Input patches [B, N, P*P] -> latent [B, 1+K, D] (CLS first), mask [B, N],
         ids_restore [B, N]."""
-        x = self.patch_embed(patches.to(self.patch_embed.weight.dtype)) + self.pos_embed[:, 1:]
+        x = self.embed_patches(patches)
         x, mask, ids_restore = self.random_masking(x, mask_ratio, noise)
         return self._encode_tokens(x), mask, ids_restore
 
@@ -394,16 +420,22 @@ class APMAEModel(APMAEPreTrainedModel):
         return self.decoder_pred(self.decoder_norm(x))[:, 1:]
 
     def forward_loss(self, target: torch.Tensor, pred: torch.Tensor, mask: torch.Tensor,
-                     per_map: bool = False) -> torch.Tensor:
+                     per_map: bool = False, count_padding: bool = False) -> torch.Tensor:
         """Masked-patch MSE over pixels on or below the diagonal.
 
         target, pred: [B, N, P*P]; mask: [B, N] (1 = masked).  Per map: sum of squared errors
         over the masked patches' valid pixels / their count.  Returns the mean over maps (a
         scalar), or the per-map values [B] with ``per_map=True``.
+
+        ``count_padding``: the paper's Table 2 definition, every pixel of the masked patches
+        in the count, the padding above the diagonal (a known zero, ~10.8% of the masked
+        pixels at 256/32) with no error: the same squared errors over a larger count.
         """
         weight = mask.float()[..., None] * self.pixel_valid.float()  # [B, N, P*P]
         sq = (pred.float() - target.float()).square()
-        mse = (sq * weight).sum(dim=(1, 2)) / weight.sum(dim=(1, 2))
+        count = (mask.float().sum(1) * weight.shape[-1] if count_padding
+                 else weight.sum(dim=(1, 2)))
+        mse = (sq * weight).sum(dim=(1, 2)) / count
         return mse if per_map else mse.mean()
 
     def forward(self, maps: torch.Tensor, mask_ratio: float | None = None,
@@ -427,20 +459,20 @@ class APMAEModel(APMAEPreTrainedModel):
         """
         if pool not in ("cls", "mean"):
             raise ApmaeError(f"pool must be 'cls' or 'mean', got {pool!r}")
-        patches = self.prepare(maps).to(self.patch_embed.weight.dtype)
-        x = self._encode_tokens(self.patch_embed(patches) + self.pos_embed[:, 1:])
+        x = self._encode_tokens(self.embed_patches(self.prepare(maps)))
         return x[:, 0] if pool == "cls" else x[:, 1:].mean(dim=1)
 
 
 # --------------------------------------------------------------------------- accounting
 def parameter_counts(model: APMAEModel) -> dict[str, int]:
-    """Trainable parameters of the encoder (patch embedding, CLS, blocks, norm) and of the
-    decoder (the rest)."""
+    """Trainable parameters of the encoder (patch embedding and its norms, CLS, learned
+    positions, blocks, norm) and of the decoder (the rest)."""
     enc = dec = 0
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if name.startswith(("patch_embed", "cls_token", "blocks", "norm.")):
+        if name.startswith(("patch_embed", "patch_norm", "cls_token", "pos_embed", "blocks",
+                            "norm.")):
             enc += p.numel()
         else:
             dec += p.numel()

@@ -101,7 +101,8 @@ def _mine(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
         raise ApmaeError(f"the mine settings changed but {run} already holds captured maps; "
                          "use a new --out")
     mining.mine(run, cfg.mine, model=cfg.model, seed=cfg.seed,
-                trust_remote_code=cfg.trust_remote_code)
+                trust_remote_code=cfg.trust_remote_code, capture=cfg.capture,
+                intervene=cfg.intervene)
 
 
 def _capture(split: str):

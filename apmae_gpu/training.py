@@ -11,10 +11,16 @@ Setup
     :func:`train` takes the run's settings as a ``TrainConfig`` and a :class:`RunContext`
     (paths, device, seed, ...); the setup validates everything before the first step, finds
     the checkpoint ``--resume`` continues, and builds the model, AdamW (weight decay 0.05,
-    betas 0.9/0.95, none on biases, norms and tokens), the schedule (linear warm-up then cosine
-    decay, peak LR base x global batch / 50 by default: base 1.5e-4 for ``paper`` as in the
+    betas 0.9/0.95), the schedule (optional linear warm-up, then cosine decay, peak LR base x global batch / 50 by default: base 1.5e-4 for ``paper`` as in the
     paper, larger for the small presets: ``BASE_LR``), optional ``torch.compile`` and DDP under
     ``torchrun`` (each rank reads its own chunks, only rank 0 writes).
+Recipe
+    ``train.recipe`` (:data:`apmae_gpu.config.RECIPES`): ``reference`` (the default, the
+    reference package where the paper is silent: no qkv bias, learned position embeddings,
+    LayerNorm -> Linear -> LayerNorm patch embedding, weight decay on every parameter, no
+    warm-up, batches of consecutive maps) or ``improved`` (MAE's choices: qkv bias, fixed
+    sine-cosine positions, a Linear patch embedding, no decay on biases/norms/tokens, 5%
+    warm-up, shuffled maps); each item is also a field of its own.
 Loop
     :mod:`apmae_gpu.train_engine`: bf16 autocast on CUDA; a non-finite loss stops the run with
     an error; validation, ``metrics.jsonl``.
@@ -81,7 +87,11 @@ BETAS = (0.9, 0.95)
 BASE_LR = {"paper": 1.5e-4, "small": 1.5e-3, "tiny": 3e-3}
 # Run settings that must match for --resume to continue the same run.
 _RESUME_KEYS = ("preset", "batch_size", "global_batch", "lr", "seed", "raw", "val_fraction",
-                "warmup_steps", "buffer_maps", "model_overrides")
+                "warmup_steps", "buffer_maps", "model_overrides", "weight_decay_all",
+                "batch_order")
+# what runs trained before the recipe existed did (training_args.json lacks these keys)
+_LEGACY_ARGS = {"weight_decay_all": False, "batch_order": "shuffled"}
+MODEL_ITEMS = ("qkv_bias", "position_embeddings", "patch_norm")
 
 
 # --------------------------------------------------------------------------- helpers
@@ -124,12 +134,17 @@ def _lr_lambda(warmup: int, total: int):
     return f
 
 
-def _param_groups(model: torch.nn.Module) -> list[dict]:
+def _param_groups(model: torch.nn.Module, decay_all: bool = False) -> list[dict]:
+    """AdamW's groups: weight decay on every trainable parameter (the reference), or none on
+    biases, norms and tokens (MAE's)."""
+    if decay_all:
+        return [{"params": [p for p in model.parameters() if p.requires_grad],
+                 "weight_decay": WEIGHT_DECAY}]
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if p.ndim < 2 or name in ("cls_token", "mask_token"):
+        if p.ndim < 2 or name in ("cls_token", "mask_token", "pos_embed", "decoder_pos_embed"):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -298,7 +313,7 @@ def _train(cfg: TrainConfig, ctx: RunContext) -> dict:
         enable_tf32()   # train() restores the previous setting when it returns
     loader = MapLoader(plan.store, plan.train_ids, cfg.batch_size, seed=ctx.seed,
                        rank=dist.rank, world=dist.world, buffer_maps=ctx.buffer_maps,
-                       workers=plan.workers)
+                       workers=plan.workers, shuffle=plan.args["batch_order"] == "shuffled")
     s = Session(out=ctx.out, device=dist.device, rank=dist.rank, world=dist.world,
                 seed=ctx.seed, steps=cfg.steps, start_step=start_step,
                 batch_size=cfg.batch_size, log_every=plan.log_every,
@@ -350,9 +365,11 @@ def _plan(cfg: TrainConfig, ctx: RunContext, dist: _Dist) -> _Plan:
     if store.info.scaler == "log_normalize" and cfg.raw:
         raise ApmaeError(f"{run}: maps were stored log_normalize'd; raw probabilities cannot be "
                          "recovered for --raw (capture with --scaler log)")
+    recipe = cfg.resolved()
     config = preset_config(preset, **{"input_scaling": "raw" if cfg.raw else "log_minmax",
                                       "stored_scaler": store.info.scaler,
-                                      "log_floor": float(store.info.floor or FLOOR), **overrides})
+                                      "log_floor": float(store.info.floor or FLOOR),
+                                      **{k: recipe[k] for k in MODEL_ITEMS}, **overrides})
     if config.image_size != store.info.window:
         raise ApmaeError(f"{run}: the store holds {store.info.window}x{store.info.window} maps; "
                          f"preset {preset!r} takes {config.image_size}x{config.image_size} "
@@ -361,7 +378,9 @@ def _plan(cfg: TrainConfig, ctx: RunContext, dist: _Dist) -> _Plan:
     global_batch = cfg.batch_size * dist.world
     lr = cfg.lr
     peak_lr = lr if lr is not None else BASE_LR[preset] * global_batch / 50
-    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, round(0.05 * steps))
+    frac = recipe["warmup_fraction"]
+    warmup = (cfg.warmup_steps if cfg.warmup_steps is not None
+              else max(1, round(frac * steps)) if frac > 0 else 0)
     save_every = cfg.save_every or max(1, min(2000, steps // 10))
     eval_every = cfg.eval_every or max(1, min(2000, steps // 10))
     log_every = ctx.log_every or max(1, min(50, steps // 100))
@@ -373,7 +392,9 @@ def _plan(cfg: TrainConfig, ctx: RunContext, dist: _Dist) -> _Plan:
             "global_batch": global_batch, "world_size": dist.world, "lr": peak_lr,
             "lr_rule": None if lr is not None else f"{BASE_LR[preset]} x {global_batch} / 50",
             "weight_decay": WEIGHT_DECAY, "betas": list(BETAS), "warmup_steps": warmup,
-            "schedule": "linear warm-up, cosine to 0", "seed": ctx.seed, "raw": cfg.raw,
+            "schedule": "linear warm-up, cosine to 0" if warmup else "cosine to 0",
+            "recipe": cfg.recipe, "weight_decay_all": recipe["weight_decay_all"],
+            "batch_order": recipe["batch_order"], "seed": ctx.seed, "raw": cfg.raw,
             "val_fraction": cfg.val_fraction, "device": dist.device, "compile": cfg.compile,
             "precision": "bf16-autocast" if cuda else "fp32", "save_every": save_every,
             "eval_every": eval_every, "buffer_maps": ctx.buffer_maps,
@@ -402,7 +423,7 @@ def _find_resume(cfg: TrainConfig, ctx: RunContext,
     if diff:
         raise ApmaeError(f"{ckpt} is a {saved_cfg.get('preset')!r} model that differs from "
                          f"the requested {cfg.preset!r} one in: {', '.join(diff)}")
-    saved_args = json.loads((ckpt / ARGS).read_text())
+    saved_args = {**_LEGACY_ARGS, **json.loads((ckpt / ARGS).read_text())}
     args = plan.args
     if cfg.warmup_steps is None:  # the default depends on --steps, which may grow
         plan.warmup = args["warmup_steps"] = saved_args.get("warmup_steps", plan.warmup)
@@ -425,7 +446,8 @@ def _build(cfg: TrainConfig, ctx: RunContext, dist: _Dist, plan: _Plan):
     (after ``torch.manual_seed(seed)``)."""
     model = APMAEModel(plan.config).to(dist.device)
     cuda = dist.device.startswith("cuda")
-    optimizer = torch.optim.AdamW(_param_groups(model), lr=plan.peak_lr, betas=BETAS,
+    optimizer = torch.optim.AdamW(_param_groups(model, plan.args["weight_decay_all"]),
+                                  lr=plan.peak_lr, betas=BETAS,
                                   **({"fused": True} if cuda else {}))
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, _lr_lambda(plan.warmup, cfg.steps))
     gen = torch.Generator().manual_seed(ctx.seed * 1_000_003 + dist.rank)
@@ -455,6 +477,8 @@ def _summary(cfg: TrainConfig, s: Session, plan: _Plan, outcome: Outcome,
             "out": str(s.out), "final": str(s.out / FINAL), "steps": cfg.steps,
             "batch_size": cfg.batch_size, "global_batch": plan.global_batch,
             "lr": plan.peak_lr, "warmup_steps": plan.warmup, "weight_decay": WEIGHT_DECAY,
+            "recipe": cfg.recipe, "weight_decay_all": plan.args["weight_decay_all"],
+            "batch_order": plan.args["batch_order"],
             "raw": cfg.raw, "input_scaling": plan.config.input_scaling,
             "val_fraction": cfg.val_fraction, **plan.counts,
             "final_loss": outcome.last_loss, "val_loss": outcome.val_loss,

@@ -261,3 +261,23 @@ def test_all_tasks_bad_is_one_clear_error(tmp_path):
     cl.to_parquet(run / "clusters.parquet", index=False)
     with pytest.raises(ApmaeError, match="end_of_line: every head has the same cluster"):
         C.classify(run, gpu="no", tasks=["end_of_line"], **FAST)
+
+
+def test_shap_split_is_the_references_90_10():
+    """shap_on="split": one model on a stratified 90%, SHAP of the other 10% only; the
+    informative head still ranks first."""
+    rng = np.random.default_rng(0)
+    n = 300
+    X = pd.DataFrame(rng.integers(0, 3, size=(n, 4)), columns=["a", "b", "c", "d"])
+    y = (X["b"].to_numpy() == 1).astype(int)
+    settings = C.CatBoostSettings(iterations=30, depth=2, learning_rate=0.3,
+                                  early_stopping_rounds=0, eval_fraction=0.1)
+    cv = C.cross_validate(X, y, 3, settings, seed=1, shap_on="split")
+    rows = cv.shap_rows
+    assert len(rows) == 30 and len(np.unique(rows)) == 30
+    assert abs(y[rows].mean() - y.mean()) < 0.05                # stratified
+    outside = np.setdiff1d(np.arange(n), rows)
+    assert (cv.shap[outside] == 0).all() and (cv.shap[rows] != 0).any()
+    assert np.abs(cv.shap[rows]).mean(0).argmax() == 1
+    oof = C.cross_validate(X, y, 3, settings, seed=1)
+    assert oof.shap_rows is None and (oof.shap != 0).any(1).mean() > 0.9

@@ -98,7 +98,8 @@ def test_every_section_setting_has_an_option_or_is_config_only():
 
 def test_config_defaults_are_the_papers():
     cfg = PipelineConfig()
-    assert (cfg.mine.per_task, cfg.mine.train_per_task) == (1000, 800_000)
+    # the analysis supply is derived from capture's and intervene's quotas (mine_supply)
+    assert (cfg.mine.per_task, cfg.mine.train_per_task) == (None, 800_000)
     assert (cfg.capture.train.per_task, cfg.capture.analysis.per_task) == (400_000, 5000)
     assert (cfg.train.preset, cfg.train.steps, cfg.train.batch_size) == ("paper", 150_000, 60)
     assert cfg.intervene.per_group == 1000

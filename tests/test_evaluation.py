@@ -39,6 +39,25 @@ def test_visible_mean_baseline_matches_a_direct_computation():
     assert torch.equal(pred[:, 0], pred[:, 35])  # one mean patch per map
 
 
+def test_both_mse_definitions_on_a_hand_computed_case():
+    """4x4 maps, 2x2 patches: a 2x2 grid's 3 lower patches (two diagonal, 1 padded pixel
+    each).  Mask the diagonal patch 0 and the full patch 1; error 1 on every valid pixel of
+    patch 0, 2 on every pixel of patch 1 (and garbage on the padding, never counted)."""
+    model = micro_model(image_size=4, patch_size=2, mask_ratio=0.5)
+    assert model.config.num_patches == 3
+    target = torch.zeros(1, 3, 4)
+    pred = torch.zeros(1, 3, 4)
+    valid = model.pixel_valid.bool()            # [3, 4]; patch order (0,0), (1,0), (1,1)
+    assert valid.sum(1).tolist() == [3, 4, 3]
+    pred[0, 0] = torch.where(valid[0], 1.0, 9.0)
+    pred[0, 1] = 2.0
+    mask = torch.tensor([[1.0, 1.0, 0.0]])
+    # valid pixels: (3 * 1 + 4 * 4) / 7; Table 2: the same sum over all 8 masked pixels
+    assert float(model.forward_loss(target, pred, mask)) == pytest.approx(19 / 7)
+    assert float(model.forward_loss(target, pred, mask, count_padding=True)) == \
+        pytest.approx(19 / 8)
+
+
 def test_evaluate_table_baselines_figures_and_manifest(run, tmp_path):
     a = _checkpoint(tmp_path / "a" / "final", seed=0)
     b = _checkpoint(tmp_path / "b", seed=1)
@@ -66,6 +85,11 @@ def test_evaluate_table_baselines_figures_and_manifest(run, tmp_path):
     row = table[(table["checkpoint_name"] == "b") & (table["method"] == "apmae")].iloc[0]
     assert abs(row["mse_mean"] - float(mse.mean())) < 1e-6
     assert row["mse_log_mean"] == pytest.approx(row["mse_mean"])  # log-min-max model
+    with torch.inference_mode():
+        padded = model.forward_loss(model.prepare(maps), pred, mask, per_map=True,
+                                    count_padding=True)
+    assert abs(row["mse_padded_mean"] - float(padded.mean())) < 1e-6
+    assert row["mse_padded_mean"] < row["mse_mean"]
     per_map = pd.read_parquet(out / "evaluation_maps.parquet")
     assert len(per_map) == 2 * 3 * len(sel) and {"layer", "head", "inference_id"} <= set(per_map)
     pngs = sorted(p.name for p in out.glob("*.png"))

@@ -290,19 +290,29 @@ def test_train_corpus_and_the_heaps_duplicate_flags(tmp_path):
                       "near_duplicates_redpajama": [False, False, True, False, False, None]})
     pq.write_table(table, tmp_path / "heap.parquet")
     for spec in (str(tmp_path / "heap.parquet"), f"hf:{tmp_path / 'heap.parquet'}"):
+        # the reference drops the Stack v2 flags only; `all` drops every flag's rows
         src = open_corpus(spec)
+        seen = [s for s, _ in src.iter_files(seed=0)]
+        assert sorted(seen) == [names[0], *names[2:]]
+        assert src.describe()["duplicates_filtered"] == 1
+        assert src.describe()["duplicates_by_flag"] == {"exact_duplicates_stackv2": 1}
+        src = open_corpus(spec, dedup_flags="all")
         seen = [s for s, _ in src.iter_files(seed=0)]
         assert sorted(seen) == [names[0], *names[3:]]
         assert src.describe()["duplicates_filtered"] == 2
+        assert src.describe()["duplicates_by_flag"] == {"exact_duplicates_stackv2": 1,
+                                                        "near_duplicates_redpajama": 1}
     # Training rows from their own corpus; the analysis rows from the other.
     other = write_java_tree(tmp_path / "train_java", n_files=3)
     run = tmp_path / "run"
     df = mine(run, corpus=f"hf:{tmp_path / 'heap.parquet'}", model="random:tiny-llama", per_task=2,
-              train_per_task=3, window=64, train_corpus=str(tmp_path / "train_java"))
+              train_per_task=3, window=64, train_corpus=str(tmp_path / "train_java"),
+              dedup_flags="all")
     assert set(df[df.split == "train"].source) <= set(other)
     assert set(df[(df.split == "analysis") & (df.task != "noise")].source) <= {names[0], *names[3:]}
     man = json.loads((run / "manifest.json").read_text())["mine"]
     assert man["corpus"]["duplicates_filtered"] == 2 and man["train_corpus"]["kind"] == "directory"
+    assert man["corpus"]["duplicates_by_flag"]["near_duplicates_redpajama"] == 1
 
 
 # --------------------------------------------------------------------------- 6. intervention
