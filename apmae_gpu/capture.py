@@ -310,6 +310,7 @@ class _State:
     next_id: int
     next_batch: int
     stats: Counter = field(default_factory=Counter)
+    reuse: requota.Reuse | None = None  # a raised quota: the rounds the run already holds
 
 
 @dataclass
@@ -366,6 +367,7 @@ def capture(run: Path, model: str, settings: CaptureConfig | None = None, *,
     if raised:                      # capture the split again at the new quota, then swap
         ctx.run = ctx.out_run = requota.prepare(ctx.run, split, getattr(cfg, split).per_task)
     state = _open_store(ctx, cfg, target)
+    state.reuse = requota.Reuse(Path(run), split, cfg.batch_size) if raised else None
     log.info("capture %s split of %s with %s on %s (%s, %d layers x %d heads, scaler %s%s)",
              split, ctx.run, target.spec.spec, ctx.device,
              str(target.lm.dtype).replace("torch.", ""), target.fam.n_layers,
@@ -374,8 +376,7 @@ def capture(run: Path, model: str, settings: CaptureConfig | None = None, *,
     seconds = _prompt_rounds(ctx, cfg, target, state)
     if raised:
         ctx.run = ctx.out_run = Path(run)
-        requota.swap(ctx.run, split)
-        state.store = MapStore(ctx.run)
+        state.store = requota.swap(ctx.run, split)
     return _finish(ctx, cfg, target, state, seconds)
 
 
@@ -465,8 +466,7 @@ def _load_target(ctx: CaptureRun, cfg: CaptureConfig) -> _Target:
 
 
 def _enforce_identity(ctx: CaptureRun, cfg: CaptureConfig, target: _Target) -> bool:
-    """Record the run's identity, or refuse to write under other settings (:mod:`identity`).
-    Returns whether the split's quota is raised (checked by :func:`requota.check_raise`)."""
+    """Record the run's identity, or refuse other settings; True: a raised quota (requota)."""
     sc = getattr(cfg, ctx.split)
     old = (identity.recorded(ctx.run).get(ctx.split) or {}).get("per_task")
     raised = old is not None and sc.per_task > old
@@ -534,7 +534,6 @@ def _prompt_rounds(ctx: CaptureRun, cfg: CaptureConfig, target: _Target, state: 
     thread; returns the seconds it took."""
     writer = _Writer(state.store)
     t0 = time.perf_counter()
-    stats = state.stats
     bar = progress(desc=f"capture {ctx.split}", unit="inf")
     try:
         while True:
@@ -542,9 +541,13 @@ def _prompt_rounds(ctx: CaptureRun, cfg: CaptureConfig, target: _Target, state: 
             if nxt is None:
                 break
             rnd = _next_round(ctx, target, state, *nxt)
-            logits, maps = forward_with_maps(target.lm, target.fam, rnd.input_ids, rnd.heads,
-                                             cfg.scaler)
-            verdict = llm.judge(logits, rnd.targets.to(logits.device))
+            copied = state.reuse and state.reuse.take(rnd, state.known, target.fam.n_layers)
+            if copied:
+                verdict, maps = copied
+            else:
+                logits, maps = forward_with_maps(target.lm, target.fam, rnd.input_ids,
+                                                 rnd.heads, cfg.scaler)
+                verdict = llm.judge(logits, rnd.targets.to(logits.device))
             rows, keep_idx, index_parts = _judge_rows(ctx, target.fam, state, rnd, verdict,
                                                       maps)
             kept_maps, index = _kept_maps(ctx, state, rnd, maps, rows, keep_idx, index_parts)
@@ -552,7 +555,7 @@ def _prompt_rounds(ctx: CaptureRun, cfg: CaptureConfig, target: _Target, state: 
             state.next_id += len(rnd.attempts)
             state.next_batch += 1
             bar.update(len(rnd.attempts))
-            bar.set_postfix(kept=stats["kept"], maps=stats["maps"])
+            bar.set_postfix(kept=state.stats["kept"], maps=state.stats["maps"])
         writer.close()
         if state.encoder is not None:
             state.encoder.close()

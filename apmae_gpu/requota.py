@@ -5,7 +5,8 @@ full), and its inference ids follow the rounds needed at q.  A run captured at q
 start keeps some of those attempts, needs more rounds, and numbers them in its own ``(k, task)``
 order.  So the split is captured again, at q', into ``RUN/requota-SPLIT/``: a store that
 starts as a copy of the other splits' commits (which must all come before the split's), and
-is then a plain capture, resumable like any other.  When it is complete it replaces the run's
+is then a plain capture, resumable like any other, except that a round the run already holds
+with every map the new quota keeps is copied rather than prompted (:class:`Reuse`).  When it is complete it replaces the run's
 store (:func:`complete`): a marker file, the identity's ``per_task``, then the three store
 paths moved one by one; each step is redone safely by a rerun, so a capture killed at any point
 and rerun ends with the store a capture at q' from the start would have written.  Lowering a
@@ -22,11 +23,13 @@ import os
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
+import torch
 
-from apmae_gpu import identity
+from apmae_gpu import identity, ranks
 from apmae_gpu.encoding import EMBEDDINGS
-from apmae_gpu.runs import ApmaeError, atomic_path
+from apmae_gpu.runs import ApmaeError, atomic_path, read_manifest
 from apmae_gpu.store import INDEX, INFERENCE_SCHEMA, INFERENCES, MAPS, MapStore
 
 log = logging.getLogger("apmae_gpu.requota")
@@ -88,11 +91,13 @@ def prepare(run: Path, split: str, per_task: int) -> Path:
     return staging
 
 
-def swap(run: Path, split: str) -> None:
-    """Mark the staging capture complete and put its store in place of the run's."""
+def swap(run: Path, split: str) -> MapStore:
+    """Mark the staging capture complete and put its store in place of the run's; returns
+    the run's store."""
     with atomic_path(staging_dir(run, split) / DONE) as tmp:
         tmp.write_text("")
     complete(run)
+    return MapStore(run)
 
 
 def complete(run: Path) -> None:
@@ -114,3 +119,52 @@ def complete(run: Path) -> None:
         shutil.rmtree(staging)
         log.info("the %s split of %s now holds its capture at --per-task %d (rerun the stages "
                  "after capture)", settings["split"], run, settings["per_task"])
+
+
+class Reuse:
+    """The split's attempts in the run's store (at the old quota), for a raise to copy instead
+    of prompting again: a round whose every attempt was prompted in the same round (same
+    ``--batch-size``) and whose attempts the new quota keeps all have maps is copied (its
+    outcomes and maps, which a forward pass would compute bit for bit the same); any other
+    round is prompted."""
+
+    def __init__(self, run: Path, split: str, batch_size: int):
+        self.store = MapStore(run)
+        splits = read_manifest(run).get("capture", {}).get("splits", {})
+        inf = self.store.inferences()
+        same_rounds = (splits.get(split) or {}).get("batch_size") == batch_size
+        inf = inf[inf.split == split] if same_rounds and not inf.empty else inf.iloc[:0]
+        self.rows = {(r.task, int(r.attempt)): r for r in inf.itertuples(index=False)}
+        index = self.store.index(columns=["map_id", "inference_id"])
+        self.map_ids = index.groupby("inference_id").map_id.apply(np.asarray).to_dict()
+
+    def take(self, rnd, known, n_layers: int):
+        """``(verdict, maps)`` of round ``rnd`` copied from the store (maps [B, layers, heads,
+        T, T] on the CPU, zeros where not kept), or None when it must be prompted."""
+        old = [self.rows.get((rnd.task, int(a))) for a in rnd.attempts]
+        if any(r is None or r.task_id != t for r, t in zip(old, rnd.task_ids)):
+            return None
+        keep = []
+        for r, a in zip(old, rnd.attempts):
+            code = ranks.outcome_code(r.correct)
+            keep.append(known.may_keep(rnd.task, int(a), code))
+            known.record(rnd.task, int(a), code)
+        if any(k and not r.has_maps for k, r in zip(keep, old)):
+            return None
+        kept = [self.map_ids[r.inference_id] for k, r in zip(keep, old) if k]
+        if not kept:
+            return None
+        W = self.store.info.window
+        shape = (n_layers, len(kept[0]) // n_layers, W, W)
+        maps = torch.zeros((len(old), *shape), dtype=torch.float16)
+        for b, (k, r) in enumerate(zip(keep, old)):
+            if k:
+                stored = self.store.read(self.map_ids[r.inference_id])
+                maps[b] = torch.from_numpy(stored.reshape(shape))
+        verdict = {"predicted": np.array([r.predicted_token_id for r in old]),
+                   "correct": np.array([ranks.outcome_code(r.correct) == ranks.CORRECT
+                                        for r in old]),
+                   "target_logprob": np.array([r.target_logprob for r in old], np.float32),
+                   "target_rank": np.array([r.target_rank for r in old]),
+                   "predicted_logprob": np.array([r.predicted_logprob for r in old], np.float32)}
+        return verdict, maps

@@ -53,14 +53,24 @@ def _captured_at_1(path):
     return run
 
 
-def test_raising_a_quota_ends_as_a_capture_at_the_new_quota_from_the_start(tmp_path, fresh):
+def test_raising_a_quota_ends_as_a_capture_at_the_new_quota_from_the_start(tmp_path, fresh,
+                                                                          monkeypatch):
+    from apmae_gpu import capture as capture_module
+
     run = _captured_at_1(tmp_path / "run")
     old = _snapshot(run)
     inf = old[0][old[0].split == "analysis"]
     # the case the issue is about: attempts judged at quota 1 and stored without maps
     assert (~inf.has_maps).any() and len(inf) < len(fresh[0][fresh[0].split == "analysis"])
+    forwards = []
+    real = capture_module.forward_with_maps
+    monkeypatch.setattr(capture_module, "forward_with_maps",
+                        lambda *a, **k: forwards.append(1) or real(*a, **k))
     summary = capture(run, MODEL, split="analysis", per_task=3, **KW)
     _assert_same(_snapshot(run), fresh)
+    # the rounds the run held with every map the new quota keeps were copied, not prompted
+    rounds = fresh[0][fresh[0].split == "analysis"].batch.nunique()
+    assert 0 < len(forwards) < rounds
     kept = fresh[0][(fresh[0].split == "analysis") & fresh[0].has_maps]
     assert sum(t["kept"] for t in summary["tasks"].values()) == len(kept)
     manifest = json.loads((run / "manifest.json").read_text())
