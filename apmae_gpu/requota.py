@@ -66,13 +66,14 @@ def prepare(run: Path, split: str, per_task: int) -> Path:
     it.  Returns its path."""
     staging = staging_dir(run, split)
     settings = staging / SETTINGS
+    old = MapStore(run)
+    want = {"split": split, "per_task": per_task, "run_commits": len(old.parts())}
     if staging.exists():
-        if settings.exists() and json.loads(settings.read_text()).get("per_task") == per_task:
+        if settings.exists() and json.loads(settings.read_text()) == want:
             return staging
-        shutil.rmtree(staging)   # a raise to another quota, never applied
+        shutil.rmtree(staging)   # a raise never applied, to another quota or another run state
     tmp = Path(run) / f".requota-{split}.creating"
     shutil.rmtree(tmp, ignore_errors=True)
-    old = MapStore(run)
     info = old.info
     new = MapStore.create_or_open(tmp, window=info.window, scaler=info.scaler,
                                   fill_value=info.fill_value, floor=info.floor,
@@ -86,7 +87,7 @@ def prepare(run: Path, split: str, per_task: int) -> Path:
         maps = old.read(index.map_id.to_numpy()) if index is not None and len(index) else None
         new.commit(maps, index if maps is not None else None, rows,
                    inference_schema=INFERENCE_SCHEMA)
-    (tmp / SETTINGS).write_text(json.dumps({"split": split, "per_task": per_task}) + "\n")
+    (tmp / SETTINGS).write_text(json.dumps(want) + "\n")
     os.replace(tmp, staging)
     return staging
 
