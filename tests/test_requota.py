@@ -137,3 +137,21 @@ def test_a_raise_the_store_cannot_rebuild_exactly_is_one_line(tmp_path):
                                          r"new run\)$"):
         capture(run, MODEL, split="analysis", per_task=2, **KW)
     _assert_same(_snapshot(run), before)
+
+
+def test_the_pipeline_after_raising_the_analysis_quota_ends_as_a_fresh_run(tmp_path, fresh):
+    from apmae_gpu.pipeline import run_pipeline
+
+    run = _tasks(tmp_path / "run")
+    config = tmp_path / "c.yaml"
+    text = ("model: {m}\ndevice: cpu\nstages: [capture_train, capture_analysis]\n"
+            "capture: {{batch_size: 2, train: {{per_task: 1, heads: layerwise:0.25}}, "
+            "analysis: {{per_task: {q}}}}}\n")
+    config.write_text(text.format(m=MODEL, q=1))
+    run_pipeline(config, out=run)
+    config.write_text(text.format(m=MODEL, q=3))
+    summary = run_pipeline(config, out=run)
+    assert not summary["stages"]["capture_analysis"].get("skipped")
+    _assert_same(_snapshot(run), fresh)
+    assert json.loads((run / "manifest.json").read_text())["identity"]["analysis"] == {
+        "heads": "all", "per_task": 3}
