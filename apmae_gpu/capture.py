@@ -60,7 +60,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from apmae_gpu import identity, llm, rank_merge, ranks, tables
+from apmae_gpu import identity, llm, rank_merge, ranks, requota, tables
 from apmae_gpu.config import CaptureConfig, CaptureSplitConfig, section, split_settings
 from apmae_gpu.encoding import BLOCK_BUDGET_BYTES, StreamingEncoder
 from apmae_gpu.rank_embeddings import roll_back_unencoded
@@ -310,6 +310,7 @@ class _State:
     next_id: int
     next_batch: int
     stats: Counter = field(default_factory=Counter)
+    reuse: requota.Reuse | None = None  # a raised quota: the rounds the run already holds
 
 
 @dataclass
@@ -360,15 +361,22 @@ def capture(run: Path, model: str, settings: CaptureConfig | None = None, *,
     cfg = _settings(split, settings, overrides, encode_with)
     ctx = _context(cfg, Path(run), model, split, device, seed, shard, encode_with,
                    trust_remote_code)
+    requota.complete(ctx.run)       # a raised quota's capture a kill left before its swap
     target = _load_target(ctx, cfg)
-    _enforce_identity(ctx, cfg, target)
+    raised = _enforce_identity(ctx, cfg, target)
+    if raised:                      # capture the split again at the new quota, then swap
+        ctx.run = ctx.out_run = requota.prepare(ctx.run, split, getattr(cfg, split).per_task)
     state = _open_store(ctx, cfg, target)
+    state.reuse = requota.Reuse(Path(run), split, cfg.batch_size) if raised else None
     log.info("capture %s split of %s with %s on %s (%s, %d layers x %d heads, scaler %s%s)",
              split, ctx.run, target.spec.spec, ctx.device,
              str(target.lm.dtype).replace("torch.", ""), target.fam.n_layers,
              target.fam.n_heads, cfg.scaler,
              f", rank {ctx.rank} of {ctx.world}" if ctx.world > 1 else "")
     seconds = _prompt_rounds(ctx, cfg, target, state)
+    if raised:
+        ctx.run = ctx.out_run = Path(run)
+        state.store = requota.swap(ctx.run, split)
     return _finish(ctx, cfg, target, state, seconds)
 
 
@@ -457,15 +465,21 @@ def _load_target(ctx: CaptureRun, cfg: CaptureConfig) -> _Target:
     return _Target(spec, lm, fam)
 
 
-def _enforce_identity(ctx: CaptureRun, cfg: CaptureConfig, target: _Target) -> None:
-    """Record the run's identity, or refuse to write under other settings (:mod:`identity`)."""
+def _enforce_identity(ctx: CaptureRun, cfg: CaptureConfig, target: _Target) -> bool:
+    """Record the run's identity, or refuse other settings; True: a raised quota (requota)."""
     sc = getattr(cfg, ctx.split)
+    old = (identity.recorded(ctx.run).get(ctx.split) or {}).get("per_task")
+    raised = old is not None and sc.per_task > old
+    if raised:
+        requota.check_raise(ctx.run, ctx.split, old, sc.per_task, sharded=ctx.world > 1
+                            or ctx.sharded, encoding=ctx.encode_with is not None)
     identity.enforce(ctx.run, ctx.split, {
         "model": target.spec.path or target.spec.spec,
         "model_revision": llm.model_revision(target.spec),
         "dtype": str(target.lm.dtype).replace("torch.", ""), "seed": ctx.seed,
         "window": ctx.window, "scaler": cfg.scaler,
-        ctx.split: {"heads": sc.heads, "per_task": sc.per_task}})
+        ctx.split: {"heads": sc.heads, "per_task": old if raised else sc.per_task}})
+    return raised
 
 
 def _open_store(ctx: CaptureRun, cfg: CaptureConfig, target: _Target) -> _State:
@@ -520,7 +534,6 @@ def _prompt_rounds(ctx: CaptureRun, cfg: CaptureConfig, target: _Target, state: 
     thread; returns the seconds it took."""
     writer = _Writer(state.store)
     t0 = time.perf_counter()
-    stats = state.stats
     bar = progress(desc=f"capture {ctx.split}", unit="inf")
     try:
         while True:
@@ -528,9 +541,13 @@ def _prompt_rounds(ctx: CaptureRun, cfg: CaptureConfig, target: _Target, state: 
             if nxt is None:
                 break
             rnd = _next_round(ctx, target, state, *nxt)
-            logits, maps = forward_with_maps(target.lm, target.fam, rnd.input_ids, rnd.heads,
-                                             cfg.scaler)
-            verdict = llm.judge(logits, rnd.targets.to(logits.device))
+            copied = state.reuse and state.reuse.take(rnd, state.known, target.fam.n_layers)
+            if copied:
+                verdict, maps = copied
+            else:
+                logits, maps = forward_with_maps(target.lm, target.fam, rnd.input_ids,
+                                                 rnd.heads, cfg.scaler)
+                verdict = llm.judge(logits, rnd.targets.to(logits.device))
             rows, keep_idx, index_parts = _judge_rows(ctx, target.fam, state, rnd, verdict,
                                                       maps)
             kept_maps, index = _kept_maps(ctx, state, rnd, maps, rows, keep_idx, index_parts)
@@ -538,7 +555,7 @@ def _prompt_rounds(ctx: CaptureRun, cfg: CaptureConfig, target: _Target, state: 
             state.next_id += len(rnd.attempts)
             state.next_batch += 1
             bar.update(len(rnd.attempts))
-            bar.set_postfix(kept=stats["kept"], maps=stats["maps"])
+            bar.set_postfix(kept=state.stats["kept"], maps=state.stats["maps"])
         writer.close()
         if state.encoder is not None:
             state.encoder.close()

@@ -9,10 +9,9 @@ the last.
 
 Run-wide: the model (its path or name, and the revision or file digest that pins the weights),
 the dtype it ran in, the seed (candidate order, head draws, a random model's weights), the
-window and the scaler.  Per split: ``heads`` and ``per_task``.  A changed ``per_task`` is
-refused too: attempts beyond the old quota were judged and stored without maps, so a run
-captured at one quota and continued at another would not hold what a run captured at the new
-quota holds (``docs/fidelity.md``).
+window and the scaler.  Per split: ``heads`` and ``per_task``.  A lower ``per_task`` is
+refused too; a higher one is not a difference here: capture recaptures the split at the new
+quota (:mod:`apmae_gpu.requota`) and then records it (:func:`set_per_task`).
 """
 
 from __future__ import annotations
@@ -47,6 +46,29 @@ def from_capture_section(manifest: dict) -> dict:
                 out.setdefault("seed", info["seed"])
             out[split] = {k: info[k] for k in ("heads", "per_task") if k in info}
     return out
+
+
+def recorded(run: str | Path) -> dict:
+    """The run's recorded identity (``{}`` when nothing was captured yet)."""
+    manifest = read_manifest(run)
+    if not isinstance(manifest, dict):
+        return {}
+    old = manifest.get(SECTION)
+    return old if isinstance(old, dict) else from_capture_section(manifest)
+
+
+def set_per_task(run: str | Path, split: str, per_task: int) -> None:
+    """Record ``per_task`` as the split's quota (a raised quota, once its capture is in
+    place)."""
+    path = Path(run) / MANIFEST
+    with _locked(path):
+        manifest = read_manifest(run)
+        ident = manifest.get(SECTION)
+        ident = ident if isinstance(ident, dict) else from_capture_section(manifest)
+        if (ident.get(split) or {}).get("per_task") != per_task:
+            ident.setdefault(split, {})["per_task"] = per_task
+            manifest[SECTION] = ident
+            write_json(path, manifest)
 
 
 def _differences(old: dict, new: dict, split: str) -> list[tuple[str, object, object]]:
