@@ -15,7 +15,8 @@ import tree_sitter_java as tsj
 
 from apmae_gpu.config import (CaptureConfig, InterveneConfig, MineConfig, load_config,
                               mine_supply)
-from apmae_gpu.mining import PromptBuilder, Skip, mine
+from apmae_gpu.mining import mine
+from apmae_gpu.prompts import PromptBuilder, Skip
 from tests.java_fixtures import java_source, write_java_tree
 
 W = 256
