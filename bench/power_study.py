@@ -14,9 +14,13 @@ intervened tasks, at +-10 points, for several shares of discordant pairs.  Write
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
-from apmae_gpu import findings_stats as S
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402,F401  (puts the repository on the path: no install needed)
+
+from apmae_gpu import findings_stats as S  # noqa: E402
 
 # SmolLM2-135M's share correct per task on the JDK (the first study's attempts,
 # docs/findings-smollm2.md): the classes a task's n splits into when every attempt is kept

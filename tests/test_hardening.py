@@ -795,7 +795,10 @@ def test_empty_and_unusable_corpora_end_alike(tmp_path, capsys):
     empty.mkdir()
     broken.mkdir()
     (broken / "Broken.java").write_text("class {{{ not java")
-    for corpus, files, skipped in ((empty, 0, {}), (broken, 1, {"unparsable": 1})):
+    # the broken file is counted once as unparsable, and its one candidate (inside the
+    # ERROR node) as parse_error: a file with errors loses only what they touch
+    for corpus, files, skipped in ((empty, 0, {}),
+                                   (broken, 1, {"unparsable": 1, "parse_error": 1})):
         out = tmp_path / f"run-{corpus.name}"
         code, _, err = _main(capsys, "mine", "--corpus", corpus, "--model", MODEL, "--out", out,
                              "--window", "32", "--tasks", "identifiers,noise")
