@@ -60,7 +60,7 @@ from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-from apmae_gpu import identity, llm, rank_merge, ranks, requota, tables
+from apmae_gpu import devices, identity, llm, rank_merge, ranks, requota, tables
 from apmae_gpu.config import CaptureConfig, CaptureSplitConfig, section, split_settings
 from apmae_gpu.encoding import BLOCK_BUDGET_BYTES, StreamingEncoder
 from apmae_gpu.rank_embeddings import roll_back_unencoded
@@ -639,7 +639,7 @@ def _kept_maps(ctx: CaptureRun, state: _State, rnd: _Round, maps, rows: list[dic
     elif keep_idx:
         # only the kept prompts' maps leave the device (the analysis split's attempts
         # surplus to their class quota never do)
-        kept_maps = maps[keep_idx].cpu().numpy().reshape(-1, ctx.window, ctx.window)
+        kept_maps = devices.to_host(maps[keep_idx]).reshape(-1, ctx.window, ctx.window)
         state.stats["maps"] += kept_maps.shape[0]
     index = pd.concat(index_parts, ignore_index=True) if index_parts else None
     return kept_maps, index

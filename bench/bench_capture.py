@@ -32,6 +32,7 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 from apmae_gpu import llm  # noqa: E402
 from apmae_gpu.capture import forward_with_maps, scale_maps  # noqa: E402
+from apmae_gpu.devices import to_host  # noqa: E402
 from apmae_gpu.runs import resolve_device  # noqa: E402
 from apmae_gpu.store import INFERENCE_SCHEMA, MapStore  # noqa: E402
 from common import peak_rss_mib, save, sync  # noqa: E402
@@ -122,10 +123,27 @@ def _capture(b: Bench) -> tuple[float, np.ndarray]:
 
     def cap():
         _, maps = forward_with_maps(b.lm, b.fam, b.ids, [None] * b.fam.n_layers, "log")
-        holder["maps"] = maps.cpu()
+        holder["maps"] = to_host(maps)      # as capture does: through pinned memory on CUDA
 
     t_cap = b.timed(cap)
-    return t_cap, holder["maps"].numpy().reshape(-1, b.W, b.W)
+    return t_cap, holder["maps"].reshape(-1, b.W, b.W)
+
+
+def _on_device(b: Bench) -> tuple[float, float, float]:
+    """2a. where the capture's time goes: the capture kept on the device (no host copy), and
+    the device-to-host copy of its maps alone, into pageable and into pinned memory.
+    Returns seconds per batch for each."""
+    holder = {}
+
+    def cap():
+        holder["maps"] = forward_with_maps(b.lm, b.fam, b.ids, [None] * b.fam.n_layers, "log")[1]
+
+    t_dev = b.timed(cap)
+    maps = holder["maps"]
+    t_page = b.timed(lambda: maps.cpu())
+    pinned = torch.empty(maps.shape, dtype=maps.dtype, pin_memory=b.device == "cuda")
+    t_pin = b.timed(lambda: pinned.copy_(maps, non_blocking=True))
+    return t_dev, t_page, t_pin
 
 
 def _persistence(maps: np.ndarray, W: int) -> list[dict]:
@@ -159,7 +177,7 @@ def _end_to_end(b: Bench) -> tuple[float, float]:
 
     def e2e():
         _, m = forward_with_maps(b.lm, fam, b.ids, [None] * fam.n_layers, "log")
-        host = m.cpu().numpy().reshape(-1, W, W)
+        host = to_host(m).reshape(-1, W, W)
         idx = pd.DataFrame({"inference_id": np.repeat(np.arange(B), b.maps_per_inf),
                             "layer": np.tile(np.repeat(np.arange(fam.n_layers), fam.n_heads), B),
                             "head": np.tile(np.arange(fam.n_heads), B * fam.n_layers)})
@@ -224,6 +242,13 @@ def main() -> None:
     t_cap, maps = _capture(b)
     table.append(b.row("capture + log scale + to host (fp16)", t_cap, t_plain))
     figures["capture_overhead_pct"] = 100 * (t_cap / t_plain - 1)
+    t_dev, t_page, t_pin = _on_device(b)
+    table.append(b.row("capture + log scale, kept on the device", t_dev, t_plain))
+    table.append(b.row("device-to-host copy of those maps alone (pageable)", t_page, t_plain))
+    table.append(b.row("device-to-host copy of those maps alone (pinned)", t_pin, t_plain))
+    figures["capture_on_device_overhead_pct"] = 100 * (t_dev / t_plain - 1)
+    figures["host_copy_GB_per_s"] = {"pageable": b.B * b.maps_per_inf * b.W ** 2 * 2 / t_page / 1e9,
+                                     "pinned": b.B * b.maps_per_inf * b.W ** 2 * 2 / t_pin / 1e9}
     persist = figures["persistence"] = _persistence(maps, b.W)
     figures["cpu_threads_for_zarr"] = os.cpu_count()
     t_e2e, figures["store_bytes_per_map"] = _end_to_end(b)

@@ -54,11 +54,14 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def save(name: str, figures: dict, table: list[dict], notes: list[str] | None = None) -> Path:
-    """Write bench/results/<name>-<machine>.json and .md and print the table."""
+def save(name: str, figures: dict, table: list[dict], notes: list[str] | None = None,
+         tag: str | None = None, machine: dict | None = None) -> Path:
+    """Write bench/results/<name>-<machine>.json and .md and print the table.  ``tag`` and
+    ``machine``: a record about another machine's results (a summary written elsewhere)."""
     RESULTS.mkdir(parents=True, exist_ok=True)
-    tag = machine_tag()
-    record = {"benchmark": name, "machine": describe_machine(), "python": platform.python_version(),
+    tag = tag or machine_tag()
+    record = {"benchmark": name, "machine": machine or describe_machine(),
+              "python": platform.python_version(),
               "versions": versions(), "date": time.strftime("%Y-%m-%d %H:%M"), "figures": figures,
               "table": table, "notes": notes or []}
     path = RESULTS / f"{name}-{tag}.json"

@@ -13,6 +13,8 @@
 # Results also go to $OUT when it is set.  PEAK_TFLOPS (default 989: H100/H200 SXM dense
 # bf16) is the peak the training step is compared with.  LIMIT_PCT (default 100) scales every
 # step's time limit (e.g. 115 on a first contact, where model building is not yet measured).
+# ONLY="parity intervene" reruns just those steps: the summary reads the other steps' last
+# result files in bench/results (a rerun after a fix, within one device lease).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
@@ -23,18 +25,18 @@ DRY=0
 
 # name | seconds at most | what it needs | command (relative to the repository)
 STEPS=(
-  "env|20|torch (CUDA), nvidia-smi|bench/gpu_check.py env"
+  "env|15|torch (CUDA), nvidia-smi|bench/gpu_check.py env"
   "parity|60|torch (CUDA), transformers|bench/gpu_check.py parity --model random:starcoder2-3b --prompts 2 --window 256 --qk-scale 8"
-  "capture|50|torch (CUDA), transformers, zarr, pyarrow|bench/bench_capture.py --model random:starcoder2-3b --batch-size 16 --repeat 3 --reference-batches 0"
+  "capture|70|torch (CUDA), transformers, zarr, pyarrow|bench/bench_capture.py --model random:starcoder2-3b --batch-size 4 --repeat 2 --reference-batches 0"
   "capture-encode|30|torch (CUDA), transformers, zarr, pyarrow, pandas|bench/gpu_check.py capture-encode"
   "train|35|torch (CUDA), zarr, pyarrow, pandas|bench/gpu_check.py train --steps 40"
-  "train-speed|55|torch (CUDA)|bench/bench_train.py --device cuda --steps 20 --warmup 5 --batch-size 256 --peak-tflops ${PEAK} --skip-learn --loader-batches 10"
+  "train-speed|45|torch (CUDA)|bench/bench_train.py --device cuda --steps 20 --warmup 5 --batch-size 256 --peak-tflops ${PEAK} --skip-learn --loader-batches 10"
   "encode|30|torch (CUDA)|bench/gpu_check.py encode --maps 20000 --batch-size 256"
-  "intervene|40|torch (CUDA), transformers, 16 CPU cores|bench/gpu_check.py intervene --model random:starcoder2-3b --prompts 4 --window 64"
-  "torchrun|50|torch (CUDA, gloo), transformers, typer|bench/gpu_check.py torchrun"
-  "cuml|35|cuml, cupy (else not checked)|bench/gpu_check.py cuml"
-  "dask-cuda|35|cuml, dask-cuda, distributed (else not checked)|bench/gpu_check.py dask-cuda"
-  "catboost-gpu|25|catboost with GPU support (else not checked)|bench/gpu_check.py catboost-gpu --rows 50000"
+  "intervene|40|torch (CUDA), transformers|bench/gpu_check.py intervene --model random:starcoder2-3b --prompts 4 --window 64"
+  "torchrun|70|torch (CUDA, gloo), transformers, typer|bench/gpu_check.py torchrun"
+  "cuml|20|cuml, cupy (else not checked)|bench/gpu_check.py cuml"
+  "dask-cuda|25|cuml, dask-cuda, distributed (else not checked)|bench/gpu_check.py dask-cuda"
+  "catboost-gpu|20|catboost with GPU support (else not checked)|bench/gpu_check.py catboost-gpu --rows 50000"
   "summary|15|-|bench/gpu_check.py summary --statuses bench/out/gpu_check_statuses.json"
 )
 
@@ -93,6 +95,7 @@ failed=0
 for step in "${STEPS[@]}"; do
   IFS='|' read -r name limit needs cmd <<<"$step"
   [ "$name" = summary ] && continue
+  if [ -n "${ONLY:-}" ] && [[ " $ONLY " != *" $name "* ]]; then continue; fi
   log=bench/out/logs/gpu_check-$name.log
   read -r -a argv <<<"$cmd"
   limit=$(( limit * LIMIT_PCT / 100 ))

