@@ -1,13 +1,17 @@
+
 """apmae_gpu: automated attention pattern discovery at scale (AP-MAE).
 
-Stages, one module each, in the order one run's data flows through them:
-``mining`` -> ``capture`` -> ``training`` (model in ``model``) -> ``evaluation`` ->
-``encoding`` -> ``clustering`` -> ``classification`` -> ``intervention`` -> ``report``.
-``findings`` tests the paper's claims on a run's outputs (the report's first section).
-``cli`` is the command line, ``pipeline`` runs every stage from one config.
-``training`` keeps its loop in ``train_engine`` and its checkpoints in ``checkpoints``;
-``splits``, ``baselines``, ``scaling`` and ``devices`` sit below the stages that share them.
+The package's folders are the pipeline's stages, in the order one run's data flows through
+them: ``mining`` -> ``capture`` -> ``model`` (AP-MAE, its training and evaluation) ->
+``encoding`` -> ``clustering`` -> ``classification`` -> ``intervention`` -> ``report`` (with
+the findings).  ``core`` sits below them all (the run directory's layout, manifest and frames,
+locks, logs, devices, the map store, configs); ``cli`` is the command line and ``pipeline``
+runs every stage from one config.  Each stage's entry point is importable from its folder
+(``from apmae_gpu.clustering import cluster``); those whose name is not a folder's
+(``mine``, ``train``, ``cluster``, ...) also from here.
 """
+
+from importlib import import_module
 
 __version__ = "0.1.0"
 
@@ -33,3 +37,23 @@ def task_rank(col):
         return col
     rank = {t: i for i, t in enumerate(TASKS)}
     return col.map(lambda t: rank.get(t, len(TASKS)))
+
+
+# the stages' entry points and the frame helpers the notebooks use, imported on first use
+_EXPORTS = {
+    "mine": "apmae_gpu.mining.tasks",
+    "train": "apmae_gpu.model.training", "evaluate": "apmae_gpu.model.evaluation",
+    "encode": "apmae_gpu.encoding.encoder", "cluster": "apmae_gpu.clustering.heads",
+    "classify": "apmae_gpu.classification.classifier", "intervene": "apmae_gpu.intervention.ablation",
+    "findings": "apmae_gpu.report.findings",
+    "run_pipeline": "apmae_gpu.pipeline",
+    "load_frame": "apmae_gpu.core.frames", "read_manifest": "apmae_gpu.core.frames",
+    "frame_backend": "apmae_gpu.core.frames", "ApmaeError": "apmae_gpu.core.errors",
+}
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+
+        return getattr(import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -10,26 +10,49 @@ Every command that writes into a run holds the run's writer lock (``runs.writer_
 from __future__ import annotations
 
 import contextlib
-import os
+import contextvars
 import logging
+import os
 import signal
 import sys
 import traceback
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
 
-from apmae_gpu import TASKS, __version__
+from apmae_gpu import __version__
 from apmae_gpu.cli_messages import describe
-from apmae_gpu.cli_options import (ConfigOpt, bounds, expand_variadic, opt, pipeline_config,
-                                   section_from, top, without)
-from apmae_gpu.config import (EXTRA_GROUPS, GROUPS, CaptureConfig, CaptureSplitConfig,
-                              ClassifyConfig, ClusterConfig, EncodeConfig, EvaluateConfig,
-                              InterveneConfig, MineConfig, PipelineConfig, ReportConfig,
-                              StabilityConfig, TrainConfig, TrustConfig)
-from apmae_gpu.runs import (INTERRUPTED, ApmaeError, crash_log, on_sigterm, setup_logging,
-                            writer_lock)
+from apmae_gpu.cli_options import (
+    ConfigOpt,
+    bounds,
+    expand_variadic,
+    opt,
+    pipeline_config,
+    section_from,
+    top,
+    without,
+)
+from apmae_gpu.core import layout
+from apmae_gpu.core.config import (
+    CaptureConfig,
+    CaptureSplitConfig,
+    ClassifyConfig,
+    ClusterConfig,
+    EncodeConfig,
+    EvaluateConfig,
+    InterveneConfig,
+    MineConfig,
+    PipelineConfig,
+    ReportConfig,
+    StabilityConfig,
+    TrainConfig,
+    TrustConfig,
+)
+from apmae_gpu.core.errors import INTERRUPTED, ApmaeError, on_sigterm
+from apmae_gpu.core.locks import writer_lock
+from apmae_gpu.core.logs import crash_log, setup_logging
 
 app = typer.Typer(
     name="apmae",
@@ -49,12 +72,12 @@ RunArg = Annotated[Path, typer.Argument(help="The run directory.", show_default=
 
 def device_opt():
     """--device: a run-wide setting, its default the pipeline config's."""
-    return opt(PipelineConfig, "device", "--device", help="auto, cpu, cuda or cuda:N.")
+    return opt(PipelineConfig, "device", "--device")
 
 
 def seed_opt():
     """--seed: a run-wide setting, its default the pipeline config's."""
-    return opt(PipelineConfig, "seed", "--seed", help="Random seed.")
+    return opt(PipelineConfig, "seed", "--seed")
 DTYPE_HELP = ("The target LLM's weights: auto (bfloat16 on CUDA, float32 elsewhere), float32 "
               "(the reference's choice for StarCoder2), bfloat16 or float16.")
 
@@ -74,11 +97,29 @@ def _root(
     setup_logging(verbose)
 
 
-_STATE: dict = {"run": None, "argv": []}   # the run a command works on (for the crash log)
+@dataclass
+class Invocation:
+    """One ``apmae`` command line: its words, and the run it works on (for the writer lock's
+    holder line and the crash log)."""
+
+    argv: list[str] = field(default_factory=list)
+    run: Path | None = None
+
+
+_INVOCATION: contextvars.ContextVar[Invocation] = contextvars.ContextVar("apmae_invocation")
+
+
+def _invocation() -> Invocation:
+    """This command's :class:`Invocation` (a fresh one where ``main`` did not start it)."""
+    inv = _INVOCATION.get(None)
+    if inv is None:
+        inv = Invocation()
+        _INVOCATION.set(inv)
+    return inv
 
 
 def _uses(run) -> None:
-    _STATE["run"] = Path(run)
+    _invocation().run = Path(run)
 
 
 @contextlib.contextmanager
@@ -89,7 +130,7 @@ def _writing(run, shard=None):
     if not Path(run).is_dir():
         yield
         return
-    command = " ".join(["apmae", *_STATE["argv"]])
+    command = " ".join(["apmae", *_invocation().argv])
     with writer_lock(run, command, shard=shard):
         yield
 
@@ -110,41 +151,28 @@ def mine(
     model: Annotated[str, typer.Option("--model", help="Tokenizer source: smollm2 (embedded), an HF "
                                        "id or directory, a .gguf file, or random:<shape>.")],
     out: Annotated[Path, typer.Option("--out", help="Run directory to write.")],
-    corpus: str = opt(MineConfig, "corpus", "--corpus", help="Java sources: jdk (the JDK's "
-                       "src.zip), a directory of .java files, a .zip/.jar of sources, a "
-                       ".jsonl/.parquet file with a `content` column, or hf:<dataset id>."),
-    tasks: str = opt(MineConfig, "tasks", "--tasks", help="all, or a comma list of: "
-                      + ", ".join(TASKS)),
+    corpus: str = opt(MineConfig, "corpus", "--corpus"),
+    tasks: str = opt(MineConfig, "tasks", "--tasks"),
     per_task: Optional[int] = opt(MineConfig, "per_task", "--per-task"),
     rarer_share: float = opt(MineConfig, "rarer_share", "--rarer-share"),
     max_passes: int = opt(MineConfig, "max_passes", "--max-passes"),
-    train_per_task: int = opt(MineConfig, "train_per_task", "--train-per-task",
-                               help="Random-masking rows for AP-MAE training, from files the "
-                                    "analysis rows never come from."),
-    train_corpus: Optional[str] = opt(MineConfig, "train_corpus", "--train-corpus",
-                                       help="Mine the training rows from this corpus instead "
-                                            "(e.g. a dataset's train split while --corpus is "
-                                            "its test split)."),
+    train_per_task: int = opt(MineConfig, "train_per_task", "--train-per-task"),
+    train_corpus: Optional[str] = opt(MineConfig, "train_corpus", "--train-corpus"),
     type_identifiers: bool = opt(MineConfig, "type_identifiers", "--type-identifiers"),
-    window: int = opt(MineConfig, "window", "--window", help="Prompt length in tokens."),
+    window: int = opt(MineConfig, "window", "--window"),
     seed: int = seed_opt(),
     per_file: int = opt(MineConfig, "per_file", "--per-file"),
     dedup: bool = opt(MineConfig, "dedup", "--dedup/--no-dedup"),
-    max_files: Optional[int] = opt(MineConfig, "max_files", "--max-files",
-                                    help="Stop after this many files."),
-    max_file_bytes: int = opt(MineConfig, "max_file_bytes", "--max-file-bytes",
-                               help="Skip larger files."),
-    content_column: str = opt(MineConfig, "content_column", "--content-column",
-                               help="Column holding the source text in JSONL/Parquet/HF "
-                                    "corpora."),
+    max_files: Optional[int] = opt(MineConfig, "max_files", "--max-files"),
+    max_file_bytes: int = opt(MineConfig, "max_file_bytes", "--max-file-bytes"),
+    content_column: str = opt(MineConfig, "content_column", "--content-column"),
     dedup_flags: str = opt(MineConfig, "dedup_flags", "--dedup-flags"),
-    trust_remote_code: bool = opt(PipelineConfig, "trust_remote_code", "--trust-remote-code",
-                                  help="Allow a hub tokenizer's own code to run."),
+    trust_remote_code: bool = opt(PipelineConfig, "trust_remote_code", "--trust-remote-code"),
     config: ConfigOpt = None,
 ) -> None:
     """Mine Java completion tasks with tree-sitter into RUN/tasks.parquet."""
-    from apmae_gpu import mining
-    from apmae_gpu.runs import check_mine_out, new_run_dir
+    from apmae_gpu.core.layout import check_mine_out, new_run_dir
+    from apmae_gpu.mining import tasks as mining
 
     pcfg = pipeline_config(config)
     settings = section_from(ctx, MineConfig, locals(), pcfg)
@@ -176,9 +204,8 @@ def capture(
     heads: Annotated[Optional[str], typer.Option(
         "--heads", help=f"all, or layerwise:FRACTION (default: {_SPLITS.train.heads} for train, "
                         f"{_SPLITS.analysis.heads} for analysis).")] = None,
-    scaler: str = opt(CaptureConfig, "scaler", "--scaler", help="log, log_normalize or none."),
-    batch_size: int = opt(CaptureConfig, "batch_size", "--batch-size",
-                           help="Prompts per forward pass."),
+    scaler: str = opt(CaptureConfig, "scaler", "--scaler"),
+    batch_size: int = opt(CaptureConfig, "batch_size", "--batch-size"),
     device: str = device_opt(),
     seed: int = seed_opt(),
     max_attempts: Annotated[Optional[int], typer.Option(
@@ -188,34 +215,31 @@ def capture(
                                                  "of N started by a scheduler (SLURM arrays); "
                                                  "merge with `apmae merge-shards`. Under "
                                                  "torchrun ranks need no --shard.")] = None,
-    device_map: Optional[str] = opt(CaptureConfig, "device_map", "--device-map",
-                                     help="e.g. auto: spread a model larger than one GPU."),
-    chunk_maps: int = opt(CaptureConfig, "chunk_maps", "--chunk-maps",
-                           help="Maps per Zarr chunk."),
-    trust_remote_code: bool = opt(PipelineConfig, "trust_remote_code", "--trust-remote-code",
-                                  help="Allow a hub model's own code to run."),
+    device_map: Optional[str] = opt(CaptureConfig, "device_map", "--device-map"),
+    chunk_maps: int = opt(CaptureConfig, "chunk_maps", "--chunk-maps"),
+    trust_remote_code: bool = opt(PipelineConfig, "trust_remote_code", "--trust-remote-code"),
     encode_with: Annotated[Optional[Path], typer.Option("--encode-with", help="AP-MAE checkpoint: "
                                                         "encode the analysis maps in the same "
                                                         "pass and keep only their embeddings "
                                                         "(paper scale).")] = None,
-    pool: str = opt(CaptureConfig, "pool", "--pool", help="With --encode-with: cls or mean."),
-    dtype: str = opt(CaptureConfig, "dtype", "--dtype", help=DTYPE_HELP),
+    pool: str = opt(CaptureConfig, "pool", "--pool"),
+    dtype: str = opt(CaptureConfig, "dtype", "--dtype"),
     config: ConfigOpt = None,
 ) -> None:
     """Prompt the LLM on mined tasks, judge its next token and store every head's scaled
     attention map in RUN/maps.zarr."""
-    from apmae_gpu import capture as capture_mod
-    from apmae_gpu import ranks
+    from apmae_gpu.capture import maps as capture_mod
+    from apmae_gpu.capture import ranks
 
     if split not in ("train", "analysis"):
         raise ApmaeError(f"--split {split}: expected train or analysis")
     pcfg = pipeline_config(config)
     settings = section_from(ctx, CaptureConfig, locals(), pcfg, split=split)
-    kn = capture_mod._parse_shard(shard)
+    kn = layout.parse_shard(shard)
     dist = ranks.dist_env()
     if kn is None and dist is not None:   # a torchrun rank writes its own shard
         kn = dist[:2]
-    shard_dir = None if kn is None else Path(run) / "shards" / f"{kn[0]}-of-{kn[1]}"
+    shard_dir = None if kn is None else layout.shard_dir(run, *kn)
     with _writing_ranked(run, shard=shard_dir):
         capture_mod.capture(run, model, settings, split=split,
                             device=top(ctx, pcfg, "device", device),
@@ -229,7 +253,7 @@ def capture(
 def merge_shards(run: RunArg) -> None:
     """Merge the shards of `apmae capture --shard K/N` (or of an interrupted torchrun capture)
     into RUN's own store: the run one process would have written."""
-    from apmae_gpu import capture as capture_mod
+    from apmae_gpu.capture import maps as capture_mod
 
     with _writing(run):
         capture_mod.merge_shards(run)
@@ -240,30 +264,24 @@ def merge_shards(run: RunArg) -> None:
 def train(
     ctx: typer.Context,
     run: RunArg,
-    preset: str = opt(TrainConfig, "preset", "--preset", help="paper, small or tiny."),
-    steps: int = opt(TrainConfig, "steps", "--steps", help="Optimizer steps."),
-    batch_size: int = opt(TrainConfig, "batch_size", "--batch-size",
-                           help="Maps per step (per rank)."),
-    lr: Optional[float] = opt(TrainConfig, "lr", "--lr", help="Peak learning rate (default: "
-                               "base x global batch / 50, with the preset's base; the paper's "
-                               "for paper)."),
+    preset: str = opt(TrainConfig, "preset", "--preset"),
+    steps: int = opt(TrainConfig, "steps", "--steps"),
+    batch_size: int = opt(TrainConfig, "batch_size", "--batch-size"),
+    lr: Optional[float] = opt(TrainConfig, "lr", "--lr"),
     resume: Annotated[bool, typer.Option("--resume", help="Continue from the last checkpoint.")] = False,
     out: Annotated[Optional[Path], typer.Option("--out", help="Checkpoint directory (default "
                                                 "RUN/apmae).")] = None,
-    raw: bool = opt(TrainConfig, "raw", "--raw", help="Ablation: train on raw probabilities "
-                     "instead of log-scaled maps."),
+    raw: bool = opt(TrainConfig, "raw", "--raw"),
     device: str = device_opt(),
     seed: int = seed_opt(),
-    compile: bool = opt(TrainConfig, "compile", "--compile", help="torch.compile the model."),
+    compile: bool = opt(TrainConfig, "compile", "--compile"),
     deterministic: bool = opt(TrainConfig, "deterministic", "--deterministic/--no-deterministic"),
-    val_fraction: float = opt(TrainConfig, "val_fraction", "--val-fraction",
-                               help="Share of inferences held out for validation."),
+    val_fraction: float = opt(TrainConfig, "val_fraction", "--val-fraction"),
     model_config: Annotated[Optional[Path], typer.Option("--model-config", help="JSON/YAML file "
                                                          "of AP-MAE config keys that differ from "
                                                          "the preset (e.g. image_size, "
                                                          "patch_size).")] = None,
-    warmup_steps: Optional[int] = opt(TrainConfig, "warmup_steps", "--warmup-steps",
-                                       help="Linear warm-up steps (default: the recipe's)."),
+    warmup_steps: Optional[int] = opt(TrainConfig, "warmup_steps", "--warmup-steps"),
     recipe: str = opt(TrainConfig, "recipe", "--recipe"),
     qkv_bias: Optional[bool] = opt(TrainConfig, "qkv_bias", "--qkv-bias/--no-qkv-bias"),
     position_embeddings: Optional[str] = opt(TrainConfig, "position_embeddings",
@@ -272,18 +290,15 @@ def train(
     weight_decay_all: Optional[bool] = opt(TrainConfig, "weight_decay_all",
                                            "--weight-decay-all/--no-weight-decay-all"),
     batch_order: Optional[str] = opt(TrainConfig, "batch_order", "--batch-order"),
-    save_every: Optional[int] = opt(TrainConfig, "save_every", "--save-every",
-                                     help="Checkpoint every N steps (default steps/10, at most "
-                                          "2000)."),
-    eval_every: Optional[int] = opt(TrainConfig, "eval_every", "--eval-every",
-                                     help="Validation MSE every N steps (default steps/10)."),
+    save_every: Optional[int] = opt(TrainConfig, "save_every", "--save-every"),
+    eval_every: Optional[int] = opt(TrainConfig, "eval_every", "--eval-every"),
     threads: Annotated[Optional[int], typer.Option("--threads", min=1, help="CPU threads for "
                                                    "torch (default: torch's choice; 1 on "
                                                    "machines with at most 2 cores).")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Train AP-MAE on RUN/maps.zarr (train split); torchrun for several GPUs."""
-    from apmae_gpu import training
+    from apmae_gpu.model import training
 
     pcfg = pipeline_config(config)
     settings = section_from(ctx, TrainConfig, locals(), pcfg)
@@ -311,19 +326,16 @@ def evaluate(
     data: Annotated[list[Path], typer.Option("--data", help="One or more run directories.")],
     out: Annotated[Optional[Path], typer.Option("--out", help="Output directory (default "
                                                 "RUN/evaluate of the first --data).")] = None,
-    split: str = opt(EvaluateConfig, "split", "--split", help="Which maps: validation "
-                      "(held-out train inferences), analysis or all."),
-    max_maps: int = opt(EvaluateConfig, "max_maps", "--max-maps", help="Evaluate at most this "
-                         "many maps per dataset."),
-    batch_size: int = opt(EvaluateConfig, "batch_size", "--batch-size", help="Maps per batch."),
+    split: str = opt(EvaluateConfig, "split", "--split"),
+    max_maps: int = opt(EvaluateConfig, "max_maps", "--max-maps"),
+    batch_size: int = opt(EvaluateConfig, "batch_size", "--batch-size"),
     device: str = device_opt(),
     seed: int = seed_opt(),
-    figure_maps: int = opt(EvaluateConfig, "figure_maps", "--figure-maps", help="Maps per "
-                            "reconstruction figure (0: no figure)."),
+    figure_maps: int = opt(EvaluateConfig, "figure_maps", "--figure-maps"),
     config: ConfigOpt = None,
 ) -> None:
     """Reconstruction MSE of every checkpoint on every dataset, with baselines."""
-    from apmae_gpu import evaluation
+    from apmae_gpu.model import evaluation
 
     pcfg = pipeline_config(config)
     # --data names every run to evaluate; the section's `data`, the runs beside a pipeline's
@@ -342,17 +354,16 @@ def encode(
     run: RunArg,
     checkpoint: Annotated[Optional[Path], typer.Option("--checkpoint", help="AP-MAE checkpoint "
                                                        "(default RUN/apmae/final).")] = None,
-    batch_size: int = opt(EncodeConfig, "batch_size", "--batch-size", help="Maps per batch."),
-    pool: str = opt(EncodeConfig, "pool", "--pool", help="cls or mean (of patch tokens)."),
+    batch_size: int = opt(EncodeConfig, "batch_size", "--batch-size"),
+    pool: str = opt(EncodeConfig, "pool", "--pool"),
     device: str = device_opt(),
-    block: Optional[int] = opt(EncodeConfig, "block", "--block", help="Inferences per chunk "
-                                "and per commit (default: by memory, <= 1024)."),
+    block: Optional[int] = opt(EncodeConfig, "block", "--block"),
     restart: Annotated[bool, typer.Option("--restart", help="Discard RUN/embeddings.zarr and "
                                           "encode from scratch.")] = False,
     config: ConfigOpt = None,
 ) -> None:
     """Encode every analysis map into RUN/embeddings.zarr [layers, heads, inferences, dim]."""
-    from apmae_gpu import encoding
+    from apmae_gpu.encoding import encoder as encoding
 
     pcfg = pipeline_config(config)
     settings = section_from(ctx, EncodeConfig, locals(), pcfg)
@@ -374,43 +385,31 @@ BACKEND_HELP = "auto, cuml or cpu."
 def cluster(
     ctx: typer.Context,
     run: RunArg,
-    backend: str = _cluster_opt("backend", "--backend", help=BACKEND_HELP),
-    workers: int = _cluster_opt("workers", "--workers", help="Dask workers (one per GPU with "
-                                "cuml)."),
-    umap_dims: int = _cluster_opt("umap_dims", "--umap-dims", help="UMAP dimensions."),
-    neighbors: int = _cluster_opt("neighbors", "--neighbors", help="UMAP n_neighbors."),
-    min_dist: float = _cluster_opt("min_dist", "--min-dist", help="UMAP min_dist."),
-    metric: str = _cluster_opt("metric", "--metric", help="UMAP metric."),
-    min_samples: int = _cluster_opt("min_samples", "--min-samples", help="HDBSCAN min_samples."),
-    min_cluster_size: int = _cluster_opt("min_cluster_size", "--min-cluster-size",
-                                         help="HDBSCAN min_cluster_size."),
-    scheduler: Optional[str] = _cluster_opt("scheduler", "--scheduler", help="Address of an "
-                                            "existing dask scheduler."),
+    backend: str = _cluster_opt("backend", "--backend"),
+    workers: int = _cluster_opt("workers", "--workers"),
+    umap_dims: int = _cluster_opt("umap_dims", "--umap-dims"),
+    neighbors: int = _cluster_opt("neighbors", "--neighbors"),
+    min_dist: float = _cluster_opt("min_dist", "--min-dist"),
+    metric: str = _cluster_opt("metric", "--metric"),
+    min_samples: int = _cluster_opt("min_samples", "--min-samples"),
+    min_cluster_size: int = _cluster_opt("min_cluster_size", "--min-cluster-size"),
+    scheduler: Optional[str] = _cluster_opt("scheduler", "--scheduler"),
     seed: int = seed_opt(),
-    heads: Optional[str] = _cluster_opt("heads", "--heads", help="all (default), N (a seeded "
-                                        "sample) or L:H,L:H."),
-    retries: int = _cluster_opt("retries", "--retries", help="Retries of a failing head (with "
-                                "the next seed) before it is recorded failed."),
-    knn: str = _cluster_opt("knn", "--knn", help="cpu backend's neighbour search: auto (exact "
-                            "torch kNN below 4096 points, and at any size on a GPU; NN-descent "
-                            "otherwise), nndescent or torch."),
+    heads: Optional[str] = _cluster_opt("heads", "--heads"),
+    retries: int = _cluster_opt("retries", "--retries"),
+    knn: str = _cluster_opt("knn", "--knn"),
     filter_max_distance: Optional[float] = _cluster_opt(
-        "filter_max_distance", "--filter-max-distance", help="Earlier paper's filter: drop "
-        "clusters whose mean intra-cluster UMAP distance exceeds this (e.g. 1.0)."),
+        "filter_max_distance", "--filter-max-distance"),
     filter_min_size: Optional[int] = _cluster_opt(
-        "filter_min_size", "--filter-min-size", help="Earlier paper's filter: drop clusters "
-        "smaller than this."),
+        "filter_min_size", "--filter-min-size"),
     restart: Annotated[bool, typer.Option("--restart", help="Discard finished heads.")] = False,
-    figures: bool = _cluster_opt("figures", "--figures/--no-figures", help="Write the PNG "
-                                 "figures."),
-    umap_epochs: Optional[int] = _cluster_opt("umap_epochs", "--umap-epochs", help="UMAP epochs "
-                                              "(default umap-learn's: 500 below 10k points, "
-                                              "200 above)."),
+    figures: bool = _cluster_opt("figures", "--figures/--no-figures"),
+    umap_epochs: Optional[int] = _cluster_opt("umap_epochs", "--umap-epochs"),
     deterministic: bool = _cluster_opt("deterministic", "--deterministic/--no-deterministic"),
     config: ConfigOpt = None,
 ) -> None:
     """UMAP + HDBSCAN per head into RUN/clusters.parquet, heads spread over dask workers."""
-    from apmae_gpu import clustering
+    from apmae_gpu.clustering import heads as clustering
 
     pcfg = pipeline_config(config)
     settings = section_from(ctx, ClusterConfig, locals(), pcfg)
@@ -423,36 +422,23 @@ def cluster(
 def classify(
     ctx: typer.Context,
     run: RunArg,
-    folds: int = opt(ClassifyConfig, "folds", "--folds", help="Cross-validation folds."),
-    gpu: str = opt(ClassifyConfig, "gpu", "--gpu", help="auto, yes or no: CatBoost task_type "
-                    "GPU."),
+    folds: int = opt(ClassifyConfig, "folds", "--folds"),
+    gpu: str = opt(ClassifyConfig, "gpu", "--gpu"),
     seed: int = seed_opt(),
-    iterations: int = opt(ClassifyConfig, "iterations", "--iterations", help="CatBoost trees "
-                           "(at most, with early stopping)."),
-    depth: int = opt(ClassifyConfig, "depth", "--depth", help="CatBoost tree depth."),
-    learning_rate: float = opt(ClassifyConfig, "learning_rate", "--learning-rate",
-                                help="CatBoost learning rate."),
+    iterations: int = opt(ClassifyConfig, "iterations", "--iterations"),
+    depth: int = opt(ClassifyConfig, "depth", "--depth"),
+    learning_rate: float = opt(ClassifyConfig, "learning_rate", "--learning-rate"),
     early_stopping_rounds: int = opt(ClassifyConfig, "early_stopping_rounds",
-                                      "--early-stopping", help="Rounds without improvement on "
-                                      "the eval split (0: off)."),
-    eval_fraction: float = opt(ClassifyConfig, "eval_fraction", "--eval-fraction",
-                                help="Share of each training fold held out for early stopping."),
-    tasks: Optional[str] = opt(ClassifyConfig, "tasks", "--tasks", help="Comma list of tasks "
-                                "(default: every labelled task)."),
-    shap_on: str = opt(ClassifyConfig, "shap_on", "--shap-on", help="oof (each inference "
-                        "explained by the fold model that did not train on it), full (one "
-                        "model fitted on all data) or split (the reference: one model on a "
-                        "stratified 90%, SHAP on the other 10%)."),
+                                      "--early-stopping"),
+    eval_fraction: float = opt(ClassifyConfig, "eval_fraction", "--eval-fraction"),
+    tasks: Optional[str] = opt(ClassifyConfig, "tasks", "--tasks"),
+    shap_on: str = opt(ClassifyConfig, "shap_on", "--shap-on"),
     one_hot_max_size: Optional[int] = opt(
-        ClassifyConfig, "one_hot_max_size", "--one-hot-max-size", help="One-hot encode heads "
-        "with at most this many clusters instead of target statistics (default: CatBoost's; "
-        "16 is much faster on CPU: bench/results/classify.md)."),
+        ClassifyConfig, "one_hot_max_size", "--one-hot-max-size"),
     max_ctr_complexity: Optional[int] = opt(
-        ClassifyConfig, "max_ctr_complexity", "--max-ctr-complexity", help="Most heads combined "
-        "in one categorical feature combination (default: CatBoost's)."),
+        ClassifyConfig, "max_ctr_complexity", "--max-ctr-complexity"),
     boosting_type: Optional[str] = opt(
-        ClassifyConfig, "boosting_type", "--boosting-type", help="Plain or Ordered (default: "
-        "CatBoost's choice, Ordered on small CPU data sets; Plain is cheaper per tree)."),
+        ClassifyConfig, "boosting_type", "--boosting-type"),
     deterministic: bool = opt(ClassifyConfig, "deterministic", "--deterministic/--no-deterministic"),
     stability_refits: int = opt(ClassifyConfig, "stability_refits", "--stability-refits"),
     stability_top_k: int = opt(ClassifyConfig, "stability_top_k", "--stability-top-k"),
@@ -461,7 +447,7 @@ def classify(
     config: ConfigOpt = None,
 ) -> None:
     """CatBoost per task on per-head cluster ids; SHAP head importance."""
-    from apmae_gpu import classification
+    from apmae_gpu.classification import classifier as classification
 
     pcfg = pipeline_config(config)
     settings = section_from(ctx, ClassifyConfig, locals(), pcfg)
@@ -474,33 +460,24 @@ def classify(
 def intervene(
     ctx: typer.Context,
     run: RunArg,
-    task: Optional[str] = opt(InterveneConfig, "task", "--task", help="One task (default: "
-                               "every task the classifier ranked)."),
-    k: str = opt(InterveneConfig, "k", "--k", help="Comma list of head counts."),
-    per_group: int = opt(InterveneConfig, "per_group", "--per-group", help="N originally "
-                          "correct and N originally incorrect held-out inferences."),
+    task: Optional[str] = opt(InterveneConfig, "task", "--task"),
+    k: str = opt(InterveneConfig, "k", "--k"),
+    per_group: int = opt(InterveneConfig, "per_group", "--per-group"),
     model: Annotated[Optional[str], typer.Option("--model", help="The target LLM (default: the "
                                                  "one recorded in the manifest).")] = None,
     device: str = device_opt(),
-    batch_size: int = opt(InterveneConfig, "batch_size", "--batch-size",
-                           help="Prompts per forward pass."),
+    batch_size: int = opt(InterveneConfig, "batch_size", "--batch-size"),
     seed: int = seed_opt(),
-    groups: str = opt(InterveneConfig, "groups", "--groups", help="Comma list of head groups: "
-                       + ", ".join(GROUPS + EXTRA_GROUPS) + "."),
-    multi_token: bool = opt(InterveneConfig, "multi_token", "--multi-token", help="Judge "
-                             "greedy completion of the whole target (KV cache), exact match, "
-                             "instead of the first token."),
-    rank_by: str = opt(InterveneConfig, "rank_by", "--rank-by", help="What ranks the "
-                        "positive/negative groups: shap_parts (the reference: mean of the "
-                        "positive / negative parts of the SHAP values), mean_shap (signed mean) "
-                        "or extreme_shap."),
-    dtype: str = opt(InterveneConfig, "dtype", "--dtype", help=DTYPE_HELP),
+    groups: str = opt(InterveneConfig, "groups", "--groups"),
+    multi_token: bool = opt(InterveneConfig, "multi_token", "--multi-token"),
+    rank_by: str = opt(InterveneConfig, "rank_by", "--rank-by"),
+    dtype: str = opt(InterveneConfig, "dtype", "--dtype"),
     few_heads_k: int = opt(InterveneConfig, "few_heads_k", "--few-heads-k"),
     many_heads_k: int = opt(InterveneConfig, "many_heads_k", "--many-heads-k"),
     config: ConfigOpt = None,
 ) -> None:
     """Zero the heads SHAP selects while generating, and count what flips."""
-    from apmae_gpu import intervention
+    from apmae_gpu.intervention import ablation as intervention
 
     pcfg = pipeline_config(config)
     settings = section_from(ctx, InterveneConfig, locals(), pcfg)
@@ -515,9 +492,7 @@ def intervene(
 def report(
     ctx: typer.Context,
     run: RunArg,
-    notebook: bool = opt(ReportConfig, "notebook", "--notebook", help="Also execute notebooks/"
-                          "findings.ipynb on the run (needs nbclient); keeps "
-                          "RUN/report/findings.ipynb."),
+    notebook: bool = opt(ReportConfig, "notebook", "--notebook"),
     explorer_points: int = opt(ReportConfig, "explorer_points", "--explorer-points"),
     explorer_clusters: int = opt(ReportConfig, "explorer_clusters", "--explorer-clusters"),
     explorer_members: int = opt(ReportConfig, "explorer_members", "--explorer-members"),
@@ -527,7 +502,7 @@ def report(
 ) -> None:
     """Write RUN/report/index.html: one self-contained page over the whole run, and the
     per-head explorer RUN/report/explorer.html (its data: RUN/report/explorer.json)."""
-    from apmae_gpu import report as report_mod
+    from apmae_gpu.report import build as report_mod
 
     settings = section_from(ctx, ReportConfig, locals(), pipeline_config(config))
     with _writing(run):
@@ -538,7 +513,7 @@ def report(
 def check(run: RunArg) -> None:
     """Verify RUN: stores (every chunk present and intact), parquet files, manifest counts.
     Prints what is damaged and which stage to rerun; exit 1 when something is."""
-    from apmae_gpu import check as check_mod
+    from apmae_gpu.core import check as check_mod
 
     _uses(run)
     problems = check_mod.check_run(run, echo=typer.echo)
@@ -563,25 +538,22 @@ def pipeline(
 def trust(
     ctx: typer.Context,
     run: RunArg,
-    dims: str = opt(TrustConfig, "dims", "--dims", help="Comma list of UMAP dimensions."),
+    dims: str = opt(TrustConfig, "dims", "--dims"),
     heads: str = opt(TrustConfig, "heads", "--heads"),
     trials: int = opt(TrustConfig, "trials", "--trials"),
     max_points: int = opt(TrustConfig, "max_points", "--max-points"),
-    neighbors: int = _cluster_opt("neighbors", "--neighbors", help="UMAP n_neighbors."),
-    min_dist: float = _cluster_opt("min_dist", "--min-dist", help="UMAP min_dist."),
-    metric: str = _cluster_opt("metric", "--metric", help="UMAP metric."),
-    trust_neighbors: Optional[int] = opt(TrustConfig, "trust_neighbors", "--trust-neighbors",
-                                          help="k of the trustworthiness score (default: "
-                                               "--neighbors)."),
-    backend: str = _cluster_opt("backend", "--backend", help=BACKEND_HELP),
-    workers: int = _cluster_opt("workers", "--workers", help="Dask workers."),
-    scheduler: Optional[str] = _cluster_opt("scheduler", "--scheduler", help="Address of an "
-                                            "existing dask scheduler."),
+    neighbors: int = _cluster_opt("neighbors", "--neighbors"),
+    min_dist: float = _cluster_opt("min_dist", "--min-dist"),
+    metric: str = _cluster_opt("metric", "--metric"),
+    trust_neighbors: Optional[int] = opt(TrustConfig, "trust_neighbors", "--trust-neighbors"),
+    backend: str = _cluster_opt("backend", "--backend"),
+    workers: int = _cluster_opt("workers", "--workers"),
+    scheduler: Optional[str] = _cluster_opt("scheduler", "--scheduler"),
     seed: int = seed_opt(),
     config: ConfigOpt = None,
 ) -> None:
     """Trustworthiness of UMAP per number of dimensions, to choose --umap-dims."""
-    from apmae_gpu import cluster_studies
+    from apmae_gpu.clustering import studies as cluster_studies
 
     pcfg = pipeline_config(config)
     study = section_from(ctx, TrustConfig, locals(), pcfg)
@@ -594,17 +566,16 @@ def trust(
 def stability(
     ctx: typer.Context,
     run: RunArg,
-    seeds: str = opt(StabilityConfig, "seeds", "--seeds", help="Comma list of other seeds."),
+    seeds: str = opt(StabilityConfig, "seeds", "--seeds"),
     heads: str = opt(StabilityConfig, "heads", "--heads"),
-    backend: str = _cluster_opt("backend", "--backend", help=BACKEND_HELP),
-    workers: int = _cluster_opt("workers", "--workers", help="Dask workers."),
-    scheduler: Optional[str] = _cluster_opt("scheduler", "--scheduler", help="Address of an "
-                                            "existing dask scheduler."),
+    backend: str = _cluster_opt("backend", "--backend"),
+    workers: int = _cluster_opt("workers", "--workers"),
+    scheduler: Optional[str] = _cluster_opt("scheduler", "--scheduler"),
     stable_at: float = opt(StabilityConfig, "stable_at", "--stable-at"),
     config: ConfigOpt = None,
 ) -> None:
     """Cluster stability: recluster heads with other seeds; ARI per head, Jaccard per cluster."""
-    from apmae_gpu import cluster_studies
+    from apmae_gpu.clustering import studies as cluster_studies
 
     pcfg = pipeline_config(config)
     study = section_from(ctx, StabilityConfig, locals(), pcfg)
@@ -623,7 +594,7 @@ def cluster_maps(
     n: Annotated[int, typer.Option("--n", min=1, help="Maps per cluster.")] = 16,
 ) -> None:
     """PNG of the maps within a head's clusters (spread over each cluster) under RUN/cluster/."""
-    from apmae_gpu import cluster_figures
+    from apmae_gpu.clustering import figures as cluster_figures
 
     with _writing(run):
         paths = cluster_figures.cluster_maps(run=run, layer=layer, head=head, cluster=cluster_id,
@@ -635,7 +606,7 @@ def cluster_maps(
 # --------------------------------------------------------------------------- entry point
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    _STATE["argv"] = argv
+    token = _INVOCATION.set(Invocation(argv=argv))
     previous = signal.signal(signal.SIGTERM, on_sigterm)
     try:
         code = app(args=expand_variadic(argv), prog_name="apmae", standalone_mode=False)
@@ -660,11 +631,12 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
         # the last resort: one line, and the traceback in a log file
         message, code = describe(exc)
-        path = crash_log(_STATE["run"], argv, traceback.format_exc())
+        path = crash_log(_invocation().run, argv, traceback.format_exc())
         typer.echo(f"error: {message} (traceback: {path})", err=True)
         sys.exit(code)
     finally:
         signal.signal(signal.SIGTERM, previous)
+        _INVOCATION.reset(token)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -1,7 +1,7 @@
 """The stage commands' options, from the config models: one source per setting.
 
 Every option that is a stage setting takes its default and bounds from the setting's field in
-:mod:`apmae_gpu.config` (:func:`opt`), and the command builds the stage's config section from
+:mod:`apmae_gpu.core.config` (:func:`opt`), and the command builds the stage's config section from
 its options (:func:`section_from`): a setting is written once, in its config model.
 ``--config FILE`` takes a command's settings (and seed, device) from a pipeline config;
 options given on the command line override it.  tests/test_cli_settings.py compares every
@@ -17,9 +17,15 @@ from typing import Annotated, Optional
 import typer
 from pydantic import BaseModel, ValidationError
 
-from apmae_gpu.config import (SECTION_OF, CaptureSplitConfig, M, PipelineConfig, load_config,
-                              message)
-from apmae_gpu.runs import ApmaeError
+from apmae_gpu.core.config import (
+    SECTION_OF,
+    CaptureSplitConfig,
+    M,
+    PipelineConfig,
+    load_config,
+    message,
+)
+from apmae_gpu.core.errors import ApmaeError
 
 
 def split_csv(value: str) -> list[str]:
@@ -42,6 +48,16 @@ def bounds(info) -> dict:
     return out
 
 
+def describe_field(info) -> str:
+    """A field's description as option help: its first letter upper-case, a final period."""
+    text = (info.description or "").strip()
+    if text:
+        text = text[0].upper() + text[1:]
+        if not text.endswith((".", "?", "!", ")")):
+            text += "."
+    return text
+
+
 def opt(model: type[BaseModel], name: str, *decls: str, help: str | None = None, **kw):
     """A typer option for the setting ``model.name``: the field's default (a list as a comma
     list) and bounds, and its description unless ``help`` is given."""
@@ -49,7 +65,7 @@ def opt(model: type[BaseModel], name: str, *decls: str, help: str | None = None,
     default = info.get_default(call_default_factory=True)
     if isinstance(default, (list, tuple)):
         default = ",".join(map(str, default))
-    text = help if help is not None else (info.description or "").capitalize() + "."
+    text = help if help is not None else describe_field(info)
     return typer.Option(default, *decls, help=text, **bounds(info), **kw)
 
 

@@ -25,25 +25,34 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from apmae_gpu import (capture, classification, clustering, encoding, evaluation, intervention,
-                       mining, report, training)
-from apmae_gpu.config import STAGES, PipelineConfig, load_config
-from apmae_gpu.runs import (ApmaeError, check_out_dir, read_manifest, update_manifest,
-                            write_json, writer_lock)
+from apmae_gpu.capture import maps as capture
+from apmae_gpu.classification import classifier as classification
+from apmae_gpu.clustering import heads as clustering
+from apmae_gpu.core import layout
+from apmae_gpu.core.config import STAGES, PipelineConfig, load_config
+from apmae_gpu.core.errors import ApmaeError
+from apmae_gpu.core.frames import read_manifest, update_manifest, write_json
+from apmae_gpu.core.layout import check_out_dir
+from apmae_gpu.core.locks import writer_lock
+from apmae_gpu.encoding import encoder as encoding
+from apmae_gpu.intervention import ablation as intervention
+from apmae_gpu.mining import tasks as mining
+from apmae_gpu.model import evaluation, training
+from apmae_gpu.report import build as report
 
 log = logging.getLogger("apmae_gpu.pipeline")
 
-STATE = "pipeline.json"
+STATE = layout.PIPELINE_JSON
 
 # What each stage must have left for it to count as complete.
 OUTPUTS = {
-    "mine": ["tasks.parquet"],
-    "capture_train": ["maps.zarr", "inferences.parquet"],
-    "capture_analysis": ["maps.zarr", "inferences.parquet"],
+    "mine": [layout.TASKS_PARQUET],
+    "capture_train": [layout.MAPS_ZARR, layout.INFERENCES_PARQUET],
+    "capture_analysis": [layout.MAPS_ZARR, layout.INFERENCES_PARQUET],
     "train": ["apmae/final/config.json"],
     "evaluate": ["evaluate/evaluation.parquet"],
-    "encode": ["embeddings.zarr"],
-    "cluster": ["clusters.parquet"],
+    "encode": [layout.EMBEDDINGS_ZARR],
+    "cluster": [layout.CLUSTERS_PARQUET],
     "classify": ["classify/metrics.parquet", "classify/head_importance.parquet"],
     "intervene": ["intervene/results.parquet"],
     "report": ["report/index.html"],
@@ -93,11 +102,11 @@ def _complete(run: Path, stage: str) -> bool:
 # Each runner passes its stage the config section; a stage on several processes is the
 # stage's command under torchrun, reading the same section from the config used (the
 # settings as resolved, base files merged: RUN/CONFIG_USED).
-CONFIG_USED = "pipeline_config.json"
+CONFIG_USED = layout.PIPELINE_CONFIG_JSON
 
 
 def _mine(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
-    if fresh and (run / "maps.zarr").exists():
+    if fresh and (run / layout.MAPS_ZARR).exists():
         raise ApmaeError(f"the mine settings changed but {run} already holds captured maps; "
                          "use a new --out")
     mining.mine(run, cfg.mine, model=cfg.model, seed=cfg.seed,
@@ -109,7 +118,7 @@ def _capture(split: str):
     def run_split(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
         c = cfg.capture
         one_pass = split == "analysis" and c.encode_analysis
-        encode_with = run / "apmae" / "final" if one_pass else None
+        encode_with = run / layout.APMAE_DIR / layout.FINAL_DIR if one_pass else None
         if c.nproc > 1:
             argv = ["capture", str(run), "--model", cfg.model, "--split", split]
             argv += ["--encode-with", str(encode_with)] if encode_with is not None else []
@@ -132,11 +141,11 @@ def _torchrun(cfg: PipelineConfig, run: Path, nproc: int, argv: list[str], what:
 
 
 def _train(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
-    out = run / "apmae"
+    out = run / layout.APMAE_DIR
     if fresh and out.exists():
         log.info("train settings changed: starting AP-MAE training afresh")
         shutil.rmtree(out)
-    resume = (out / "checkpoints").exists() and any((out / "checkpoints").iterdir())
+    resume = (out / layout.CHECKPOINTS_DIR).exists() and any((out / layout.CHECKPOINTS_DIR).iterdir())
     if cfg.train.nproc > 1:
         argv = ["train", str(run)] + ["--resume"] * resume
         return _torchrun(cfg, run, cfg.train.nproc, argv, "AP-MAE training")
@@ -145,8 +154,8 @@ def _train(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
 
 def _evaluate(cfg: PipelineConfig, run: Path, fresh: bool) -> None:
     e = cfg.evaluate
-    evaluation.evaluate([run / "apmae" / "final", *map(Path, e.checkpoints)],
-                        [run, *map(Path, e.data)], e, out=run / "evaluate", device=cfg.device,
+    evaluation.evaluate([run / layout.APMAE_DIR / layout.FINAL_DIR, *map(Path, e.checkpoints)],
+                        [run, *map(Path, e.data)], e, out=run / layout.EVALUATE_DIR, device=cfg.device,
                         seed=cfg.seed)
 
 
@@ -191,13 +200,13 @@ def headlines(run: Path) -> dict:
         tasks = info.get("tasks", {})
         out[f"{split} inferences kept / prompted"] = (
             f"{sum(t['kept'] for t in tasks.values())} / {sum(t['attempts'] for t in tasks.values())}")
-    ev = run / "evaluate" / "evaluation.parquet"
+    ev = run / layout.EVALUATE_DIR / layout.EVALUATION_PARQUET
     if ev.exists():
         df = pd.read_parquet(ev)
         df = df[df.dataset.astype(str) == str(df.dataset.iloc[0])]
         out["AP-MAE reconstruction MSE"] = "; ".join(
             f"{r.method} {r.mse_mean:.4g}" for r in df.itertuples())
-    heads = run / "cluster" / "heads.parquet"
+    heads = run / layout.CLUSTER_DIR / layout.HEADS_PARQUET
     if heads.exists():
         h = pd.read_parquet(heads)
         ok = h[h.status == "ok"]
@@ -205,7 +214,7 @@ def headlines(run: Path) -> dict:
         if len(ok):
             out["clusters per head (mean)"] = round(float(ok.n_clusters.mean()), 2)
             out["maps clustered (mean share)"] = round(float(ok.share_clustered.mean()), 3)
-    metrics = run / "classify" / "metrics.parquet"
+    metrics = run / layout.CLASSIFY_DIR / layout.METRICS_PARQUET
     if metrics.exists():
         m = pd.read_parquet(metrics)
         # the task where CatBoost beats the majority class by most (accuracy alone would
@@ -221,7 +230,7 @@ def headlines(run: Path) -> dict:
                                                   f"[{best.ci_low:.3f}, {best.ci_high:.3f}]")
             if task in maj.index:
                 out["  majority baseline there"] = round(float(maj.loc[task]), 3)
-    res = run / "intervene" / "results.parquet"
+    res = run / layout.INTERVENE_DIR / layout.RESULTS_PARQUET
     if res.exists():
         r = pd.read_parquet(res)
         if len(r):
@@ -288,7 +297,7 @@ def _run_stages(cfg: PipelineConfig, run: Path, config) -> dict:
         "config": str(config), "run": str(run), "seconds": round(seconds, 1),
         "stages": state["stages"], "headlines": headlines(run),
         "peak_rss_mib": round(peak), "disk_mib": round(_disk_usage(run) / 2**20, 1),
-        "report": str(run / "report" / "index.html") if (run / "report" / "index.html").exists() else None,
+        "report": str(run / layout.REPORT_DIR / layout.INDEX_HTML) if (run / layout.REPORT_DIR / layout.INDEX_HTML).exists() else None,
         "config_used": cfg.model_dump(mode="json"),
     }
     state.update({k: v for k, v in summary.items() if k != "stages"})

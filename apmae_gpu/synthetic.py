@@ -14,11 +14,13 @@ import numpy as np
 import pandas as pd
 import torch
 
-from apmae_gpu import TASKS, llm
-from apmae_gpu.mining import TASKS_SCHEMA
-from apmae_gpu.runs import write_parquet
-from apmae_gpu.scaling import FLOOR, LOG_FILL
-from apmae_gpu.store import INFERENCE_SCHEMA, MapStore
+from apmae_gpu import TASKS
+from apmae_gpu.capture import llm
+from apmae_gpu.core import layout
+from apmae_gpu.core.frames import write_parquet
+from apmae_gpu.core.scaling import FLOOR, LOG_FILL
+from apmae_gpu.core.store import INFERENCE_SCHEMA, MapStore
+from apmae_gpu.mining.tasks import TASKS_SCHEMA
 
 PATTERNS = ("diagonal", "sink", "local", "uniform", "blocks")
 
@@ -169,5 +171,5 @@ def synthetic_tasks(run: str | Path, model: str, n_per_task: int = 6, window: in
     df = pd.DataFrame(rows)
     df.insert(0, "task_id", np.arange(len(df), dtype=np.int64))
     run.mkdir(parents=True, exist_ok=True)
-    write_parquet(df, run / "tasks.parquet", schema=TASKS_SCHEMA)
+    write_parquet(df, run / layout.TASKS_PARQUET, schema=TASKS_SCHEMA)
     return run

@@ -30,12 +30,15 @@ from zarr.codecs import BloscCodec, ZstdCodec
 # bench/ and the repository on the path: the scripts run without installing the package
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-from apmae_gpu import llm  # noqa: E402
-from apmae_gpu.capture import forward_with_maps, scale_maps  # noqa: E402
-from apmae_gpu.devices import to_host  # noqa: E402
-from apmae_gpu.runs import resolve_device  # noqa: E402
-from apmae_gpu.store import INFERENCE_SCHEMA, MapStore  # noqa: E402
 from common import peak_rss_mib, save, sync  # noqa: E402
+
+from apmae_gpu.capture import llm  # noqa: E402
+from apmae_gpu.capture.maps import forward_with_maps, scale_maps  # noqa: E402
+from apmae_gpu.core.devices import (
+    resolve_device,  # noqa: E402
+    to_host,  # noqa: E402
+)
+from apmae_gpu.core.store import INFERENCE_SCHEMA, MapStore  # noqa: E402
 
 
 @dataclass

@@ -27,6 +27,10 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 from common import child_env, save  # noqa: E402
 
+from apmae_gpu.capture import llm  # noqa: E402
+from apmae_gpu.core.store import MapStore  # noqa: E402
+from apmae_gpu.synthetic import synthetic_tasks  # noqa: E402
+
 
 def launch(run: Path, args, nproc: int, threads: int | None) -> dict:
     env = child_env()
@@ -56,14 +60,12 @@ def launch(run: Path, args, nproc: int, threads: int | None) -> dict:
 
 
 def snapshot(run: Path):
-    from apmae_gpu.store import MapStore
 
     s = MapStore(run)
     return s.inferences(), s.read(np.arange(s.n_maps))
 
 
 def main() -> None:
-    from apmae_gpu.synthetic import synthetic_tasks
 
     ap = argparse.ArgumentParser(description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -86,7 +88,6 @@ def main() -> None:
     same = all(a[0].equals(snaps[0][0]) and np.array_equal(a[1].view(np.uint16),
                                                           snaps[0][1].view(np.uint16))
                for a in snaps[1:])
-    from apmae_gpu import llm
 
     fam = llm.family(llm.load_model(args.model, device="cpu"))
     figures = {"model": args.model, "window": args.window, "per_task": args.per_task,

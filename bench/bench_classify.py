@@ -31,8 +31,20 @@ import pandas as pd
 # bench/ and the repository on the path: the scripts run without installing the package
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-from apmae_gpu.classification import CatBoostSettings, cross_validate, fit_catboost, head_importance  # noqa: E402
-from apmae_gpu.runs import describe_machine, versions  # noqa: E402
+from apmae_gpu import TASKS  # noqa: E402
+from apmae_gpu.classification.classifier import (  # noqa: E402  # noqa: E402
+    MISSING,
+    CatBoostSettings,
+    analysis_inferences,
+    choose_folds,  # noqa: E402
+    cluster_matrix,
+    cross_validate,
+    fit_catboost,
+    head_importance,
+    resolve_task_type,  # noqa: E402
+)
+from apmae_gpu.core.devices import describe_machine  # noqa: E402
+from apmae_gpu.core.logs import versions  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 
@@ -91,8 +103,6 @@ def markdown(rows: list[dict]) -> str:
 def run_tasks(run: Path, tasks: list[str] | None = None) -> dict:
     """Per task ``(X [n, L*H], y [n], n_layers, n_heads)`` exactly as ``apmae classify``
     builds them: labelled analysis inferences with maps and cluster rows, noise excluded."""
-    from apmae_gpu import TASKS
-    from apmae_gpu.classification import MISSING, analysis_inferences, cluster_matrix
 
     inf = analysis_inferences(run)
     inf = inf[(inf["task"] != "noise") & inf["correct"].notna()
@@ -114,7 +124,6 @@ def compare_task(X: np.ndarray, y: np.ndarray, L: int, H: int, folds: int, seed:
     """Reference vs fast settings on the same folds (same seed -> same StratifiedKFold)."""
     from scipy.stats import spearmanr
 
-    from apmae_gpu.classification import choose_folds
 
     used, _ = choose_folds(y, folds)
     frame = pd.DataFrame(X.astype(np.int32))
@@ -209,7 +218,6 @@ def main() -> None:
                      ("SC2-3B shape, reference", 1000, 30, 24, ref),
                      ("SC2-3B shape, one-hot 16", 1000, 30, 24, fast)]
             name = "classify"
-        from apmae_gpu.classification import resolve_task_type
 
         gpu = resolve_task_type("auto") == "GPU"
         if not gpu:

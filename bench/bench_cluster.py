@@ -40,8 +40,19 @@ import numpy as np
 # bench/ and the repository on the path: the scripts run without installing the package
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-from apmae_gpu.runs import describe_machine, versions  # noqa: E402
+import warnings  # noqa: E402
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
 from common import child_env  # noqa: E402
+
+from apmae_gpu.clustering.backends import CumlClusterer, cuml_available, torch_knn  # noqa: E402
+from apmae_gpu.core.devices import (
+    describe_machine,  # noqa: E402
+    free_torch_cuda_cache,  # noqa: E402
+)
+from apmae_gpu.core.logs import versions  # noqa: E402
+from apmae_gpu.encoding.encoder import EmbeddingWriter  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 UMAP_KW = dict(n_neighbors=20, n_components=8, min_dist=0.05, metric="cosine")
@@ -68,7 +79,7 @@ def bench_jit(points: int, dim: int) -> list[dict]:
     code = f"""
 import time, json, numpy as np
 t0 = time.perf_counter()
-from apmae_gpu.cluster_backends import CpuClusterer
+from apmae_gpu.clustering.backends import CpuClusterer
 import umap, hdbscan
 t_import = time.perf_counter() - t0
 rng = np.random.default_rng(0)
@@ -93,7 +104,6 @@ def _warm_umap():
     X = embeddings(300, 64)
     umap.UMAP(**UMAP_KW, random_state=0, n_jobs=1).fit_transform(X)
     X2 = embeddings(5000, 64)   # NN-descent path (>= 4096 points) and precomputed path
-    from apmae_gpu.cluster_backends import torch_knn
 
     umap.UMAP(**UMAP_KW, random_state=0, n_jobs=1).fit_transform(X2)
     umap.UMAP(**UMAP_KW, random_state=0, n_jobs=1,
@@ -101,11 +111,9 @@ def _warm_umap():
 
 
 def bench_umap(sizes: list[int], dim: int, with_torch: bool, store: dict) -> list[dict]:
-    import warnings
 
     import umap
 
-    from apmae_gpu.cluster_backends import torch_knn
 
     warnings.filterwarnings("ignore")
     _warm_umap()
@@ -130,10 +138,8 @@ def bench_umap(sizes: list[int], dim: int, with_torch: bool, store: dict) -> lis
 
 
 def bench_knn(sizes: list[int], dim: int, torch_max: int) -> list[dict]:
-    import torch
     from pynndescent import NNDescent
 
-    from apmae_gpu.cluster_backends import torch_knn
 
     rows = []
     NNDescent(embeddings(5000, 64), n_neighbors=20, metric="cosine", random_state=0, n_jobs=1)
@@ -165,9 +171,7 @@ def bench_gpu(sizes: list[int], dim: int) -> list[dict]:
     """The GPU paths, where present: exact torch kNN on CUDA (recall against CPU NN-descent's
     graph is not needed: it is exact) and cuML UMAP + HDBSCAN per head.  Prints one line and
     returns nothing for each path this machine cannot run."""
-    import torch
 
-    from apmae_gpu.cluster_backends import CumlClusterer, cuml_available, torch_knn
 
     rows = []
     if not torch.cuda.is_available():
@@ -187,7 +191,6 @@ def bench_gpu(sizes: list[int], dim: int) -> list[dict]:
     if not ok:
         print(f"gpu section: skipped cuML UMAP + HDBSCAN ({why})", flush=True)
         return rows
-    from apmae_gpu.cluster_backends import free_torch_cuda_cache
 
     free_torch_cuda_cache()
     CumlClusterer(random_state=0).fit(embeddings(2000, dim))                # warm-up
@@ -203,7 +206,6 @@ def bench_gpu(sizes: list[int], dim: int) -> list[dict]:
 
 
 def bench_hdbscan(sizes: list[int], store: dict, sklearn_max: int) -> list[dict]:
-    import warnings
 
     import hdbscan
     from sklearn.cluster import HDBSCAN as SkHDBSCAN
@@ -236,7 +238,6 @@ def bench_hdbscan(sizes: list[int], store: dict, sklearn_max: int) -> list[dict]
 
 
 def demo_run(root: Path, layers: int, heads: int, points: int, dim: int) -> Path:
-    from apmae_gpu.encoding import EmbeddingWriter
 
     run = root / "demo"
     rng = np.random.default_rng(0)
@@ -265,7 +266,6 @@ def bench_demo(points: int, dim: int, workers_list: list[int],
                             "--no-figures", *(["--umap-epochs", str(epochs)] if epochs else [])],
                            check=True, capture_output=True, text=True, env=child_env())
             wall = time.perf_counter() - t0
-            import pandas as pd
 
             heads = pd.read_parquet(run / "cluster" / "heads.parquet")
             ok = heads[heads["status"] == "ok"]

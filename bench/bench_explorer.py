@@ -33,11 +33,24 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import save  # noqa: E402
 
 from apmae_gpu import TASKS  # noqa: E402
-from apmae_gpu.config import ReportConfig  # noqa: E402
-from apmae_gpu.explorer import _png, typical_map  # noqa: E402
-from apmae_gpu.explorer_page import render_page, write_explorer  # noqa: E402
-from apmae_gpu.runs import update_manifest  # noqa: E402
-from apmae_gpu.scaling import log_minmax, stored_logs  # noqa: E402
+from apmae_gpu.clustering.heads import cluster  # noqa: E402
+from apmae_gpu.core.config import ReportConfig  # noqa: E402
+from apmae_gpu.core.frames import update_manifest  # noqa: E402
+from apmae_gpu.core.scaling import (  # noqa: E402
+    log_minmax,
+    scale_maps,  # noqa: E402
+    stored_logs,
+)
+from apmae_gpu.core.store import MapStore  # noqa: E402
+from apmae_gpu.encoding.encoder import EmbeddingWriter  # noqa: E402
+from apmae_gpu.report.explorer import _png, typical_map  # noqa: E402
+from apmae_gpu.report.explorer_page import render_page, write_explorer  # noqa: E402
+from apmae_gpu.synthetic import (  # noqa: E402
+    PATTERNS,
+    causal_softmax,
+    pattern_scores,
+    synthetic_run,  # noqa: E402
+)
 
 ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync", "--no-first-run", "--disable-quic",
@@ -80,10 +93,6 @@ def browser_times(page_path: Path, shots: Path | None = None) -> dict:
 
 
 def demo_run(root: Path, window: int) -> Path:
-    from apmae_gpu.clustering import cluster
-    from apmae_gpu.encoding import EmbeddingWriter
-    from apmae_gpu.store import MapStore
-    from apmae_gpu.synthetic import synthetic_run
 
     run = synthetic_run(root / "demo", n_layers=30, n_heads=9, window=window, n_train=1,
                         n_per_task=6, chunk_maps=270)
@@ -126,8 +135,6 @@ def bench_demo(window: int, shots: Path | None) -> dict:
 
 def paper_data(heads: int, cfg: ReportConfig, layers: int) -> dict:
     """Explorer data at its caps for ``heads`` heads (every count at its maximum)."""
-    from apmae_gpu.synthetic import PATTERNS, causal_softmax, pattern_scores
-    from apmae_gpu.scaling import scale_maps
 
     rng = np.random.default_rng(0)
     pngs = []

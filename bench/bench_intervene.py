@@ -23,9 +23,15 @@ import numpy as np
 # bench/ and the repository on the path: the scripts run without installing the package
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-from apmae_gpu import intervention as I  # noqa: E402
-from apmae_gpu.llm import family, load_model  # noqa: E402
-from apmae_gpu.runs import describe_machine, resolve_device, versions  # noqa: E402
+import torch  # noqa: E402
+
+from apmae_gpu.capture.llm import family, load_model  # noqa: E402
+from apmae_gpu.core.devices import (
+    describe_machine,
+    resolve_device,  # noqa: E402
+)
+from apmae_gpu.core.logs import versions
+from apmae_gpu.intervention import ablation as I  # noqa: E402
 
 OUT = Path(__file__).parent / "results"
 
@@ -53,7 +59,6 @@ def measure(model, fam, batch: int, n_batches: int, window: int, k: int, mode_to
         I.predict(model, fam, inputs[batch:], n_tok[batch:],
                   None if masks is None else masks[batch:], batch, device, multi)
         if device.startswith("cuda"):
-            import torch
 
             torch.cuda.synchronize()
         best = min(best, time.perf_counter() - t0)

@@ -16,9 +16,9 @@ sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve
 
 from common import save, timer  # noqa: E402
 
-from apmae_gpu.corpus import default_jdk_src  # noqa: E402
-from apmae_gpu.llm import load_tokenizer  # noqa: E402
-from apmae_gpu.mining import mine  # noqa: E402
+from apmae_gpu.capture.llm import load_tokenizer  # noqa: E402
+from apmae_gpu.mining.corpus import default_jdk_src  # noqa: E402
+from apmae_gpu.mining.tasks import mine  # noqa: E402
 
 
 def main() -> None:

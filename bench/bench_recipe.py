@@ -21,9 +21,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from apmae_gpu.model import training  # noqa: E402
 from bench.common import save  # noqa: E402
-
-from apmae_gpu import training  # noqa: E402
 
 DEFAULT_VARIANTS = ["reference:recipe=reference", "improved:recipe=improved"]
 

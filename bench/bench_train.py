@@ -2,7 +2,7 @@
 
 Sections (each printed and saved under bench/results/bench_train-<machine>.{json,md}):
 
-1. Training-step throughput (maps/s) of the ``paper`` preset: ``apmae_gpu.model`` (bf16
+1. Training-step throughput (maps/s) of the ``paper`` preset: ``apmae_gpu.model.network`` (bf16
    autocast on CUDA, fused AdamW, SDPA, optional ``torch.compile``) against a baseline written
    the way the paper's reference package writes its model (float32, attention by explicit
    matmul + softmax, einops rearranges, a decoder over all 8x8 grid positions), same batch,
@@ -37,9 +37,19 @@ from torch import nn
 
 # bench/ and the repository on the path: the scripts run without installing the package
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
-from common import save, sync
+import os
 
-from apmae_gpu.model import APMAEModel, parameter_counts, preset_config, train_flops_per_map
+from common import save, sync
+from torch.utils.flop_counter import FlopCounterMode
+
+from apmae_gpu.core.devices import resolve_device
+from apmae_gpu.core.splits import split_maps
+from apmae_gpu.core.store import MapStore
+from apmae_gpu.model.evaluation import evaluate
+from apmae_gpu.model.loader import MapLoader
+from apmae_gpu.model.network import APMAEModel, parameter_counts, preset_config, train_flops_per_map
+from apmae_gpu.model.training import train
+from apmae_gpu.synthetic import synthetic_run
 
 
 # --------------------------------------------------------------------------- reference-style baseline
@@ -135,7 +145,6 @@ def time_interleaved(steps_fns: dict, warmup: int, steps: int, device: str) -> d
 
 
 def counted_flops(fn) -> float:
-    from torch.utils.flop_counter import FlopCounterMode
 
     with FlopCounterMode(display=False) as counter:
         fn()
@@ -204,7 +213,6 @@ def throughput(args, device: str) -> tuple[list[dict], dict]:
 def bench_store(args, tmp: Path) -> Path:
     if args.data:
         return Path(args.data)
-    from apmae_gpu.synthetic import synthetic_run
 
     run = tmp / "synthetic256"
     t = time.perf_counter()
@@ -215,9 +223,6 @@ def bench_store(args, tmp: Path) -> Path:
 
 
 def loader_rate(run: Path, batch: int, workers: int, n_batches: int) -> dict:
-    from apmae_gpu.store import MapStore
-    from apmae_gpu.loader import MapLoader
-    from apmae_gpu.splits import split_maps
 
     store = MapStore(run)
     ids, _, _ = split_maps(store, 0.1)
@@ -238,7 +243,6 @@ def loader_rate(run: Path, batch: int, workers: int, n_batches: int) -> dict:
 
 
 def learns(run: Path, args, device: str, tmp: Path) -> dict:
-    from apmae_gpu.training import train
 
     out = tmp / "tiny"
     t = time.perf_counter()
@@ -249,7 +253,6 @@ def learns(run: Path, args, device: str, tmp: Path) -> dict:
     curve = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     result = {}
     if args.ablation:  # the paper's log-vs-raw ablation, compared in the common log space
-        from apmae_gpu.evaluation import evaluate
 
         train(run, preset=args.learn_preset, steps=args.learn_steps, batch_size=args.learn_batch,
               out=tmp / "raw", device=device, seed=0, raw=True,
@@ -288,7 +291,6 @@ def main() -> None:
     ap.add_argument("--skip-learn", action="store_true")
     ap.add_argument("--threads", type=int, default=None)
     args = ap.parse_args()
-    from apmae_gpu.runs import resolve_device
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -298,7 +300,6 @@ def main() -> None:
     args.warmup = args.warmup if args.warmup is not None else (10 if cuda else 1)
     if cuda:
         torch.backends.cuda.matmul.allow_tf32 = True
-    import os
 
     workers = args.workers or max(1, min(8, (os.cpu_count() or 2) // 2))
     table, figures, notes = [], {"device": device, "torch_threads": torch.get_num_threads()}, []

@@ -6,15 +6,18 @@ import json
 import os
 import platform
 import resource
-import time
 import sys
+import time
 from contextlib import contextmanager
 from pathlib import Path
 
 # bench/ and the repository on the path: the scripts run without installing the package
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
-from apmae_gpu.runs import describe_machine, versions  # noqa: E402
+import torch  # noqa: E402
+
+from apmae_gpu.core.devices import describe_machine  # noqa: E402
+from apmae_gpu.core.logs import versions  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 REPO = Path(__file__).resolve().parents[1]
@@ -49,7 +52,6 @@ def timer():
 
 def sync(device: str) -> None:
     if str(device).startswith("cuda"):
-        import torch
 
         torch.cuda.synchronize()
 

@@ -45,7 +45,43 @@ import numpy as np
 # bench/ and the repository on the path: the scripts run without installing the package
 sys.path[:0] = [str(Path(__file__).resolve().parent), str(Path(__file__).resolve().parents[1])]
 
+import importlib  # noqa: E402
+import importlib.util  # noqa: E402
+
+import pandas as pd  # noqa: E402
+import torch  # noqa: E402
+import transformers  # noqa: E402
+import zarr  # noqa: E402
 from common import RESULTS, child_env, describe_machine, machine_tag, save, sync  # noqa: E402
+from safetensors.torch import load_file  # noqa: E402
+from transformers import AttentionInterface  # noqa: E402
+from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask  # noqa: E402
+
+from apmae_gpu.capture import llm  # noqa: E402
+from apmae_gpu.capture import maps as C
+from apmae_gpu.capture.llm import family, load_model  # noqa: E402
+from apmae_gpu.capture.maps import (  # noqa: E402
+    capture,  # noqa: E402
+    choose_heads,
+    forward_with_maps,
+    parse_heads,
+)
+from apmae_gpu.classification import classifier  # noqa: E402
+from apmae_gpu.clustering import backends as cb  # noqa: E402
+from apmae_gpu.clustering import heads as clustering  # noqa: E402
+from apmae_gpu.core.store import MapStore  # noqa: E402
+from apmae_gpu.encoding.encoder import (
+    encode,  # noqa: E402
+    encode_maps,  # noqa: E402
+)
+from apmae_gpu.intervention.ablation import ablate_heads  # noqa: E402
+from apmae_gpu.model import training  # noqa: E402
+from apmae_gpu.model.network import APMAEModel, preset_config  # noqa: E402
+from apmae_gpu.synthetic import (
+    synthetic_maps,  # noqa: E402
+    synthetic_run,  # noqa: E402
+    synthetic_tasks,  # noqa: E402
+)
 
 PASSED, FAILED, NOT_CHECKED = "passed", "failed", "not checked"
 EXIT = {PASSED: 0, FAILED: 1, NOT_CHECKED: 3}
@@ -63,7 +99,6 @@ GOALS = {"capture_overhead": 0.25, "train_fraction_of_peak": 0.40, "encode_maps_
 
 
 def _record(step: str, status: str, row: dict, why: str = "") -> None:
-    import torch
 
     row = {"step": step, "status": status, "why": why,
            "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
@@ -75,7 +110,6 @@ def _record(step: str, status: str, row: dict, why: str = "") -> None:
 
 
 def _device(args) -> str | None:
-    import torch
 
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         return None
@@ -83,15 +117,12 @@ def _device(args) -> str | None:
 
 
 def _has(module: str) -> bool:
-    import importlib.util
 
     return importlib.util.find_spec(module) is not None
 
 
 # --------------------------------------------------------------------------- env
 def env(args) -> None:
-    import torch
-    import transformers
 
     row = {"torch": torch.__version__, "torch_cuda": torch.version.cuda,
            "transformers": transformers.__version__, "cupy": _has("cupy"),
@@ -116,7 +147,6 @@ def scale_qk(lm, factor: float) -> int:
     logits grow ``factor``-fold, so random-weight attention (nearly uniform with init std
     0.02) is peaked and a head-order, scaling or GQA error shows.  Returns how many
     projections it scaled."""
-    import torch
 
     n = 0
     with torch.no_grad():
@@ -132,7 +162,6 @@ def scale_qk(lm, factor: float) -> int:
 def row_metrics(got, ref) -> dict:
     """Per attention row (one query position of one map; keys up to it): KL(ref || got) and
     the largest absolute difference.  ``got``, ``ref``: [..., T, T] probabilities."""
-    import torch
 
     T = ref.shape[-1]
     causal = torch.ones(T, T, dtype=torch.bool, device=ref.device).tril()
@@ -155,7 +184,6 @@ def within(metrics: dict, dtype: str) -> bool:
 def _eager_maps(lm, ids) -> "torch.Tensor":  # noqa: F821
     """Eager attention [B, L, H, T, T] as float32 (one prompt at a time: eager maps are
     large)."""
-    import torch
 
     lm.set_attn_implementation("eager")
     out = []
@@ -168,7 +196,6 @@ def _eager_maps(lm, ids) -> "torch.Tensor":  # noqa: F821
 
 def _gather(ref_all, chosen, window: int):
     """The reference maps of the chosen heads (per layer [B, K] indices, or None: all)."""
-    import torch
 
     if chosen[0] is None:
         return ref_all
@@ -197,13 +224,8 @@ def _same_forward(lm, fam, ids, chosen):
     of each head's neighbour: the control).
     In bf16 this separates the capture from the drift between two bf16 forwards (SDPA and
     eager kernels round differently, and peaked attention carries that from layer to layer)."""
-    import importlib
 
-    import torch
-    from transformers import AttentionInterface
-    from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
-    from apmae_gpu import capture as C
 
     refs: dict = {}
 
@@ -244,10 +266,7 @@ def parity_rows(model: str, device: str, prompts: int, window: int, qk_scale: fl
     float32, and in bf16 measures the drift between two bf16 forwards) and ``same`` (eager
     attention in float32 on the q/k/v the capture itself sees, layer by layer; gates every
     dtype)."""
-    import torch
 
-    from apmae_gpu import llm
-    from apmae_gpu.capture import choose_heads, forward_with_maps, parse_heads
 
     lm = llm.load_model(model, device=device, dtype=torch.float32, seed=seed)
     fam = llm.family(lm)
@@ -308,9 +327,7 @@ def parity(args) -> None:
 
 # --------------------------------------------------------------------------- capture --encode-with
 def _tiny_apmae(path: Path, window: int) -> Path:
-    from apmae_gpu.model import APMAEModel, preset_config
 
-    import torch
 
     torch.manual_seed(0)
     APMAEModel(preset_config("tiny", image_size=window, patch_size=8)).eval().save_pretrained(path)
@@ -319,11 +336,7 @@ def _tiny_apmae(path: Path, window: int) -> Path:
 
 def capture_encode(args) -> None:
     """``capture --encode-with`` (one pass) against capture with maps, then ``encode``."""
-    import zarr
 
-    from apmae_gpu.capture import capture
-    from apmae_gpu.encoding import encode
-    from apmae_gpu.synthetic import synthetic_tasks
 
     device = _device(args)
     if device is None:
@@ -358,11 +371,7 @@ def capture_encode(args) -> None:
 def train(args) -> None:
     """The real loop on a synthetic run: ``steps`` straight, and killed at the middle then
     resumed (deterministic): the same final weights and loss."""
-    import torch
-    from safetensors.torch import load_file
 
-    from apmae_gpu import training
-    from apmae_gpu.synthetic import synthetic_run
 
     device = _device(args)
     if device is None:
@@ -395,11 +404,7 @@ def train(args) -> None:
 
 # --------------------------------------------------------------------------- encode
 def encode_speed(args) -> None:
-    import torch
 
-    from apmae_gpu.encoding import encode_maps
-    from apmae_gpu.model import APMAEModel, preset_config
-    from apmae_gpu.synthetic import synthetic_maps
 
     device = _device(args)
     if device is None:
@@ -424,7 +429,6 @@ def encode_speed(args) -> None:
 def _zeroed_logits(lm, fam, ids, masks) -> "torch.Tensor":  # noqa: F821
     """The reference ablation, one prompt at a time: the masked heads' input columns of each
     layer's output projection set to zero in the weights (no hook), last-position logits."""
-    import torch
 
     projs = list(fam.out_proj)            # nn.Linear: weight [out, heads x head_dim]
     saved = [p.weight.detach().clone() for p in projs]
@@ -454,10 +458,7 @@ def intervene(args) -> None:
     neighbouring heads (a control) must not match, and the masks must change predictions.
     (A CPU run is no reference here: random weights have near-tied logits, and CPU and GPU
     float32 kernels round differently.)"""
-    import torch
 
-    from apmae_gpu.intervention import ablate_heads
-    from apmae_gpu.llm import family, load_model
 
     device = _device(args)
     if device is None:
@@ -506,8 +507,6 @@ def _cli(args_: list[str], nproc: int, extra_env: dict) -> subprocess.CompletedP
 
 def torchrun(args) -> None:
     """2 ranks on one GPU (gloo) against one process: the same inferences and maps."""
-    from apmae_gpu.store import MapStore
-    from apmae_gpu.synthetic import synthetic_tasks
 
     device = _device(args)
     if device is None:
@@ -548,10 +547,8 @@ def _blobs(n: int = 3000, dim: int = 32, k: int = 4, seed: int = 0):
 
 
 def cuml(args) -> None:
-    import torch
     from sklearn.metrics import adjusted_rand_score
 
-    from apmae_gpu import cluster_backends as cb
 
     device = _device(args)
     if device is None:
@@ -578,10 +575,7 @@ def cuml(args) -> None:
 
 
 def dask_cuda(args) -> None:
-    import pandas as pd
 
-    from apmae_gpu import clustering
-    from apmae_gpu.synthetic import synthetic_run
 
     if _device(args) is None:
         _record("dask-cuda", NOT_CHECKED, {}, "torch sees no CUDA GPU")
@@ -593,7 +587,6 @@ def dask_cuda(args) -> None:
 
     labels = []
     with tempfile.TemporaryDirectory() as tmp:
-        from apmae_gpu.encoding import encode
 
         run = synthetic_run(Path(tmp) / "run", window=64)
         encode(run, checkpoint=_tiny_apmae(Path(tmp) / "apmae", 64), device="cuda")
@@ -611,9 +604,7 @@ def dask_cuda(args) -> None:
 
 
 def catboost_gpu(args) -> None:
-    import pandas as pd
 
-    from apmae_gpu import classification as C
 
     if _device(args) is None or not _has("catboost"):
         _record("catboost-gpu", NOT_CHECKED, {}, "no CUDA GPU or catboost not installed")
@@ -627,7 +618,7 @@ def catboost_gpu(args) -> None:
     acc, secs = {}, {}
     for task_type in ("GPU", "CPU"):
         t0 = time.perf_counter()
-        model = C.fit_catboost(X, y, C.CatBoostSettings(iterations=200), task_type, 0)
+        model = classifier.fit_catboost(X, y, classifier.CatBoostSettings(iterations=200), task_type, 0)
         secs[task_type] = time.perf_counter() - t0
         acc[task_type] = float((model.predict(X).astype(int).ravel() == y).mean())
     ok = acc["GPU"] >= 0.9 and abs(acc["GPU"] - acc["CPU"]) <= 0.05

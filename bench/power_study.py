@@ -1,5 +1,5 @@
 """Power of the findings' tests at the study's shape (``configs/study.yaml``, docs/study.md),
-simulated for the tests the findings actually run (``apmae_gpu.findings_stats``).
+simulated for the tests the findings actually run (``apmae_gpu.report.findings_stats``).
 
     python bench/power_study.py [--n 600] [--pairs 300] [--sims 4000]
 
@@ -20,7 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import common  # noqa: E402,F401  (puts the repository on the path: no install needed)
 
-from apmae_gpu import findings_stats as S  # noqa: E402
+from apmae_gpu.report import findings_stats as S  # noqa: E402
 
 # SmolLM2-135M's share correct per task on the JDK (the first study's attempts,
 # docs/findings-smollm2.md): the classes a task's n splits into when every attempt is kept
@@ -38,7 +38,7 @@ def main() -> None:
     m = len(PRIORS)
     lines = ["# Power of the findings' tests at the study's shape", "",
              f"`python bench/power_study.py --n {a.n} --pairs {a.pairs} --sims {a.sims}` "
-             "(simulations of the tests `apmae_gpu.findings` runs; seed 0)", "",
+             "(simulations of the tests `apmae_gpu.report.findings` runs; seed 0)", "",
              "| claim | test | setting | power |", "|---|---|---|---:|"]
     for task, prior in PRIORS.items():
         p = S.power_ba(a.n, prior, 0.58, 0.05, m, a.sims)

@@ -10,13 +10,12 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import torch  # noqa: E402
 from common import REPO  # noqa: E402,F401  (puts the repository on the path)
 
-import torch  # noqa: E402
-
-from apmae_gpu import llm  # noqa: E402
-from apmae_gpu.capture import forward_with_maps  # noqa: E402
-from apmae_gpu.runs import resolve_device  # noqa: E402
+from apmae_gpu.capture import llm  # noqa: E402
+from apmae_gpu.capture.maps import forward_with_maps  # noqa: E402
+from apmae_gpu.core.devices import resolve_device  # noqa: E402
 
 
 def main() -> None:

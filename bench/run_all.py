@@ -26,6 +26,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from apmae_gpu.core.devices import describe_machine
+from apmae_gpu.core.logs import versions
+
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 LOGS = HERE / "out" / "logs"
@@ -165,7 +168,6 @@ def _machine_name(m: dict) -> str:
 
 def summarise(runs: list[dict]) -> dict:
     sys.path.insert(0, str(HERE.parent))
-    from apmae_gpu.runs import describe_machine, versions
 
     results, all_ratios = {}, []
     for path in sorted(RESULTS.glob("*.json")):

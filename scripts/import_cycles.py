@@ -14,22 +14,34 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parent.parent / "apmae_gpu"
 
 
+def module_name(path: Path, package: Path = PACKAGE) -> str:
+    """``apmae_gpu/capture/maps.py`` -> ``capture.maps``; a package's ``__init__`` -> its name."""
+    parts = path.relative_to(package).with_suffix("").parts
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts) or "__init__"
+
+
 def import_graph(package: Path = PACKAGE) -> dict[str, set[str]]:
-    """module -> the package's modules it imports anywhere in its file."""
-    mods = {p.stem for p in package.glob("*.py")}
+    """module (dotted, below the package) -> the package's modules it imports anywhere in its
+    file.  ``from apmae_gpu.stage import name`` counts the submodule ``stage.name`` when
+    there is one, else the stage's ``__init__``."""
+    paths = sorted(p for p in package.rglob("*.py") if "__pycache__" not in p.parts)
+    mods = {module_name(p, package) for p in paths}
     graph = {}
-    for path in package.glob("*.py"):
+    for path in paths:
         deps = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.module:
+            if isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
                 if node.module == package.name:
                     deps |= {a.name for a in node.names if a.name in mods}
                 elif node.module.startswith(package.name + "."):
-                    deps.add(node.module.split(".")[1])
+                    base = node.module[len(package.name) + 1:]
+                    subs = {f"{base}.{a.name}" for a in node.names} & mods
+                    deps |= subs or {base}
             elif isinstance(node, ast.Import):
-                deps |= {a.name.split(".")[1] for a in node.names
+                deps |= {a.name[len(package.name) + 1:] for a in node.names
                          if a.name.startswith(package.name + ".")}
-        graph[path.stem] = deps - {path.stem, "__init__"}
+        me = module_name(path, package)
+        graph[me] = deps - {me, "__init__"}
     return graph
 
 

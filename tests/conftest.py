@@ -76,7 +76,7 @@ def tiny_apmae(tmp_path_factory):
 @pytest.fixture(scope="session")
 def smol_tokenizer():
     """The embedded model's tokenizer (no FIM tokens); converted once into APMAE_CACHE."""
-    from apmae_gpu.llm import load_tokenizer
+    from apmae_gpu.capture.llm import load_tokenizer
 
     return load_tokenizer("smollm2")
 

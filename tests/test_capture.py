@@ -17,11 +17,17 @@ import pandas as pd
 import pytest
 import torch
 
-from apmae_gpu import llm
-from apmae_gpu.capture import capture, choose_heads, forward_with_maps, merge_shards, scale_maps
-from apmae_gpu.runs import ApmaeError
-from apmae_gpu.scaling import FLOOR, LOG_FILL
-from apmae_gpu.store import MapStore
+from apmae_gpu.capture import llm
+from apmae_gpu.capture.maps import (
+    capture,
+    choose_heads,
+    forward_with_maps,
+    merge_shards,
+    scale_maps,
+)
+from apmae_gpu.core.errors import ApmaeError
+from apmae_gpu.core.scaling import FLOOR, LOG_FILL
+from apmae_gpu.core.store import MapStore
 from apmae_gpu.synthetic import synthetic_tasks
 
 FAMILIES = ["random:tiny-llama", "random:tiny-starcoder2", "random:tiny-gpt2"]
@@ -292,7 +298,7 @@ def test_bad_input_is_a_clear_error(problem, message, tmp_path):
 
 def test_capture_and_encode_in_one_pass_equals_capture_then_encode(tmp_path, tiny_apmae,
                                                                    monkeypatch, caplog):
-    from apmae_gpu import encoding
+    from apmae_gpu.encoding import encoder as encoding
 
     kw = dict(per_task=2, batch_size=2, device="cpu")
     stored = _task_run(tmp_path / "stored", "random:tiny-llama", n_per_task=8)

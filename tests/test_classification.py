@@ -11,8 +11,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from apmae_gpu import classification as C
-from apmae_gpu.runs import ApmaeError, read_manifest
+from apmae_gpu.classification import classifier as C
+from apmae_gpu.core.errors import ApmaeError
+from apmae_gpu.core.frames import read_manifest
 
 N_LAYERS, N_HEADS = 3, 4
 FAST = dict(iterations=40, early_stopping_rounds=10, thread_count=2, stability_refits=10,

@@ -8,10 +8,21 @@ import typer.main
 from typer.testing import CliRunner
 
 from apmae_gpu import cli
-from apmae_gpu.config import (CaptureConfig, CaptureSplitConfig, ClassifyConfig, ClusterConfig,
-                              EncodeConfig, EvaluateConfig, InterveneConfig, MineConfig,
-                              PipelineConfig, ReportConfig, StabilityConfig, TrainConfig,
-                              TrustConfig)
+from apmae_gpu.core.config import (
+    CaptureConfig,
+    CaptureSplitConfig,
+    ClassifyConfig,
+    ClusterConfig,
+    EncodeConfig,
+    EvaluateConfig,
+    InterveneConfig,
+    MineConfig,
+    PipelineConfig,
+    ReportConfig,
+    StabilityConfig,
+    TrainConfig,
+    TrustConfig,
+)
 
 # command -> the config sections its options set (an option named like a field sets it)
 COMMANDS = {
@@ -111,7 +122,7 @@ def test_config_defaults_are_the_papers():
 @pytest.fixture
 def seen(monkeypatch):
     """Stand in for the cluster stage: record what the command passes it."""
-    from apmae_gpu import clustering
+    from apmae_gpu.clustering import heads as clustering
 
     calls = []
     monkeypatch.setattr(clustering, "cluster", lambda run, settings, **kw: calls.append(
@@ -160,8 +171,9 @@ def test_open_bounds_and_choices_are_checked_by_the_model(tmp_path, capsys):
 
 
 def test_stage_functions_take_their_section_or_keywords(tmp_path):
-    from apmae_gpu import clustering, encoding
-    from apmae_gpu.runs import ApmaeError
+    from apmae_gpu.clustering import heads as clustering
+    from apmae_gpu.core.errors import ApmaeError
+    from apmae_gpu.encoding import encoder as encoding
 
     with pytest.raises(ApmaeError, match="^cluster: unknown key 'neighbours'$"):
         clustering.cluster(tmp_path, neighbours=5)
@@ -189,14 +201,14 @@ def test_run_wide_options_default_to_the_pipeline_configs():
 def test_choices_the_stages_map_are_the_configs():
     import typing
 
-    from apmae_gpu.intervention_groups import RANKINGS
+    from apmae_gpu.intervention.groups import RANKINGS
 
     assert typing.get_args(InterveneConfig.model_fields["rank_by"].annotation) == tuple(RANKINGS)
 
 
 def test_corpus_jdk_is_resolved_by_the_stage(monkeypatch):
-    from apmae_gpu import corpus
-    from apmae_gpu.runs import ApmaeError
+    from apmae_gpu.core.errors import ApmaeError
+    from apmae_gpu.mining import corpus
 
     assert corpus.resolve_corpus("some/dir") == "some/dir"
     monkeypatch.setattr(corpus, "default_jdk_src", lambda: "/x/src.zip")

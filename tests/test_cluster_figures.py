@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
-from apmae_gpu import cluster_figures
-from apmae_gpu.figures import png_bytes, pyplot, save_figure
+from apmae_gpu.clustering import figures as cluster_figures
+from apmae_gpu.core.figures import png_bytes, pyplot, save_figure
 
 
 def test_showcase_prefers_clusters_that_split_a_head():

@@ -9,9 +9,10 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from apmae_gpu import cluster_backends as cb
-from apmae_gpu import cluster_studies, clustering
-from apmae_gpu.runs import ApmaeError
+from apmae_gpu.clustering import backends as cb
+from apmae_gpu.clustering import heads as clustering
+from apmae_gpu.clustering import studies as cluster_studies
+from apmae_gpu.core.errors import ApmaeError
 from tests import test_clustering
 
 # the clustered run of test_clustering.py (its module-scoped fixture, built once here too)
@@ -30,7 +31,7 @@ def test_jaccard_best_match():
 def test_trustworthiness_study(clustered_run, tmp_path):
     from sklearn.manifold import trustworthiness
 
-    from apmae_gpu.encoding import read_head
+    from apmae_gpu.encoding.encoder import read_head
 
     run = tmp_path / "run"
     shutil.copytree(clustered_run, run)

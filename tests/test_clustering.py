@@ -12,9 +12,11 @@ import pandas as pd
 import pytest
 from sklearn.metrics import adjusted_rand_score
 
-from apmae_gpu import cluster_backends as cb
-from apmae_gpu import clustering, dask_jobs
-from apmae_gpu.runs import ApmaeError, load_frame
+from apmae_gpu.clustering import backends as cb
+from apmae_gpu.clustering import dask_jobs
+from apmae_gpu.clustering import heads as clustering
+from apmae_gpu.core.errors import ApmaeError
+from apmae_gpu.core.frames import load_frame
 
 FAST = dict(neighbors=10, min_samples=5, min_cluster_size=10)   # 126 points per head
 
@@ -29,8 +31,8 @@ def blobs(n_per=60, k=3, dim=32, seed=0, spread=0.3):
 def write_embeddings(run, dim=32, seed=0, block=32):
     """Embeddings from the run's own maps (8x8 average pooling, a fixed random projection),
     written with the real EmbeddingWriter: heads with different patterns separate."""
-    from apmae_gpu.encoding import EmbeddingWriter
-    from apmae_gpu.store import MapStore
+    from apmae_gpu.core.store import MapStore
+    from apmae_gpu.encoding.encoder import EmbeddingWriter
 
     store = MapStore(run)
     inf = store.inferences()
@@ -175,7 +177,7 @@ def test_select_heads():
 # --------------------------------------------------------------------------- the stage
 def test_cluster_outputs(clustered_run):
     run = clustered_run
-    from apmae_gpu.encoding import read_head
+    from apmae_gpu.encoding.encoder import read_head
 
     clusters = load_frame(run / "clusters.parquet", prefer="pandas")
     assert list(clusters.columns[:4]) == ["inference_id", "layer", "head", "cluster"]
@@ -282,7 +284,7 @@ def test_dask_workers_read_heads_and_match_in_process(clustered_run, tmp_path):
     address runs cluster_head and gives the same labels as the in-process run."""
     from distributed import LocalCluster
 
-    from apmae_gpu.encoding import read_head
+    from apmae_gpu.encoding.encoder import read_head
 
     emb = str(clustered_run / "embeddings.zarr")
     jobs = [dict(path=emb, layer=l, head=h) for l in range(2) for h in range(3)]

@@ -8,9 +8,9 @@ import zipfile
 import pandas as pd
 import pytest
 
-from apmae_gpu.corpus import TooLarge, open_corpus
-from apmae_gpu.mining import mine
-from apmae_gpu.runs import ApmaeError
+from apmae_gpu.core.errors import ApmaeError
+from apmae_gpu.mining.corpus import TooLarge, open_corpus
+from apmae_gpu.mining.tasks import mine
 from tests.java_fixtures import write_java_tree
 
 

@@ -16,8 +16,9 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from apmae_gpu import cluster_backends as cb
-from apmae_gpu import clustering, dask_jobs
+from apmae_gpu.clustering import backends as cb
+from apmae_gpu.clustering import dask_jobs
+from apmae_gpu.clustering import heads as clustering
 from tests.test_clustering import FAST, write_embeddings
 
 WAIT = 60  # seconds any one step may take before the test gives up

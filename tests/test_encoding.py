@@ -12,9 +12,9 @@ import pytest
 import torch
 import zarr
 
-from apmae_gpu import encoding
-from apmae_gpu.encoding import EmbeddingWriter
-from apmae_gpu.runs import ApmaeError
+from apmae_gpu.core.errors import ApmaeError
+from apmae_gpu.encoding import encoder as encoding
+from apmae_gpu.encoding.encoder import EmbeddingWriter
 
 
 def _emb(ids, L=2, H=3, D=8):
@@ -79,7 +79,7 @@ def test_writer_validates(tmp_path):
 
 # --------------------------------------------------------------------------- encode
 def _analysis(run):
-    from apmae_gpu.store import MapStore
+    from apmae_gpu.core.store import MapStore
 
     store = MapStore(run)
     inf = store.inferences()

@@ -9,11 +9,13 @@ import pandas as pd
 import pytest
 import torch
 
-from apmae_gpu import baselines, evaluation, splits, training
 from apmae_gpu.cli import main
-from apmae_gpu.model import APMAEModel, pixel_valid_mask
-from apmae_gpu.runs import ApmaeError, read_manifest
-from apmae_gpu.store import MapStore
+from apmae_gpu.core import splits
+from apmae_gpu.core.errors import ApmaeError
+from apmae_gpu.core.frames import read_manifest
+from apmae_gpu.core.store import MapStore
+from apmae_gpu.model import baselines, evaluation, training
+from apmae_gpu.model.network import APMAEModel, pixel_valid_mask
 from tests.tiny_models import MICRO, micro_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

@@ -14,10 +14,10 @@ import pandas as pd
 import pytest
 import torch
 
-from apmae_gpu.config import ReportConfig
-from apmae_gpu.explorer import explorer_data, head_key, to_2d, typical_map
-from apmae_gpu.runs import read_manifest
-from apmae_gpu.scaling import scale_maps
+from apmae_gpu.core.config import ReportConfig
+from apmae_gpu.core.frames import read_manifest
+from apmae_gpu.core.scaling import scale_maps
+from apmae_gpu.report.explorer import explorer_data, head_key, to_2d, typical_map
 from apmae_gpu.synthetic import causal_softmax, pattern_scores
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")

@@ -16,15 +16,16 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from apmae_gpu import TASKS, llm
-from apmae_gpu.capture import capture, forward_with_maps, kept_target, split_rows
-from apmae_gpu.config import load_config
-from apmae_gpu.corpus import default_jdk_src, open_corpus
-from apmae_gpu.intervention import head_groups, sampled_mask
-from apmae_gpu.mining import mine, noise_rows
-from apmae_gpu.model import APMAEModel, preset_config
-from apmae_gpu.scaling import LOG_FILL
-from apmae_gpu.store import MapStore
+from apmae_gpu import TASKS
+from apmae_gpu.capture import llm
+from apmae_gpu.capture.maps import capture, forward_with_maps, kept_target, split_rows
+from apmae_gpu.core.config import load_config
+from apmae_gpu.core.scaling import LOG_FILL
+from apmae_gpu.core.store import MapStore
+from apmae_gpu.intervention.ablation import head_groups, sampled_mask
+from apmae_gpu.mining.corpus import default_jdk_src, open_corpus
+from apmae_gpu.mining.tasks import mine, noise_rows
+from apmae_gpu.model.network import APMAEModel, preset_config
 from tests.java_fixtures import write_java_tree
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -103,7 +104,7 @@ def test_stored_log_maps_hold_unfloored_logs_and_a_zero_fill(smol_maps):
 
 
 def test_log_normalize_store_and_zero_probabilities_follow_the_reference():
-    from apmae_gpu.scaling import scale_maps
+    from apmae_gpu.core.scaling import scale_maps
 
     rng = np.random.default_rng(1)
     T = 16

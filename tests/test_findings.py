@@ -10,8 +10,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from apmae_gpu import findings as F
-from apmae_gpu import findings_stats as S
+from apmae_gpu.report import findings as F
+from apmae_gpu.report import findings_stats as S
 
 
 # --------------------------------------------------------------------------- the rule
@@ -364,6 +364,7 @@ def test_chi2_permutation_p_against_exact_enumeration():
     b = np.array([0, 0, 1, 1, 1, 1, 0])
     chi, p = S.chi2_permutation_p(a, b, n_perm=20000, seed=1)
     import itertools
+
     from scipy import stats
     table = lambda bb: np.histogram2d(a, bb, bins=[2, 2])[0]
     ref = stats.chi2_contingency(table(b), correction=False)[0]
@@ -376,7 +377,7 @@ def test_chi2_permutation_p_against_exact_enumeration():
 
 # --------------------------------------------------------------------------- the page
 def test_forest_scale_and_compact_table(tmp_path):
-    from apmae_gpu.findings_figure import compact, forest, scaled
+    from apmae_gpu.report.findings_figure import compact, forest, scaled
 
     _write_predictions(tmp_path, 400, 0.75, tasks=("identifiers", "end_of_line"))
     t = F.findings(tmp_path)
@@ -401,7 +402,7 @@ def test_catboost_on_cluster_ids_without_signal_is_not_predictable():
     """Negative control through the real classifier: CatBoost cross-validated on random
     cluster ids with independent labels (30 seeds); the Fisher test of its out-of-fold
     predictions rejects at most at the nominal rate, a planted head is found every time."""
-    from apmae_gpu import classification as C
+    from apmae_gpu.classification import classifier as C
 
     settings = C.CatBoostSettings(iterations=15, depth=3, learning_rate=0.3,
                                   early_stopping_rounds=0, thread_count=1)

@@ -12,7 +12,7 @@ import pytest
 from scipy import stats
 from sklearn.linear_model import LogisticRegression
 
-from apmae_gpu import findings_stats as S
+from apmae_gpu.report import findings_stats as S
 
 
 def test_tango_interval_inverts_the_score_test():
@@ -119,7 +119,7 @@ def test_false_not_reproduced_rate_at_the_papers_magnitude_by_exact_enumeration(
     the probability that the rule reads "not reproduced" (interval wholly short of +0.10, not
     significant), summed exactly over every (b, c), stays near the nominal 5% with Tango's
     interval (the issue measured 12% with Agresti-Min at 95%)."""
-    from apmae_gpu.findings import verdict
+    from apmae_gpu.report.findings import verdict
 
     n, disc, diff = 20, 0.3, 0.10
     probs = [(disc + diff) / 2, (disc - diff) / 2, 1 - disc]

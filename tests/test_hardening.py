@@ -7,8 +7,8 @@ line (no traceback), that nothing is lost, and that nothing is silently replaced
 from __future__ import annotations
 
 import json
-import re
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -21,8 +21,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from apmae_gpu.runs import LOCK_FILE, ApmaeError, writer_lock
-from apmae_gpu.store import MapStore
+from apmae_gpu.core.errors import ApmaeError
+from apmae_gpu.core.locks import LOCK_FILE, writer_lock
+from apmae_gpu.core.store import MapStore
 from tests.java_fixtures import java_source
 from tests.tiny_models import save_tiny_apmae
 
@@ -81,7 +82,7 @@ def run_copy(small_run_dir, tmp_path):
 # --------------------------------------------------------------------------- 1. writer lock
 _HOLD = """
 import sys
-from apmae_gpu.runs import writer_lock
+from apmae_gpu.core.locks import writer_lock
 with writer_lock(sys.argv[1], sys.argv[2], shard=sys.argv[3] if len(sys.argv) > 3 else None):
     print("held", flush=True)
     sys.stdin.read()
@@ -147,7 +148,7 @@ def _snapshot(run):
 
 
 def test_two_capture_processes_on_one_run_one_refuses_and_the_result_is_uninterrupted(tmp_path):
-    from apmae_gpu.capture import capture
+    from apmae_gpu.capture.maps import capture
 
     common = ["--model", MODEL, "--device", "cpu", "--batch-size", "4", "--per-task", "3"]
     run = _tasks(tmp_path / "run")
@@ -193,7 +194,7 @@ def test_two_capture_processes_on_one_run_one_refuses_and_the_result_is_uninterr
     pd.testing.assert_frame_equal(a[0], b[0])
     pd.testing.assert_frame_equal(a[1], b[1])
     assert np.array_equal(a[2], b[2])
-    from apmae_gpu.check import check_run   # a real capture's manifest counts match
+    from apmae_gpu.core.check import check_run  # a real capture's manifest counts match
 
     assert check_run(run, echo=lambda line: None) == []
 
@@ -249,7 +250,7 @@ def test_truncated_chunks_are_one_line_errors_with_and_without_checksums(run_cop
         store.read(np.arange(store.n_maps))
     # a store written before the checksum (zstd only) stays readable, and a truncated chunk
     # is still one line (the decoder's complaint), not a traceback
-    from apmae_gpu import store as store_mod
+    from apmae_gpu.core import store as store_mod
     from apmae_gpu.synthetic import synthetic_run
 
     monkeypatch.setattr(store_mod, "chunk_codecs", lambda level=1: [
@@ -288,8 +289,8 @@ def test_damaged_metadata_and_parquet_parts_are_one_line_errors(run_copy, tiny_c
 
 
 def test_check_passes_a_sound_run_and_flags_damaged_embeddings(run_copy, tiny_checkpoint, capsys):
-    from apmae_gpu import encoding
-    from apmae_gpu.check import check_run
+    from apmae_gpu.core.check import check_run
+    from apmae_gpu.encoding import encoder as encoding
 
     encoding.encode(run_copy, checkpoint=tiny_checkpoint, device="cpu", block=16)
     lines: list[str] = []
@@ -380,7 +381,7 @@ def test_encode_refuses_a_nan_map(run_copy, tiny_checkpoint, capsys):
 
 def test_encode_restart_keeps_the_old_embeddings_until_the_new_ones_are_complete(
         run_copy, tiny_checkpoint, tmp_path, capsys):
-    from apmae_gpu import encoding
+    from apmae_gpu.encoding import encoder as encoding
 
     encoding.encode(run_copy, checkpoint=tiny_checkpoint, device="cpu", block=16)
     before = encoding.read_head(run_copy / "embeddings.zarr", 0, 1)
@@ -408,7 +409,8 @@ def test_encode_restart_keeps_the_old_embeddings_until_the_new_ones_are_complete
 # --------------------------------------------------------------------------- 6. last resort
 def test_unexpected_errors_are_one_line_with_a_log_of_the_traceback(run_copy, monkeypatch,
                                                                     capsys):
-    from apmae_gpu import cli, report
+    from apmae_gpu import cli
+    from apmae_gpu.report import build as report
 
     def boom(run, notebook=False):
         raise RuntimeError("something nobody expected\nsecond line")
@@ -444,14 +446,14 @@ def test_damaged_tasks_and_pipeline_state_and_model_configs_are_one_line(tmp_pat
     (model / "config.json").write_text(json.dumps({
         "model_type": "llama", "num_hidden_layers": "two", "hidden_size": 64,
         "num_attention_heads": 4, "intermediate_size": 128, "vocab_size": 100}))
-    from apmae_gpu import llm
+    from apmae_gpu.capture import llm
 
     with pytest.raises(ApmaeError, match=f"^model {model}: cannot load \\("):
         llm.load_model(str(model))
 
 
 def test_non_utf8_configs_and_alias_bombs_are_refused(tmp_path, capsys):
-    from apmae_gpu.config import load_config
+    from apmae_gpu.core.config import load_config
 
     latin = tmp_path / "latin.yaml"
     latin.write_bytes("model: caf\xe9\n".encode("latin-1"))
@@ -488,7 +490,7 @@ def test_corpus_readers_skip_and_count_what_they_cannot_read(tmp_path, java_dir)
     assert {k: skipped.get(k) for k in ("symlink_loop", "dangling_symlink", "special_file")} == {
         "symlink_loop": 1, "dangling_symlink": 1, "special_file": 1}
 
-    from apmae_gpu.corpus import TooLarge, Unreadable, open_corpus
+    from apmae_gpu.mining.corpus import TooLarge, Unreadable, open_corpus
 
     zpath = tmp_path / "src.zip"
     good = java_source("Good", n_methods=3).encode()
@@ -514,7 +516,7 @@ def test_corpus_readers_skip_and_count_what_they_cannot_read(tmp_path, java_dir)
     assert not isinstance(small["Good.java"], Unreadable)
 
     # the time bound: a read that outlasts it is skipped (here a bound of 0 s and 2 pieces)
-    from apmae_gpu.corpus import read_bounded
+    from apmae_gpu.mining.corpus import read_bounded
 
     slow = tmp_path / "Slow.java"
     slow.write_bytes(b"x" * (3 << 20))
@@ -535,7 +537,7 @@ def test_corpus_readers_skip_and_count_what_they_cannot_read(tmp_path, java_dir)
 
 # --------------------------------------------------------------------------- 9. model names
 def test_a_mistyped_model_name_fails_in_one_line_without_the_hub(tmp_path, monkeypatch):
-    from apmae_gpu import llm
+    from apmae_gpu.capture import llm
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     monkeypatch.setattr(llm, "_hub_reachable", lambda timeout=2.0: pytest.fail("went online"))
@@ -585,7 +587,7 @@ def test_expected_failures_get_their_own_one_line_messages(tmp_path):
 
 
 def test_check_notes_a_writer_at_work(run_copy):
-    from apmae_gpu.check import check_run
+    from apmae_gpu.core.check import check_run
 
     holder = _holder(run_copy, "apmae encode run")
     try:
@@ -661,7 +663,7 @@ def test_every_numeric_setting_has_a_bound_or_is_documented_unbounded():
     import annotated_types as at
     from pydantic import BaseModel
 
-    from apmae_gpu import config as C
+    from apmae_gpu.core import config as C
 
     seen = []
     for model in [C.PipelineConfig, C.CaptureSplitConfig, *C.SECTION_OF]:
@@ -685,7 +687,7 @@ def test_every_numeric_setting_has_a_bound_or_is_documented_unbounded():
 
 
 def test_out_of_bounds_options_are_refused_in_one_line(run_copy, capsys):
-    from apmae_gpu.config import MAX_WORKERS_PER_CORE
+    from apmae_gpu.core.config import MAX_WORKERS_PER_CORE
 
     code, _, err = _main(capsys, "classify", run_copy, "--learning-rate", "-1")
     assert code == 2 and _one_line(err) == ("error: --learning-rate: input should be greater "
@@ -715,7 +717,7 @@ def _clusters(run, cluster):
 
 
 def test_check_classify_and_report_refuse_cluster_ids_that_are_not_integers(run_copy, capsys):
-    from apmae_gpu.runs import update_manifest
+    from apmae_gpu.core.frames import update_manifest
 
     update_manifest(run_copy, "capture", {"scaler": "log"})   # report needs a manifest
     _clusters(run_copy, lambda n: np.arange(n, dtype=np.int32) % 3)
@@ -768,7 +770,7 @@ def test_check_and_report_refuse_a_missing_or_malformed_manifest(run_copy, capsy
 
 # 3/4. mining is bounded in time; empty and unusable corpora end alike
 def test_one_deep_expression_is_skipped_in_seconds_and_counted(tmp_path, java_dir, capsys):
-    from apmae_gpu.mining import MAX_DEPTH, JavaTargets, too_deep
+    from apmae_gpu.mining.tasks import MAX_DEPTH, JavaTargets, too_deep
 
     corpus = tmp_path / "corpus"
     shutil.copytree(java_dir, corpus)
@@ -834,8 +836,8 @@ def test_an_interrupted_capture_says_how_to_resume_and_releases_the_lock(tmp_pat
 # 7. damaged AP-MAE checkpoints: one line; training resumes from the newest intact one
 def test_training_resume_passes_over_a_damaged_checkpoint_and_loaders_name_the_damage(run,
                                                                                      caplog):
-    from apmae_gpu import training
-    from apmae_gpu.encoding import load_encoder
+    from apmae_gpu.encoding.encoder import load_encoder
+    from apmae_gpu.model import training
     from tests.tiny_models import MICRO
 
     def train(steps):
@@ -849,7 +851,7 @@ def test_training_resume_passes_over_a_damaged_checkpoint_and_loaders_name_the_d
     newest = ckpts / "step-0000006"
     st = newest / "model.safetensors"
     st.write_bytes(st.read_bytes()[:100])
-    from apmae_gpu.check import check_run
+    from apmae_gpu.core.check import check_run
 
     problems = check_run(run, echo=lambda line: None)
     assert len(problems) == 1 and problems[0].startswith(
@@ -912,7 +914,7 @@ class _Payload:
 def test_a_pickle_only_model_is_refused_in_one_line(tmp_path, capsys):
     import torch
 
-    from apmae_gpu import llm
+    from apmae_gpu.capture import llm
 
     model_dir = tmp_path / "pickled"
     cfg = llm.random_config("tiny-llama")
@@ -931,7 +933,7 @@ def test_a_pickle_only_model_is_refused_in_one_line(tmp_path, capsys):
 def test_disk_full_during_a_checkpoint_write_says_so_and_keeps_the_earlier_ones(run, monkeypatch):
     import torch
 
-    from apmae_gpu import checkpoints, training
+    from apmae_gpu.model import checkpoints, training
     from tests.tiny_models import MICRO
 
     real_save = torch.save

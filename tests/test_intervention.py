@@ -13,10 +13,11 @@ import pandas as pd
 import pytest
 import torch
 
-from apmae_gpu import intervention as I
-from apmae_gpu import intervention_stats as S
-from apmae_gpu.llm import family, load_model
-from apmae_gpu.runs import ApmaeError, read_manifest, update_manifest
+from apmae_gpu.capture.llm import family, load_model
+from apmae_gpu.core.errors import ApmaeError
+from apmae_gpu.core.frames import read_manifest, update_manifest
+from apmae_gpu.intervention import ablation as I
+from apmae_gpu.intervention import stats as S
 
 SHAPES = ("tiny-llama", "tiny-starcoder2", "tiny-gpt2")
 _MODELS: dict[str, torch.nn.Module] = {}

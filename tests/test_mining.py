@@ -15,8 +15,15 @@ import tree_sitter_java as tsj
 
 from apmae_gpu import TASKS
 from apmae_gpu.cli import main
-from apmae_gpu.mining import (BOOLEAN_BINARY, COMPOUND_ASSIGNMENT, MATH_BINARY, JavaTargets,
-                              PromptBuilder, Skip, mine)
+from apmae_gpu.mining.tasks import (
+    BOOLEAN_BINARY,
+    COMPOUND_ASSIGNMENT,
+    MATH_BINARY,
+    JavaTargets,
+    PromptBuilder,
+    Skip,
+    mine,
+)
 from tests.java_fixtures import java_source, write_java_tree
 
 PARSER = ts.Parser(ts.Language(tsj.language()))

@@ -13,10 +13,15 @@ import pytest
 import tree_sitter as ts
 import tree_sitter_java as tsj
 
-from apmae_gpu.config import (CaptureConfig, InterveneConfig, MineConfig, load_config,
-                              mine_supply)
-from apmae_gpu.mining import mine
-from apmae_gpu.prompts import PromptBuilder, Skip
+from apmae_gpu.core.config import (
+    CaptureConfig,
+    InterveneConfig,
+    MineConfig,
+    load_config,
+    mine_supply,
+)
+from apmae_gpu.mining.prompts import PromptBuilder, Skip
+from apmae_gpu.mining.tasks import mine
 from tests.java_fixtures import java_source, write_java_tree
 
 W = 256
@@ -178,7 +183,7 @@ def test_quotas_fill_over_passes_without_repeating_a_hole(tmp_path, caplog, smol
     man = json.loads((tmp_path / "run" / "manifest.json").read_text())["mine"]
     assert man["passes"] == 5 and man["missing"] == {}
     # A quota the corpus cannot fill: every hole once, then one line per short task.
-    caplog.set_level(logging.WARNING, logger="apmae_gpu.mining")
+    caplog.set_level(logging.WARNING, logger="apmae_gpu.mining.tasks")
     df = mine(tmp_path / "run2", corpus=str(tmp_path / "java"), model="smollm2",
               tasks="boolean_literals,assignment_operators", per_task=500, per_file=4, seed=2,
               train_per_task=0)

@@ -9,7 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from apmae_gpu.model import (
+from apmae_gpu.core.errors import ApmaeError
+from apmae_gpu.model.network import (
     APMAEConfig,
     APMAEModel,
     parameter_counts,
@@ -18,7 +19,6 @@ from apmae_gpu.model import (
     train_flops_per_map,
     tril_patch_grid,
 )
-from apmae_gpu.runs import ApmaeError
 from apmae_gpu.synthetic import synthetic_maps
 from tests.tiny_models import micro_model
 

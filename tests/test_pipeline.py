@@ -10,9 +10,9 @@ from pathlib import Path
 import pytest
 
 from apmae_gpu.cli import main
-from apmae_gpu.config import STAGES, load_config
+from apmae_gpu.core.config import STAGES, load_config
+from apmae_gpu.core.errors import ApmaeError
 from apmae_gpu.pipeline import run_pipeline, stage_keys, stage_order
-from apmae_gpu.runs import ApmaeError
 
 CONFIGS = Path(__file__).resolve().parent.parent / "configs"
 
@@ -37,7 +37,7 @@ def test_shipped_configs_validate(name):
 
 
 def test_study_config_is_sized_by_its_power_calculation():
-    from apmae_gpu import findings_stats as S
+    from apmae_gpu.report import findings_stats as S
 
     cfg = load_config(CONFIGS / "study.yaml")
     assert cfg.model == "smollm2" and cfg.mine.corpus == "jdk"

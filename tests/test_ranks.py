@@ -16,8 +16,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from apmae_gpu.runs import ApmaeError, read_manifest
-from apmae_gpu.store import MapStore
+from apmae_gpu.core.errors import ApmaeError
+from apmae_gpu.core.frames import read_manifest
+from apmae_gpu.core.store import MapStore
 from apmae_gpu.synthetic import synthetic_tasks
 
 ARGS = ["--model", "random:tiny-llama", "--per-task", "3", "--batch-size", "2", "--device", "cpu"]
@@ -79,7 +80,8 @@ def test_two_ranks_store_exactly_what_one_process_stores(reference, tmp_path):
 SLOW_MERGE_DRIVER = """
 import atexit, json, os, sys, time
 import torch.distributed as dist
-from apmae_gpu import cli, rank_merge
+from apmae_gpu import cli
+from apmae_gpu.capture import merge as rank_merge
 LOG, RANK = sys.argv.pop(1), int(os.environ["RANK"])
 def note(event, **kw):
     with open(LOG, "a") as f:
@@ -126,7 +128,7 @@ def test_ranks_leave_the_group_before_a_merge_longer_than_the_timeout(reference,
 
 
 def test_the_group_timeout_is_explicit_and_validated(monkeypatch):
-    from apmae_gpu import ranks
+    from apmae_gpu.capture import ranks
 
     monkeypatch.delenv(ranks.TIMEOUT_ENV, raising=False)
     assert ranks.group_timeout().total_seconds() == ranks.DEFAULT_TIMEOUT_S == 1800
@@ -211,9 +213,10 @@ def test_encode_on_two_ranks_equals_one_process(synthetic_run_dir, tiny_checkpoi
 def test_pipeline_launches_capture_and_encode_with_torchrun(monkeypatch, tmp_path):
     """Under torchrun the stage's command reads its section from the config used: what each
     rank's stage function receives is exactly the pipeline's section."""
-    from apmae_gpu import capture as capture_mod
-    from apmae_gpu import cli, encoding, pipeline
-    from apmae_gpu.config import load_config
+    from apmae_gpu import cli, pipeline
+    from apmae_gpu.capture import maps as capture_mod
+    from apmae_gpu.core.config import load_config
+    from apmae_gpu.encoding import encoder as encoding
 
     cfg = load_config(Path(__file__).resolve().parent.parent / "configs" / "demo.yaml")
     keys = pipeline.stage_keys(cfg)
@@ -259,7 +262,7 @@ def test_pipeline_launches_capture_and_encode_with_torchrun(monkeypatch, tmp_pat
 def test_shard_processes_and_a_killed_merge_give_the_one_process_run(tmp_path, monkeypatch):
     """``--shard K/N`` processes run one after the other (a SLURM array), the merge dies after
     its second commit, ``merge-shards`` again: the one-process run, bit for bit."""
-    from apmae_gpu.capture import capture, merge_shards
+    from apmae_gpu.capture.maps import capture, merge_shards
 
     kw = dict(per_task=2, batch_size=3, device="cpu")
     ref = synthetic_tasks(tmp_path / "ref", "random:tiny-llama", n_per_task=10, window=32)
@@ -312,8 +315,8 @@ def test_shards_encoding_while_they_capture_merge_to_the_one_process_run(tmp_pat
     """``--shard K/N --encode-with``: each shard keeps embeddings (no maps); a merge killed
     while a committed round's embedding waits in the writer's block (blocks of 3) reruns to
     the one-process run."""
-    from apmae_gpu import encoding
-    from apmae_gpu.capture import capture, merge_shards
+    from apmae_gpu.capture.maps import capture, merge_shards
+    from apmae_gpu.encoding import encoder as encoding
 
     monkeypatch.setattr(encoding, "default_block", lambda *a, **k: 3)
     kw = {"per_task": 2, "batch_size": 3, "device": "cpu", "encode_with": tiny_apmae}

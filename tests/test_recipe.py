@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 import torch
 
-from apmae_gpu import training
-from apmae_gpu.config import RECIPES, TrainConfig
-from apmae_gpu.loader import MapLoader
-from apmae_gpu.model import APMAEModel, preset_config, sincos_2d, tril_patch_grid
-from apmae_gpu.store import MapStore
+from apmae_gpu.core.config import RECIPES, TrainConfig
+from apmae_gpu.core.store import MapStore
+from apmae_gpu.model import training
+from apmae_gpu.model.loader import MapLoader
+from apmae_gpu.model.network import APMAEModel, preset_config, sincos_2d, tril_patch_grid
 from tests.tiny_models import MICRO, micro_model
 
 pytestmark = pytest.mark.usefixtures("one_thread")

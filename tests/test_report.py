@@ -12,8 +12,9 @@ import subprocess
 import pandas as pd
 import pytest
 
-from apmae_gpu.report import SECTIONS, report, table, target_accuracy
-from apmae_gpu.runs import ApmaeError, read_manifest, update_manifest
+from apmae_gpu.core.errors import ApmaeError
+from apmae_gpu.core.frames import read_manifest, update_manifest
+from apmae_gpu.report.build import SECTIONS, report, table, target_accuracy
 
 CHROMIUM = next((shutil.which(b) for b in ("chromium", "chromium-browser", "google-chrome",
                                            "google-chrome-stable") if shutil.which(b)), None)

@@ -10,11 +10,11 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from apmae_gpu import requota
-from apmae_gpu.capture import capture
-from apmae_gpu.check import check_run
-from apmae_gpu.runs import ApmaeError
-from apmae_gpu.store import MapStore
+from apmae_gpu.capture import requota
+from apmae_gpu.capture.maps import capture
+from apmae_gpu.core.check import check_run
+from apmae_gpu.core.errors import ApmaeError
+from apmae_gpu.core.store import MapStore
 from apmae_gpu.synthetic import synthetic_tasks
 
 MODEL = "random:tiny-llama"
@@ -55,7 +55,7 @@ def _captured_at_1(path):
 
 def test_raising_a_quota_ends_as_a_capture_at_the_new_quota_from_the_start(tmp_path, fresh,
                                                                           monkeypatch):
-    from apmae_gpu import capture as capture_module
+    from apmae_gpu.capture import maps as capture_module
 
     run = _captured_at_1(tmp_path / "run")
     old = _snapshot(run)

@@ -16,12 +16,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from apmae_gpu import splits, training
-from apmae_gpu.checkpoints import latest_checkpoint
 from apmae_gpu.cli import main
-from apmae_gpu.loader import MapLoader
-from apmae_gpu.runs import ApmaeError, read_manifest
-from apmae_gpu.store import MapStore
+from apmae_gpu.core import splits
+from apmae_gpu.core.errors import ApmaeError
+from apmae_gpu.core.frames import read_manifest
+from apmae_gpu.core.store import MapStore
+from apmae_gpu.model import training
+from apmae_gpu.model.checkpoints import latest_checkpoint
+from apmae_gpu.model.loader import MapLoader
 from tests.tiny_models import MICRO
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -124,7 +126,7 @@ def test_train_writes_model_checkpoints_metrics_and_manifest(run):
     assert manifest["n_train_maps"] + manifest["n_val_maps"] == 240
     assert manifest["val_visible_mean"] > 0 and manifest["parameters"]["total"] > 0
     # the final model loads and encodes stored maps
-    from apmae_gpu.model import APMAEModel
+    from apmae_gpu.model.network import APMAEModel
 
     model = APMAEModel.from_pretrained(final)
     maps = torch.from_numpy(MapStore(run).read([0, 1, 2]))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from apmae_gpu.model import APMAEModel, preset_config
+from apmae_gpu.model.network import APMAEModel, preset_config
 
 # A micro AP-MAE over 64x64 maps with 8x8 patches: still 36 lower-triangle patches.
 MICRO = dict(image_size=64, patch_size=8, hidden_size=32, num_hidden_layers=2,
