@@ -44,7 +44,8 @@ _EXPORTS = {
     "mine": "apmae_gpu.mining.tasks",
     "train": "apmae_gpu.model.training", "evaluate": "apmae_gpu.model.evaluation",
     "encode": "apmae_gpu.encoding.encoder", "cluster": "apmae_gpu.clustering.heads",
-    "classify": "apmae_gpu.classification.classifier", "intervene": "apmae_gpu.intervention.ablation",
+    "classify": "apmae_gpu.classification.classifier",
+    "intervene": "apmae_gpu.intervention.ablation",
     "findings": "apmae_gpu.report.findings",
     "run_pipeline": "apmae_gpu.pipeline",
     "load_frame": "apmae_gpu.core.frames", "read_manifest": "apmae_gpu.core.frames",
@@ -52,8 +53,15 @@ _EXPORTS = {
 }
 
 
-def __getattr__(name: str):
-    if name in _EXPORTS:
+def lazy_exports(package: str, exports: dict[str, str]):
+    """A package's ``__getattr__`` and ``__all__`` for ``exports`` (name -> module), each
+    imported on first use: importing a package stays light and cycle-free."""
+    def __getattr__(name: str):
+        if name in exports:
+            return getattr(import_module(exports[name]), name)
+        raise AttributeError(f"module {package!r} has no attribute {name!r}")
 
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    return __getattr__, sorted(exports)
+
+
+__getattr__, _ = lazy_exports(__name__, _EXPORTS)

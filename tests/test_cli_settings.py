@@ -1,5 +1,5 @@
 """One source per setting: every stage option takes its default and bounds from its field in
-apmae_gpu/config.py, and `--config` hands a command a pipeline config's section."""
+apmae_gpu/core/config.py, and `--config` hands a command a pipeline config's section."""
 
 from __future__ import annotations
 
@@ -216,3 +216,32 @@ def test_corpus_jdk_is_resolved_by_the_stage(monkeypatch):
     monkeypatch.setattr(corpus, "default_jdk_src", lambda: None)
     with pytest.raises(ApmaeError, match="corpus `jdk` needs the JDK sources"):
         corpus.resolve_corpus("jdk")
+
+
+def test_every_setting_option_takes_its_help_from_its_config_field():
+    """One source per setting's text: no option built from a config field writes its own help
+    (apart from --config and options that are not settings), and every such field has a
+    description, which `--help` shows."""
+    import ast
+    from pathlib import Path
+
+    from typer.testing import CliRunner
+
+    import apmae_gpu.core.config as C
+    from apmae_gpu.cli import app
+    from apmae_gpu.cli_options import describe_field
+
+    tree = ast.parse((Path(__file__).resolve().parents[1] / "apmae_gpu" / "cli.py").read_text())
+    calls = []
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and \
+                n.func.id in ("opt", "_cluster_opt"):
+            args = n.args if n.func.id == "opt" else [ast.Name("ClusterConfig"), *n.args]
+            if isinstance(args[1], ast.Constant):
+                calls.append((args[0].id, args[1].value, [k.arg for k in n.keywords]))
+    assert len(calls) > 100
+    assert [c for c in calls if "help" in c[2]] == []
+    assert [c for c in calls if not getattr(C, c[0]).model_fields[c[1]].description] == []
+    text = describe_field(C.MineConfig.model_fields["per_file"])
+    out = CliRunner().invoke(app, ["mine", "--help"], env={"COLUMNS": "400"}).output
+    assert text.split("(")[0].strip() in " ".join(out.split())

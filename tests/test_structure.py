@@ -140,8 +140,8 @@ def test_the_stages_are_folders_each_naming_its_entry_point():
                     "synthetic"]
     for stage in STAGES:
         mod = importlib.import_module(f"apmae_gpu.{stage}")
-        assert mod.__doc__ and mod._EXPORTS, stage
-        for name in mod._EXPORTS:                    # every entry point resolves
+        assert mod.__doc__ and mod.__all__, stage
+        for name in mod.__all__:                     # every entry point resolves
             assert callable(getattr(mod, name)), (stage, name)
         for sub in (pkg / stage).glob("*.py"):       # names read without the folder's prefix
             assert not sub.stem.startswith(stage.rstrip("s")[:5] + "_"), sub

@@ -5,19 +5,10 @@ every head's log-scaled attention map.
 torchrun ranks and merge their shards, ``requota`` raises a split's quota, ``identity``
 refuses a capture under other settings."""
 
-from importlib import import_module
+from apmae_gpu import lazy_exports
 
-# the stage's entry points, imported on first use (a light package: importing one module of
-# the stage does not load the others)
-_EXPORTS = {"capture": "apmae_gpu.capture.maps",
+# the stage's entry points, imported on first use (importing one module of the stage does
+# not load the others)
+__getattr__, __all__ = lazy_exports(__name__, {"capture": "apmae_gpu.capture.maps",
             "forward_with_maps": "apmae_gpu.capture.maps",
-            "merge_shards": "apmae_gpu.capture.maps"}
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = sorted(_EXPORTS)
+            "merge_shards": "apmae_gpu.capture.maps"})

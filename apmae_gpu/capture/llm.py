@@ -32,6 +32,7 @@ import shutil
 import socket
 import tempfile
 import typing
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -212,10 +213,28 @@ def check_hub_model(ms: ModelSpec) -> None:
 
 
 # --------------------------------------------------------------------------- tokenizer
+@contextlib.contextmanager
+def _one_line_errors(ms: ModelSpec, what: str) -> Iterator[None]:
+    """Loading a model's files fails in one line: a pickle torch refuses, or the loader's own
+    error (a config.json field of the wrong type: TypeError, or huggingface_hub's strict
+    dataclass validation error) as ``model SPEC: WHAT (first line)``."""
+    try:
+        yield
+    except ApmaeError:
+        raise
+    except pickle.UnpicklingError:
+        raise ApmaeError(f"model {ms.spec}: its weights are a pickle that torch refuses to load "
+                         f"safely (it names code to run); use a safetensors copy of the model"
+                         ) from None
+    except (OSError, ValueError, KeyError, TypeError, AttributeError, *_CONFIG_ERRORS) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ApmaeError(f"model {ms.spec}: {what} ({first})") from None
+
+
 def load_tokenizer(spec: str | ModelSpec, trust_remote_code: bool = False):
     """The tokenizer of MODEL, never its weights."""
     ms = spec if isinstance(spec, ModelSpec) else resolve(spec)
-    try:
+    with _one_line_errors(ms, "no usable tokenizer"):
         if ms.kind == "embedded":
             return _embedded_tokenizer()
         if ms.kind == "random":
@@ -225,15 +244,6 @@ def load_tokenizer(spec: str | ModelSpec, trust_remote_code: bool = False):
         check_hub_model(ms)
         return AutoTokenizer.from_pretrained(ms.path, revision=ms.revision,
                                              trust_remote_code=trust_remote_code)
-    except ApmaeError:
-        raise
-    except pickle.UnpicklingError:
-        raise ApmaeError(f"model {ms.spec}: its weights are a pickle that torch refuses to load "
-                         f"safely (it names code to run); use a safetensors copy of the model"
-                         ) from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, *_CONFIG_ERRORS) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ApmaeError(f"model {ms.spec}: no usable tokenizer ({first})") from None
 
 
 def _embedded_tokenizer():
@@ -318,7 +328,7 @@ def load_model(spec: str | ModelSpec, device: str = "cpu", dtype=None, attn_impl
     ms = spec if isinstance(spec, ModelSpec) else resolve(spec)
     dtype = dtype or default_dtype(device)
     kwargs: dict[str, Any] = dict(dtype=dtype, attn_implementation=attn_implementation)
-    try:
+    with _one_line_errors(ms, "cannot load"):
         if ms.kind == "random":
             cfg = random_config(ms.shape)
             cfg._attn_implementation = attn_implementation
@@ -342,17 +352,6 @@ def load_model(spec: str | ModelSpec, device: str = "cpu", dtype=None, attn_impl
             model = AutoModelForCausalLM.from_pretrained(
                 ms.path, revision=ms.revision, device_map=device_map, use_safetensors=None,
                 trust_remote_code=trust_remote_code, **kwargs)
-    except ApmaeError:
-        raise
-    except pickle.UnpicklingError:
-        raise ApmaeError(f"model {ms.spec}: its weights are a pickle that torch refuses to load "
-                         f"safely (it names code to run); use a safetensors copy of the model"
-                         ) from None
-    except (OSError, ValueError, KeyError, TypeError, AttributeError, *_CONFIG_ERRORS) as exc:
-        # a config.json field of the wrong type: TypeError, or huggingface_hub's strict
-        # dataclass validation error
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ApmaeError(f"model {ms.spec}: cannot load ({first})") from None
     if device_map is None:
         model = model.to(device)
     return model.eval()

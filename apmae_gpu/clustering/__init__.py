@@ -2,17 +2,8 @@
 (``backends``), heads spread over dask workers (``dask_jobs``), with its studies and
 figures."""
 
-from importlib import import_module
+from apmae_gpu import lazy_exports
 
-# the stage's entry points, imported on first use (a light package: importing one module of
-# the stage does not load the others)
-_EXPORTS = {"cluster": "apmae_gpu.clustering.heads"}
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = sorted(_EXPORTS)
+# the stage's entry points, imported on first use (importing one module of the stage does
+# not load the others)
+__getattr__, __all__ = lazy_exports(__name__, {"cluster": "apmae_gpu.clustering.heads"})

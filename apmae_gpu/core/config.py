@@ -360,7 +360,7 @@ class ClassifyConfig(_Strict):
     deterministic: bool = Field(False, description="CatBoost on the CPU even where a GPU is "
                                 "usable (CatBoost's GPU training is not deterministic); with "
                                 "gpu: yes it is refused")
-    # stability selection of the head rankings (beyond the paper; apmae_gpu/head_stability.py):
+    # stability selection of the head rankings (beyond the paper; apmae_gpu/classification/stability.py):
     # half-sample refits in complementary pairs; 0 turns it off (claims 6/7 then inconclusive)
     stability_refits: int = Field(50, ge=0, description="half-sample CatBoost refits")
     stability_top_k: int = Field(20, ge=1, description="top k of the stability selection")

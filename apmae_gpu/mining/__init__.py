@@ -3,17 +3,8 @@
 ``tasks`` mines, ``corpus`` reads corpora (folders, zips, jars), ``prompts`` cuts the
 reference loaders' windows."""
 
-from importlib import import_module
+from apmae_gpu import lazy_exports
 
-# the stage's entry points, imported on first use (a light package: importing one module of
-# the stage does not load the others)
-_EXPORTS = {"mine": "apmae_gpu.mining.tasks"}
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = sorted(_EXPORTS)
+# the stage's entry points, imported on first use (importing one module of the stage does
+# not load the others)
+__getattr__, __all__ = lazy_exports(__name__, {"mine": "apmae_gpu.mining.tasks"})

@@ -4,20 +4,11 @@
 ``checkpoints``, ``loader``), ``evaluation`` the reconstruction checks, ``baselines`` the
 reference points they are read against."""
 
-from importlib import import_module
+from apmae_gpu import lazy_exports
 
-# the stage's entry points, imported on first use (a light package: importing one module of
-# the stage does not load the others)
-_EXPORTS = {"train": "apmae_gpu.model.training",
+# the stage's entry points, imported on first use (importing one module of the stage does
+# not load the others)
+__getattr__, __all__ = lazy_exports(__name__, {"train": "apmae_gpu.model.training",
             "evaluate": "apmae_gpu.model.evaluation",
             "APMAEModel": "apmae_gpu.model.network",
-            "preset_config": "apmae_gpu.model.network"}
-
-
-def __getattr__(name: str):
-    if name in _EXPORTS:
-        return getattr(import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-__all__ = sorted(_EXPORTS)
+            "preset_config": "apmae_gpu.model.network"})
