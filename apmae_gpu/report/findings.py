@@ -577,7 +577,10 @@ def intervene_claims(run: Path) -> list[dict]:
                        c.direction)
         out.append(_ablation_row(pooled, r[r["task"].isin(ok)], conds[c.claim], 1, None,
                                  f"(primary; {len(ok)} tasks)", " pooled over tasks")
-                   if ok else _not_run(pooled, "no intervened task passed claim 4"))
+                   if ok else _not_run(pooled, "no intervened task passed claim 4 with a "
+                                       "stable head ranking: " + "; ".join(
+                                           gate.get(t) or f"{t}: not in the gate"
+                                           for t in tasks)))
         claims = [Claim(f"{c.claim}/{t}", f"{t}: {c.statement}", c.paper, c.paper_value,
                         c.direction) for t in ok]
         raw = [_ablation_row(cl, r[r["task"] == t], conds[c.claim], len(ok), None, "tasks")
