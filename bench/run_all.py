@@ -26,8 +26,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from apmae_gpu.core.devices import describe_machine
-from apmae_gpu.core.logs import versions
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402,F401  (puts the repository on the path: no install needed)
+
+from apmae_gpu.core.devices import describe_machine  # noqa: E402
+from apmae_gpu.core.logs import versions  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
