@@ -82,7 +82,7 @@ if [ "${APMAE_SKIP_APT:-0}" != "1" ] && command -v apt-get >/dev/null 2>&1; then
   SUDO=""
   if [ "$(id -u)" != "0" ]; then SUDO="sudo -n"; fi
   need=()
-  "$VENV/bin/python" -c "import sys; from apmae_gpu.corpus import default_jdk_src; sys.exit(default_jdk_src() is None)" \
+  "$VENV/bin/python" -c "import sys; from apmae_gpu.mining.corpus import default_jdk_src; sys.exit(default_jdk_src() is None)" \
     || need+=(openjdk-17-source)
   command -v chromium >/dev/null 2>&1 || need+=(chromium)
   if [ ${#need[@]} -gt 0 ]; then

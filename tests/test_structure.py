@@ -244,3 +244,29 @@ def test_no_module_reaches_into_another_modules_private_names():
     assert _private_reach("from apmae_gpu.core.locks import _held\nfrom apmae_gpu.capture import "
                           "maps\nmaps._register()\nmaps.capture()\n") == \
         ["1: imports _held", "3: maps._register"]
+
+
+def test_module_paths_named_outside_python_files_exist():
+    """Shell scripts, the Docker files and the docs name modules (``from apmae_gpu.X import
+    Y``, ``-m apmae_gpu.X``, ``apmae_gpu.X.name``): each must still import after a move."""
+    import importlib
+    import re
+
+    texts = [p.read_text() for p in [*(ROOT / "scripts").glob("*.sh"), *(ROOT / "docker").iterdir(),
+                                     ROOT / "README.md", *(ROOT / "docs").glob("*.md"),
+                                     *(ROOT / "bench").glob("*.md"), ROOT / ".ci" / "run"]
+             if p.is_file()]
+    named = set()
+    for text in texts:
+        named |= set(re.findall(r"from (apmae_gpu(?:\.\w+)+) import (\w+)", text))
+        named |= {(m, None) for m in re.findall(r"-m (apmae_gpu(?:\.\w+)+)", text)}
+    assert ("apmae_gpu.mining.corpus", "default_jdk_src") in named      # setup.sh's check
+    missing = []
+    for mod, name in sorted(named, key=str):
+        try:
+            m = importlib.import_module(mod)
+            if name is not None:
+                getattr(m, name)
+        except (ImportError, AttributeError) as exc:
+            missing.append(f"{mod} {name}: {exc}")
+    assert missing == []
