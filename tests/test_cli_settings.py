@@ -8,21 +8,10 @@ import typer.main
 from typer.testing import CliRunner
 
 from apmae_gpu import cli
-from apmae_gpu.core.config import (
-    CaptureConfig,
-    CaptureSplitConfig,
-    ClassifyConfig,
-    ClusterConfig,
-    EncodeConfig,
-    EvaluateConfig,
-    InterveneConfig,
-    MineConfig,
-    PipelineConfig,
-    ReportConfig,
-    StabilityConfig,
-    TrainConfig,
-    TrustConfig,
-)
+from apmae_gpu.core.config import (CaptureConfig, CaptureSplitConfig, ClassifyConfig,  # noqa: I001
+                                   ClusterConfig, EncodeConfig, EvaluateConfig, InterveneConfig,
+                                   MineConfig, PipelineConfig, ReportConfig, StabilityConfig,
+                                   TrainConfig, TrustConfig)
 
 # command -> the config sections its options set (an option named like a field sets it)
 COMMANDS = {
