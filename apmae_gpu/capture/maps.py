@@ -415,7 +415,7 @@ def _context(cfg: CaptureConfig, run: Path, model: str, split: str, device: str,
     window = len(tasks.input_ids.iloc[0])
     if split == "train" and not (tasks.task == "random_masking").any():
         raise ApmaeError("--split train needs random_masking tasks (mine them with --tasks)")
-    if dist is None and shard_kn is None and ranks.shard_dirs(run):
+    if dist is None and shard_kn is None and layout.shard_dirs(run):
         raise ApmaeError(f"{run}/shards holds an unfinished multi-process capture: finish it "
                          "with the same torchrun command (or --shard K/N processes), then "
                          "`apmae merge-shards`")
@@ -490,7 +490,7 @@ def _open_store(ctx: CaptureRun, cfg: CaptureConfig, target: _Target) -> _State:
     encoded_upto = (int(encoder.committed_ids[-1]) if encoder is not None
                     and len(encoder.committed_ids) else -1)
     used_elsewhere: set = set()
-    for src in [ctx.run, *ranks.shard_dirs(ctx.run)]:
+    for src in [ctx.run, *layout.shard_dirs(ctx.run)]:
         if (src / layout.MAPS_ZARR).exists():
             other = MapStore(src).inferences(columns=["inference_id", "split", "task_id"])
             if not other.empty:

@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from apmae_gpu.capture.ranks import Outcomes, RoundPlan, outcome_code, shard_dirs, summary
+from apmae_gpu.capture.ranks import Outcomes, RoundPlan, outcome_code, summary
 from apmae_gpu.core import layout
 from apmae_gpu.core.errors import ApmaeError
 from apmae_gpu.core.frames import read_manifest, update_manifest
@@ -38,7 +38,7 @@ def merge_capture(run: Path) -> dict:
     """Append the needed rounds of every shard under ``RUN/shards`` to RUN's store, in the
     order one process commits them (see module docstring); resumable; removes the shards."""
     run = Path(run)
-    dirs = [d for d in shard_dirs(run) if (d / layout.MAPS_ZARR).exists()]
+    dirs = [d for d in layout.shard_dirs(run) if (d / layout.MAPS_ZARR).exists()]
     plans = sorted((run / layout.SHARDS_DIR).glob("plan-*.json"),
                    key=lambda p: json.loads(p.read_text())["created_ns"])
     if not dirs:

@@ -136,10 +136,6 @@ def rank_device(device: str, local_rank: int) -> str:
     return device
 
 
-def shard_dirs(run: Path) -> list[Path]:
-    return layout.shard_dirs(run)
-
-
 # --------------------------------------------------------------------------- the plan
 @dataclass
 class RoundPlan:
@@ -268,7 +264,7 @@ class Outcomes:
     def refresh(self) -> int:
         """Read inference parts committed since the last call; returns how many."""
         new = 0
-        for src in [self.run, *shard_dirs(self.run)]:
+        for src in [self.run, *layout.shard_dirs(self.run)]:
             d = src / INFERENCES
             if not d.is_dir():
                 continue
@@ -417,21 +413,16 @@ def summary(known: Outcomes) -> dict:
 
 
 # --------------------------------------------------------------------------- encode
-ENCODE_SHARDS = layout.ENCODE_SHARDS_DIR
 
 
 def encode_block_owner(j: int, world: int) -> int:
     return j % world
 
 
-def encode_shard_dirs(run: Path) -> list[Path]:
-    return layout.shard_dirs(run, encode=True)
-
-
 def blocks_in_shards(run: Path, target: np.ndarray, block: int) -> dict[int, tuple[Path, int]]:
     """Block number -> (shard's embeddings.zarr, position in it) of every committed block."""
     out = {}
-    for d in encode_shard_dirs(run):
+    for d in layout.shard_dirs(run, encode=True):
         path = d / layout.EMBEDDINGS_ZARR
         if not path.exists():
             continue
@@ -468,5 +459,5 @@ def merge_encode(run: Path, writer, target: np.ndarray, complete: bool = True) -
                              "remove RUN/shards-encode and rerun `apmae encode`")
         writer.append(ids, emb)
         appended += n
-    shutil.rmtree(Path(run) / ENCODE_SHARDS, ignore_errors=True)
+    shutil.rmtree(Path(run) / layout.ENCODE_SHARDS_DIR, ignore_errors=True)
     return appended

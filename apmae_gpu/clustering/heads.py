@@ -65,7 +65,7 @@ from apmae_gpu.core.errors import ApmaeError
 from apmae_gpu.core.frames import atomic_path, update_manifest, write_json, write_parquet
 from apmae_gpu.core.layout import (
     CLUSTER_DIR,
-    CLUSTERS,
+    CLUSTERS_PARQUET as CLUSTERS,
     cluster_dirs,
     head_name,
     read_status,

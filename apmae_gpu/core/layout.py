@@ -60,7 +60,6 @@ EMBEDDINGS_ZARR = "embeddings.zarr"
 # clustering
 CLUSTER_DIR = "cluster"
 CLUSTERS_PARQUET = "clusters.parquet"
-CLUSTERS = CLUSTERS_PARQUET               # (the name the clustering stage has used)
 HEADS_PARQUET = "heads.parquet"
 CLUSTERS_SUMMARY_PARQUET = "clusters_summary.parquet"
 LOCATIONS_PARQUET = "locations.parquet"
@@ -94,8 +93,7 @@ CAPTURED = (MAPS_ZARR, INFERENCES_PARQUET, MAPS_INDEX_PARQUET, EMBEDDINGS_ZARR, 
 
 def run_files() -> dict[str, str]:
     """Every name above: constant -> file or folder name (docs/contracts.md's test reads it)."""
-    return {k: v for k, v in globals().items()
-            if k.isupper() and isinstance(v, str) and k != "CLUSTERS"}
+    return {k: v for k, v in globals().items() if k.isupper() and isinstance(v, str)}
 
 
 def contracts_table() -> str:

@@ -460,7 +460,7 @@ def _encode_ranked(run, checkpoint, store, model, index, target, n_layers, n_hea
     main = Path(run) / EMBEDDINGS
     if restart and rank == 0:
         shutil.rmtree(main, ignore_errors=True)
-        shutil.rmtree(Path(run) / ranks.ENCODE_SHARDS, ignore_errors=True)
+        shutil.rmtree(Path(run) / layout.ENCODE_SHARDS_DIR, ignore_errors=True)
     ranks.barrier(device)
     committed, blk = 0, block or default_block(n_layers, n_heads, dim)
     if main.exists():
@@ -561,7 +561,7 @@ def encode(run: str | os.PathLike, settings: EncodeConfig | None = None, *,
         log.info("resuming: %d of %d inferences already encoded", done.size, target.size)
     writer.group.attrs.update({"complete": False})
     t0 = time.perf_counter()
-    if (run / ranks.ENCODE_SHARDS).exists():   # blocks a torchrun encode left
+    if (run / layout.ENCODE_SHARDS_DIR).exists():   # blocks a torchrun encode left
         ranks.merge_encode(run, writer, target, complete=False)
         done = writer.committed_ids
     blocks = _Blocks(store, index, target, done.size, n_layers, n_heads, dim)
